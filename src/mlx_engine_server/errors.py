@@ -11,3 +11,107 @@ class StartupError(Exception):
 
     The message is shown to the operator as it is: make it say what is wrong and what to do.
     """
+
+
+class APIError(Exception):
+    """An error a client sees as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.retry_after_s = retry_after_s
+
+    def to_body(self) -> dict[str, dict[str, str | None]]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class OverloadedError(APIError):
+    """The queue is full: say no at once, with Retry-After, instead of timing out."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+
+class ServiceUnavailableError(APIError):
+    status_code = 503
+    error_type = "server_error"
+    default_code = "service_unavailable"
+
+
+class GenerationTimeoutError(APIError):
+    status_code = 504
+    error_type = "server_error"
+    default_code = "timeout"
+
+
+class InternalError(APIError):
+    """A bug or a failure inside generation: never a client's fault, never retried blindly."""
+
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"

@@ -1,0 +1,1 @@
+"""Turning requests into prompt tokens: chat templates and the context-window check."""

@@ -1,0 +1,86 @@
+"""Prompt building: the model's own chat template, then a check against the context window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import TemplateError
+
+from ..api_models import ChatMessage
+from ..errors import ContextLengthExceededError, InvalidRequestError
+
+# Templates know system, user, assistant and tool; OpenAI's newer "developer" role is a system one.
+ROLE_FOR_TEMPLATE = {"developer": "system"}
+
+
+def chat_prompt_tokens(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """Render with the model's template (its own special tokens included), then tokenize."""
+    conversation = [_template_message(message) for message in messages]
+    if getattr(tokenizer, "chat_template", None):
+        text = _render_template(tokenizer, conversation)
+    else:
+        text = _plain_transcript(conversation)
+    tokens: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return tokens
+
+
+def completion_prompt_tokens(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        vocab_size = len(tokenizer)
+        if any(token >= vocab_size for token in prompt):
+            raise InvalidRequestError(
+                f"prompt holds a token id outside the vocabulary (size {vocab_size})",
+                param="prompt",
+            )
+        return list(prompt)
+    tokens: list[int] = tokenizer.encode(prompt)
+    return tokens
+
+
+def _template_message(message: ChatMessage) -> dict[str, str]:
+    entry = {"role": ROLE_FOR_TEMPLATE.get(message.role, message.role), "content": message.text()}
+    if message.name is not None:
+        entry["name"] = message.name
+    return entry
+
+
+def _render_template(tokenizer: Any, conversation: list[dict[str, str]]) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as exc:
+        raise InvalidRequestError(
+            f"the model's chat template rejected these messages: {exc}", param="messages"
+        ) from None
+    return str(text)
+
+
+def _plain_transcript(conversation: list[dict[str, str]]) -> str:
+    """For base models without a template: a plain transcript ending with the assistant's turn."""
+    lines = [f"{entry['role']}: {entry['content']}" for entry in conversation]
+    return "\n".join([*lines, "assistant:"])
+
+
+def resolve_max_tokens(
+    prompt_tokens: int, requested: int | None, default: int | None, context_window: int
+) -> int:
+    """The completion budget: what the client asked for, if prompt plus that fits the window."""
+    room = context_window - prompt_tokens
+    if requested is None:
+        requested = min(default, room) if default is not None else room
+        if requested < 1:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {context_window} tokens; "
+                f"the prompt alone has {prompt_tokens} tokens.",
+                param="messages",
+            )
+        return requested
+    if requested > room:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {context_window} tokens. However, you "
+            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return requested

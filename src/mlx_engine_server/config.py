@@ -1,0 +1,107 @@
+"""Settings: one frozen object, merged from CLI flags > MLX_SERVER_* env > JSON file > defaults.
+
+Defaults live only here. Each setting has one name across the flag (`--max-queue`), the env var
+(`MLX_SERVER_MAX_QUEUE`) and the JSON key (`"max_queue"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    JsonConfigSettingsSource,
+    SettingsConfigDict,
+)
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one readable line per problem."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MLX_SERVER_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    model_path: str | None = Field(
+        default=None,
+        description="Model directory (mlx-lm format), Hugging Face repo id or .gguf file; "
+        "None serves the bundled SmolLM2-135M-Instruct.",
+    )
+    adapter_path: str | None = Field(default=None, description="LoRA adapter directory.")
+    model_id: str | None = Field(
+        default=None, description="Name reported by /v1/models; default: the path's last part."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    strict_model_name: bool = Field(
+        default=False, description="Answer 404 when a request names another model."
+    )
+    trust_remote_code: bool = False
+    cache_dir: Path = Field(
+        default=DEFAULT_CACHE_DIR, description="Where converted GGUF models are kept."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_queue: int = Field(default=64, ge=0, le=100_000)
+    prefill_step_size: int = Field(default=512, ge=16, le=65536)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    max_tokens_default: int | None = Field(
+        default=None,
+        ge=1,
+        description="max_tokens when a request gives none; None: the rest of the context window.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
+    """Merge the sources (CLI > env > JSON file > defaults) and validate once."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(_read_config_file(config_file))
+    merged.update(EnvSettingsSource(Settings)())
+    merged.update(cli_values)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SettingsError(f"config file {path}: not found")
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path}: not valid JSON ({exc})") from None
+    values = JsonConfigSettingsSource(Settings, json_file=path)()
+    if not isinstance(values, dict):
+        raise SettingsError(f"config file {path}: must hold a JSON object")
+    return values
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{name}: unknown setting")
+        else:
+            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+    return "invalid settings: " + "; ".join(problems)

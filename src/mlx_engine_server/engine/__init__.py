@@ -1,0 +1,26 @@
+"""The generation engine: one worker thread owns MLX and steps every live request as one batch."""
+
+from .engine import Engine, Generation
+from .types import (
+    EngineOptions,
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+
+__all__ = [
+    "Engine",
+    "EngineOptions",
+    "EngineStats",
+    "Event",
+    "Failed",
+    "Finished",
+    "Generation",
+    "SamplingParams",
+    "TextDelta",
+    "Usage",
+]

@@ -1,0 +1,153 @@
+"""The engine's face to the HTTP side: start and stop the worker, admit requests, stream events.
+
+Admission is decided here, before any response byte: a full queue is a 429 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..errors import OverloadedError, ServiceUnavailableError, StartupError
+from ..model_manager import LoadedModel
+from .types import (
+    Cancellation,
+    EngineOptions,
+    EngineStats,
+    Event,
+    Failed,
+    Finished,
+    SamplingParams,
+)
+from .worker import STOP, Submission, Worker, run_worker_thread
+
+RETRY_AFTER_S = 1
+
+
+class Engine:
+    def __init__(self, load: Callable[[], LoadedModel], options: EngineOptions) -> None:
+        self._load = load
+        self.options = options
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._worker: Worker | None = None
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+
+    @property
+    def capacity(self) -> int:
+        return self.options.max_batch_size + self.options.max_queue
+
+    def start(self) -> LoadedModel:
+        """Load the model on the worker thread and wait for it; raise StartupError on failure."""
+        outcome: list[Worker | BaseException] = []
+        loaded = threading.Event()
+
+        def ready(result: Worker | BaseException) -> None:
+            outcome.append(result)
+            loaded.set()
+
+        self._thread = run_worker_thread(
+            self._load, self.options, self._inbox, self._request_done, ready
+        )
+        loaded.wait()
+        result = outcome[0]
+        if isinstance(result, StartupError):
+            raise result
+        if isinstance(result, BaseException):
+            raise StartupError(f"loading the model failed: {type(result).__name__}: {result}")
+        self._worker = result
+        self.started_at = time.time()
+        return result.loaded
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._thread is None:
+            return
+        self._inbox.put(STOP)
+        self._thread.join(timeout_s)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._worker is None:
+            raise ServiceUnavailableError("the model is not loaded")
+        return self._worker.loaded
+
+    def submit(
+        self, prompt_tokens: list[int], params: SamplingParams, post: Callable[[Event], None]
+    ) -> Cancellation:
+        """Queue a request for the worker; full → OverloadedError (429) without queueing it."""
+        if not self.alive:
+            raise ServiceUnavailableError("the generation engine is not running")
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                raise OverloadedError(
+                    f"the server is busy ({self._in_flight} requests in flight); retry shortly",
+                    retry_after_s=RETRY_AFTER_S,
+                )
+            self._in_flight += 1
+        cancellation = Cancellation()
+        deadline = time.monotonic() + self.options.request_timeout_s
+        self._inbox.put(Submission(tuple(prompt_tokens), params, deadline, cancellation, post))
+        return cancellation
+
+    def _request_done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def stats(self) -> EngineStats:
+        counters = self._worker.counters if self._worker else None
+        active = counters.active if counters else 0
+        with self._lock:
+            in_flight = self._in_flight
+        return EngineStats(
+            requests_total=counters.requests_total if counters else 0,
+            requests_active=active,
+            requests_queued=max(0, in_flight - active),
+            prompt_tokens_total=counters.prompt_tokens_total if counters else 0,
+            completion_tokens_total=counters.completion_tokens_total if counters else 0,
+            failures_total=counters.failures_total if counters else 0,
+        )
+
+
+class Generation:
+    """One request's events, read by the handler that made it; cancel() when the client is gone.
+
+    Made inside the request's coroutine: its asyncio.Queue belongs to that loop, and the worker
+    reaches it only through call_soon_threadsafe.
+    """
+
+    def __init__(self, engine: Engine, prompt_tokens: list[int], params: SamplingParams) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._done = False
+        self._cancellation = engine.submit(prompt_tokens, params, self._post)
+
+    def _post(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            self._cancellation.cancel()
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._cancellation.cancel()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Text deltas, then exactly one Finished or Failed."""
+        while True:
+            event = await self._events.get()
+            if isinstance(event, Finished | Failed):
+                self._done = True
+            yield event
+            if self._done:
+                return

@@ -1,0 +1,95 @@
+"""Plain data that crosses the boundary between HTTP handlers and the MLX worker thread.
+
+No mx.array, pydantic model or Starlette object appears here: only ints, strs, floats and tuples.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The part of Settings the engine needs, built once in serve()."""
+
+    max_batch_size: int = 32
+    max_queue: int = 64
+    prefill_step_size: int = 512
+    request_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Generation of this request ended by an error; `kind` picks the HTTP error to report."""
+
+    message: str
+    kind: Literal["internal", "timeout"] = "internal"
+
+
+Event = TextDelta | Finished | Failed
+
+
+@dataclass
+class Cancellation:
+    """A flag the worker reads every step; set by whoever owns the response's lifetime."""
+
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    requests_total: int
+    requests_active: int
+    requests_queued: int
+    prompt_tokens_total: int
+    completion_tokens_total: int
+    failures_total: int

@@ -1,0 +1,258 @@
+"""The one thread that owns MLX: it loads the model, then steps every live request as one batch.
+
+Requests arrive through a bounded inbox between steps and join the running batch (mlx-lm's
+BatchGenerator does the continuous batching and chunked prefill). Each step's tokens are decoded
+per request and posted back as plain events. A failure ends the requests it touched, never the
+thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from ..model_manager import LoadedModel
+from .sampling import make_request_processors, make_request_sampler
+from .stop_text import StopTextFilter
+from .types import (
+    EngineOptions,
+    Event,
+    Failed,
+    Finished,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+    Usage,
+)
+from .types import Cancellation as CancellationFlag
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request as the worker receives it."""
+
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams
+    deadline: float
+    cancellation: CancellationFlag
+    post: Callable[[Event], None]
+
+
+@dataclass
+class Counters:
+    """Written by the worker only; read (racily, which is fine for counters) by handlers."""
+
+    requests_total: int = 0
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    failures_total: int = 0
+    active: int = 0
+
+
+@dataclass
+class LiveSequence:
+    """The worker's state for one request in the batch."""
+
+    submission: Submission
+    detokenizer: Any
+    stop_filter: StopTextFilter
+    completion_tokens: int = 0
+    pending_ids: list[int] = field(default_factory=list)
+
+
+STOP = object()
+
+
+class Worker:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        options: EngineOptions,
+        inbox: queue.Queue[Any],
+        on_request_done: Callable[[], None],
+    ) -> None:
+        self.loaded = loaded
+        self.options = options
+        self.inbox = inbox
+        self.counters = Counters()
+        self._on_request_done = on_request_done
+        self._live: dict[int, LiveSequence] = {}
+        self._stopping = False
+        self._generator = self._new_generator()
+
+    def run(self) -> None:
+        """The thread's main loop; returns after stop() once the inbox drains."""
+        while not self._stopping or self._live:
+            self._admit(block=not self._live)
+            self._drop_abandoned()
+            if self._live:
+                self._step()
+        self._generator.close()
+
+    def _new_generator(self) -> BatchGenerator:
+        eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
+        return BatchGenerator(
+            self.loaded.model,
+            stop_tokens=[[token] for token in eos_ids],
+            completion_batch_size=self.options.max_batch_size,
+            prefill_batch_size=min(8, self.options.max_batch_size),
+            prefill_step_size=self.options.prefill_step_size,
+        )
+
+    def _admit(self, *, block: bool) -> None:
+        while True:
+            try:
+                item = self.inbox.get(block=block, timeout=IDLE_POLL_S if block else None)
+            except queue.Empty:
+                return
+            if item is STOP:
+                self._stopping = True
+                self._cancel_all()
+                return
+            self._insert(item)
+            block = False
+
+    def _insert(self, submission: Submission) -> None:
+        params = submission.params
+        sampler = make_request_sampler(params)
+        try:
+            with mx.stream(self._generator.stream):
+                (uid,) = self._generator.insert(
+                    [list(submission.prompt_tokens)],
+                    max_tokens=[params.max_tokens],
+                    samplers=[sampler] if sampler else None,
+                    logits_processors=[make_request_processors(params)],
+                )
+        except Exception as exc:
+            logger.exception("could not admit a request")
+            self._end(submission, Failed(f"could not start generation: {type(exc).__name__}"))
+            return
+        self.counters.requests_total += 1
+        self.counters.prompt_tokens_total += len(submission.prompt_tokens)
+        self._live[uid] = LiveSequence(
+            submission=submission,
+            detokenizer=self.loaded.tokenizer.detokenizer,
+            stop_filter=StopTextFilter(params.stop),
+        )
+        self.counters.active = len(self._live)
+
+    def _step(self) -> None:
+        try:
+            _, responses = self._generator.next()
+        except Exception as exc:
+            # One bad step (an allocation failure, a kernel error) ends the requests in it.
+            logger.exception("a generation step failed")
+            self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+            return
+        for response in responses:
+            sequence = self._live.get(response.uid)
+            if sequence is not None:
+                self._on_token(response.uid, sequence, response.token, response.finish_reason)
+
+    def _on_token(
+        self, uid: int, sequence: LiveSequence, token: int, finish: FinishReason | None
+    ) -> None:
+        sequence.completion_tokens += 1
+        sequence.pending_ids.append(token)
+        if finish != "stop":  # an end-of-sequence token is not text
+            sequence.detokenizer.add_token(token)
+        if finish is not None:
+            sequence.detokenizer.finalize()
+        text, stopped = sequence.stop_filter.feed(sequence.detokenizer.last_segment)
+        if finish is not None and not stopped:
+            text += sequence.stop_filter.flush()
+        self._post_text(sequence, text)
+        if stopped and finish is None:
+            self._generator.remove([uid])
+            finish = "stop"
+        if finish is not None:
+            self._finish(uid, finish)
+
+    def _post_text(self, sequence: LiveSequence, text: str) -> None:
+        if not text:
+            return
+        ids, sequence.pending_ids = tuple(sequence.pending_ids), []
+        sequence.submission.post(TextDelta(text=text, token_ids=ids))
+
+    def _finish(self, uid: int, reason: FinishReason) -> None:
+        sequence = self._live.pop(uid)
+        submission = sequence.submission
+        usage = Usage(
+            prompt_tokens=len(submission.prompt_tokens),
+            completion_tokens=sequence.completion_tokens,
+        )
+        self.counters.completion_tokens_total += sequence.completion_tokens
+        self._end(submission, Finished(finish_reason=reason, usage=usage))
+
+    def _end(self, submission: Submission, event: Event) -> None:
+        if isinstance(event, Failed):
+            self.counters.failures_total += 1
+        submission.post(event)
+        self.counters.active = len(self._live)
+        self._on_request_done()
+
+    def _drop_abandoned(self) -> None:
+        """Requests whose client left or whose deadline passed leave the batch before the step."""
+        now = time.monotonic()
+        for uid, sequence in list(self._live.items()):
+            submission = sequence.submission
+            if submission.cancellation.cancelled:
+                self._remove(uid, Failed("cancelled"))
+            elif now > submission.deadline:
+                self._remove(uid, Failed("the request passed its deadline", kind="timeout"))
+
+    def _remove(self, uid: int, event: Failed) -> None:
+        self._generator.remove([uid])
+        sequence = self._live.pop(uid)
+        self.counters.completion_tokens_total += sequence.completion_tokens
+        self._end(sequence.submission, event)
+
+    def _cancel_all(self) -> None:
+        for uid in list(self._live):
+            self._remove(uid, Failed("the server is shutting down"))
+
+    def _fail_all(self, message: str) -> None:
+        for uid in list(self._live):
+            sequence = self._live.pop(uid)
+            self._end(sequence.submission, Failed(message))
+        self._generator.close()
+        self._generator = self._new_generator()
+
+
+def run_worker_thread(
+    load: Callable[[], LoadedModel],
+    options: EngineOptions,
+    inbox: queue.Queue[Any],
+    on_request_done: Callable[[], None],
+    ready: Callable[[Worker | BaseException], None],
+) -> threading.Thread:
+    """Start the MLX thread: it loads the model, reports through `ready`, then serves the inbox."""
+
+    def main() -> None:
+        try:
+            worker = Worker(load(), options, inbox, on_request_done)
+        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+            ready(exc)
+            mx.clear_streams()
+            return
+        ready(worker)
+        try:
+            worker.run()
+        finally:
+            mx.clear_streams()
+
+    thread = threading.Thread(target=main, name="mlx-worker", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,83 @@
+"""The `mlx-server` command: parse flags, merge settings, serve; exit 2 on bad settings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from .config import SettingsError, load_settings
+from .errors import StartupError
+
+EXIT_STARTUP_FAILED = 1
+EXIT_BAD_SETTINGS = 2
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("model_path", required=False)
+@click.option("--adapter-path", help="LoRA adapter directory (mlx-lm adapter format).")
+@click.option("--host", help="Address to bind.  [default: 127.0.0.1]")
+@click.option("--port", help="Port to bind; 0 picks a free one.  [default: 8000]")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    envvar="MLX_SERVER_CONFIG",
+    help="JSON settings file (keys as in config.example.json).",
+)
+@click.option("--model-id", help="Model name to report.  [default: the path's last part]")
+@click.option("--log-level", help="critical, error, warning, info or debug.  [default: info]")
+@click.option(
+    "--strict-model-name/--no-strict-model-name",
+    default=None,
+    help="Answer 404 to requests that name another model.",
+)
+@click.option(
+    "--trust-remote-code/--no-trust-remote-code",
+    default=None,
+    help="Allow model code shipped with the model.",
+)
+@click.option("--cache-dir", help="Where converted GGUF models are kept.")
+@click.option("--max-batch-size", help="Sequences generated together.  [default: 32]")
+@click.option("--max-queue", help="Requests waiting beyond the batch before 429.  [default: 64]")
+@click.option("--prefill-step-size", help="Prompt tokens processed per step.  [default: 512]")
+@click.option("--request-timeout-s", help="Deadline of one request in seconds.  [default: 600]")
+@click.option(
+    "--max-tokens-default", help="max_tokens when a request gives none.  [default: context left]"
+)
+@click.version_option(package_name="mlx-engine-server")
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None, **values: Any) -> None:
+    """Serve one MLX model over an OpenAI-compatible HTTP API.
+
+    MODEL_PATH is a model directory (mlx-lm format), a Hugging Face repo id from the local
+    cache, or a .gguf file. Without it, the bundled SmolLM2-135M-Instruct is served.
+    """
+    typed = {
+        name: value
+        for name, value in values.items()
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    }
+    try:
+        settings = load_settings(typed, config_file)
+    except SettingsError as exc:
+        click.echo(f"mlx-server: {exc}", err=True)
+        sys.exit(EXIT_BAD_SETTINGS)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .server import serve  # imports MLX: only once the settings are known to be good
+
+    try:
+        code = serve(settings)
+    except StartupError as exc:
+        click.echo(f"mlx-server: {exc}", err=True)
+        sys.exit(EXIT_STARTUP_FAILED)
+    sys.exit(code)

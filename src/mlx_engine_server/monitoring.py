@@ -1,0 +1,83 @@
+"""Operator endpoints: /health (liveness), /v1/mlx/status (model and load), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from . import __version__
+from .engine import Engine
+from .engine.device import device_name, memory_bytes, mlx_version
+
+
+async def health(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    if not engine.alive:
+        body = {"status": "unavailable", "reason": "the generation engine is not running"}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ok", "model": engine.loaded.model_id})
+
+
+async def status(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    return JSONResponse(status_body(engine))
+
+
+def status_body(engine: Engine) -> dict[str, Any]:
+    loaded = engine.loaded
+    stats = engine.stats()
+    return {
+        "model": {
+            "id": loaded.model_id,
+            "path": loaded.model_path,
+            "resolved_path": str(loaded.resolved_path),
+            "adapter_path": loaded.adapter_path,
+            "kind": loaded.kind,
+            "context_window": loaded.context_window,
+            "quantization": loaded.quantization,
+        },
+        "device": {"name": device_name(), "memory": memory_bytes()},
+        "engine": {
+            "max_batch_size": engine.options.max_batch_size,
+            "max_queue": engine.options.max_queue,
+            "requests_active": stats.requests_active,
+            "requests_queued": stats.requests_queued,
+        },
+        "counters": {
+            "requests_total": stats.requests_total,
+            "failures_total": stats.failures_total,
+            "prompt_tokens_total": stats.prompt_tokens_total,
+            "completion_tokens_total": stats.completion_tokens_total,
+        },
+        "uptime_s": round(time.time() - engine.started_at, 3),
+        "version": {
+            "server": __version__,
+            "mlx": mlx_version(),
+            "python": platform.python_version(),
+        },
+    }
+
+
+async def metrics(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    stats = engine.stats()
+    memory = memory_bytes()
+    lines = [
+        _metric("mlx_server_requests_total", "counter", stats.requests_total),
+        _metric("mlx_server_request_failures_total", "counter", stats.failures_total),
+        _metric("mlx_server_prompt_tokens_total", "counter", stats.prompt_tokens_total),
+        _metric("mlx_server_completion_tokens_total", "counter", stats.completion_tokens_total),
+        _metric("mlx_server_requests_active", "gauge", stats.requests_active),
+        _metric("mlx_server_requests_queued", "gauge", stats.requests_queued),
+        _metric("mlx_server_memory_active_bytes", "gauge", memory["active_bytes"]),
+        _metric("mlx_server_memory_peak_bytes", "gauge", memory["peak_bytes"]),
+    ]
+    return PlainTextResponse("".join(lines), media_type="text/plain; version=0.0.4")
+
+
+def _metric(name: str, kind: str, value: int) -> str:
+    return f"# TYPE {name} {kind}\n{name} {value}\n"

@@ -1,0 +1,221 @@
+"""The Starlette app: routes that validate, build a prompt, submit to the engine, shape the answer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
+from .config import Settings
+from .engine import Engine, EngineOptions, Generation, SamplingParams
+from .errors import InvalidRequestError, ModelNotFoundError
+from .http_errors import EXCEPTION_HANDLERS
+from .http_io import read_model
+from .model_manager import ModelSource, load_model
+from .monitoring import health, metrics, status
+from .responses import ResponseHeader, chat_completion, text_completion
+from .sse import ChatShape, TextShape, collect, stream_response
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The part of Settings the HTTP layer needs, built once in serve()."""
+
+    strict_model_name: bool = False
+    max_tokens_default: int | None = None
+
+
+def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
+    """An app around an engine whose model is already loaded; the app stops the engine on exit."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        engine.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+            Route("/v1/mlx/status", status, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.options = options or ServerOptions()
+    return app
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await read_model(request, ChatCompletionRequest)
+    engine, options = _check_model(request, body.model)
+    tokenizer = engine.loaded.tokenizer
+    prompt = chat_prompt_tokens(tokenizer, list(body.messages))
+    params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
+    generation = Generation(engine, prompt, params)
+    head = ResponseHeader.new("chatcmpl", engine.loaded.model_id)
+    if body.stream:
+        return stream_response(generation, ChatShape(head, body.include_usage))
+    text, finished = await collect(generation)
+    return JSONResponse(chat_completion(head, text, finished.finish_reason, finished.usage))
+
+
+async def completions(request: Request) -> Response:
+    body = await read_model(request, CompletionRequest)
+    engine, options = _check_model(request, body.model)
+    prompt = completion_prompt_tokens(engine.loaded.tokenizer, body.prompt_text_or_ids())
+    params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
+    generation = Generation(engine, prompt, params)
+    head = ResponseHeader.new("cmpl", engine.loaded.model_id)
+    if body.stream:
+        return stream_response(generation, TextShape(head, body.include_usage))
+    text, finished = await collect(generation)
+    return JSONResponse(text_completion(head, text, finished.finish_reason, finished.usage))
+
+
+async def list_models(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    return JSONResponse({"object": "list", "data": [_model_card(engine)]})
+
+
+async def get_model(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    model_id = request.path_params["model_id"]
+    if model_id != engine.loaded.model_id:
+        raise ModelNotFoundError(
+            f"The model '{model_id}' does not exist; this server serves '{engine.loaded.model_id}'.",
+            param="model",
+        )
+    return JSONResponse(_model_card(engine))
+
+
+def _model_card(engine: Engine) -> dict[str, Any]:
+    loaded = engine.loaded
+    return {
+        "id": loaded.model_id,
+        "object": "model",
+        "created": loaded.created,
+        "owned_by": "mlx-engine-server",
+        "context_window": loaded.context_window,
+        "kind": loaded.kind,
+    }
+
+
+def _check_model(request: Request, requested: str | None) -> tuple[Engine, ServerOptions]:
+    """Any model name is accepted unless --strict-model-name: clients always send one."""
+    engine: Engine = request.app.state.engine
+    options: ServerOptions = request.app.state.options
+    served = engine.loaded.model_id
+    if options.strict_model_name and requested is not None and requested != served:
+        raise ModelNotFoundError(
+            f"The model '{requested}' does not exist; this server serves '{served}'.",
+            param="model",
+        )
+    return engine, options
+
+
+def _sampling_params(
+    engine: Engine,
+    options: ServerOptions,
+    body: SamplingFields,
+    requested_max_tokens: int | None,
+    prompt_tokens: int,
+) -> SamplingParams:
+    max_tokens = resolve_max_tokens(
+        prompt_tokens, requested_max_tokens, options.max_tokens_default, engine.loaded.context_window
+    )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if body.top_p == 0.0:  # nothing but the single most likely token survives
+        temperature = 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=_token_bias(engine, body),
+        stop=body.stop_list(),
+    )
+
+
+def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    if not body.logit_bias:
+        return ()
+    vocab_size = len(engine.loaded.tokenizer)
+    bias = []
+    for key, value in body.logit_bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+        bias.append((int(key), value))
+    return tuple(bias)
+
+
+def serve(settings: Settings) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM. The port opens only once the model is ready."""
+    source = ModelSource(
+        model_path=settings.model_path,
+        adapter_path=settings.adapter_path,
+        model_id=settings.model_id,
+        cache_dir=settings.cache_dir,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    engine = Engine(lambda: load_model(source), _engine_options(settings))
+    loaded = engine.start()
+    logger.info(
+        "serving %s (%s, context window %d tokens) from %s",
+        loaded.model_id,
+        loaded.kind,
+        loaded.context_window,
+        loaded.model_path,
+    )
+    options = ServerOptions(
+        strict_model_name=settings.strict_model_name,
+        max_tokens_default=settings.max_tokens_default,
+    )
+    config = uvicorn.Config(
+        create_app(engine, options),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+        access_log=settings.log_level == "debug",
+    )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    return 0 if server.started else 1
+
+
+def _engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        prefill_step_size=settings.prefill_step_size,
+        request_timeout_s=settings.request_timeout_s,
+    )

@@ -1,0 +1,134 @@
+"""Streaming and collecting a generation: OpenAI's SSE chunk sequence, ending in `data: [DONE]`.
+
+The engine is told to drop a request when its response ends for any reason (finished, client
+gone, server stopping), through the response object's own lifetime, not the event iterator's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
+
+from .engine import Failed, Finished, Generation, TextDelta, Usage
+from .errors import APIError, GenerationTimeoutError, InternalError
+from .responses import (
+    ResponseHeader,
+    chat_chunk,
+    chat_usage_chunk,
+    text_chunk,
+    text_usage_chunk,
+)
+
+DONE = "[DONE]"
+
+
+class ChunkShape(Protocol):
+    include_usage: bool
+
+    def opening(self) -> dict[str, Any] | None: ...
+    def delta(self, text: str) -> dict[str, Any]: ...
+    def closing(self, finish: str) -> dict[str, Any]: ...
+    def usage(self, usage: Usage) -> dict[str, Any]: ...
+
+
+class ChatShape:
+    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+        self.head = head
+        self.include_usage = include_usage
+
+    def opening(self) -> dict[str, Any] | None:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return self._chunk({"content": text})
+
+    def closing(self, finish: str) -> dict[str, Any]:
+        return self._chunk({}, finish)
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return chat_usage_chunk(self.head, usage)
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return chat_chunk(self.head, delta, finish, with_usage_field=self.include_usage)
+
+
+class TextShape:
+    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+        self.head = head
+        self.include_usage = include_usage
+
+    def opening(self) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, text: str) -> dict[str, Any]:
+        return text_chunk(self.head, text, with_usage_field=self.include_usage)
+
+    def closing(self, finish: str) -> dict[str, Any]:
+        return text_chunk(self.head, "", finish, with_usage_field=self.include_usage)
+
+    def usage(self, usage: Usage) -> dict[str, Any]:
+        return text_usage_chunk(self.head, usage)
+
+
+def failure_error(event: Failed) -> APIError:
+    if event.kind == "timeout":
+        return GenerationTimeoutError(f"Generation stopped: {event.message}.")
+    return InternalError(f"Generation failed: {event.message}.")
+
+
+async def collect(generation: Generation) -> tuple[str, Finished]:
+    """The whole answer of a non-streaming request; the engine drops it if the handler ends early."""
+    pieces: list[str] = []
+    try:
+        async for event in generation.events():
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+            elif isinstance(event, Finished):
+                return "".join(pieces), event
+            else:
+                raise failure_error(event)
+    finally:
+        generation.cancel()
+    raise InternalError("The generation ended without a result.")
+
+
+async def _chunks(generation: Generation, shape: ChunkShape) -> AsyncIterator[dict[str, str]]:
+    opening = shape.opening()
+    if opening is not None:
+        yield _data(opening)
+    async for event in generation.events():
+        if isinstance(event, TextDelta):
+            yield _data(shape.delta(event.text))
+        elif isinstance(event, Finished):
+            yield _data(shape.closing(event.finish_reason))
+            if shape.include_usage:
+                yield _data(shape.usage(event.usage))
+        else:
+            yield _data(failure_error(event).to_body())
+    yield {"data": DONE}
+
+
+def _data(payload: dict[str, Any]) -> dict[str, str]:
+    return {"data": json.dumps(payload, ensure_ascii=False, separators=(",", ":"))}
+
+
+class GenerationStream(EventSourceResponse):
+    """An SSE response that cancels its generation however the response ends."""
+
+    def __init__(self, generation: Generation, shape: ChunkShape) -> None:
+        super().__init__(_chunks(generation, shape), sep="\n", ping=15)
+        self._generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._generation.cancel()
+
+
+def stream_response(generation: Generation, shape: ChunkShape) -> GenerationStream:
+    return GenerationStream(generation, shape)
