@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         description="max_tokens when a request gives none; None: the rest of the context window.",
     )
 
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lowercase_level(cls, value: Any) -> Any:
