@@ -1,0 +1,117 @@
+"""Shared fixtures: real models (a tiny random llama, the real SmolLM2), engines and servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.gguf import convert_gguf
+from mlx_engine_server.model_manager import ModelSource, load_model
+from mlx_engine_server.server import ServerOptions, create_app
+
+from .model_factory import build_tiny_llama, smollm_gguf_path
+
+TINY_CONTEXT_WINDOW = 256
+
+# No test may reach the network: Hugging Face lookups stay in the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(gguf_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF, once per session."""
+    return convert_gguf(smollm_gguf_path(), gguf_cache / "gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Path:
+    """A random-weight llama with SmolLM2's tokenizer and chat template; context 256 tokens."""
+    dest = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama"
+    return build_tiny_llama(dest, smollm_dir, context_window=TINY_CONTEXT_WINDOW)
+
+
+def start_engine(model_path: Path, options: EngineOptions | None = None) -> Engine:
+    source = ModelSource(model_path=str(model_path))
+    engine = Engine(lambda: load_model(source), options or EngineOptions())
+    engine.start()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tiny_model_dir: Path) -> Iterator[Starlette]:
+    engine = start_engine(tiny_model_dir)
+    yield create_app(engine)
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def client(tiny_app: Starlette) -> Iterator[TestClient]:
+    """In-process HTTP against the tiny model; one engine for the whole session."""
+    with TestClient(tiny_app) as test_client:
+        yield test_client
+
+
+@dataclass
+class LiveServer:
+    """A real uvicorn server on a free loopback port, in a thread of this process."""
+
+    base_url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+    engine: Engine
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def run_live_server(engine: Engine, options: ServerOptions | None = None) -> LiveServer:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(engine, options), log_level="warning", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    return LiveServer(f"http://127.0.0.1:{port}", server, thread, engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    """Real HTTP over a socket: for concurrency, disconnects and the openai SDK."""
+    live = run_live_server(start_engine(tiny_model_dir))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm_server(smollm_dir: Path) -> Iterator[LiveServer]:
+    """The real SmolLM2-135M weights behind real HTTP: end-to-end truth."""
+    live = run_live_server(start_engine(smollm_dir))
+    yield live
+    live.stop()
