@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
@@ -97,12 +97,12 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            if len(self.prompt) != 1:
-                raise ValueError("only one prompt per request is supported")
-        return self
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):
+            raise ValueError("only one prompt per request is supported")
+        return prompt
 
     @property
     def requested_max_tokens(self) -> int | None:

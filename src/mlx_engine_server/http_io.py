@@ -61,7 +61,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequestError:
-    first = exc.errors(include_url=False)[0]
+    # Of a union's failed branches, the deepest error says the most ("prompt[0] must be >= 0").
+    first = max(exc.errors(include_url=False), key=lambda error: len(error["loc"]))
     param = _param_name(first["loc"])
     message = first["msg"]
     if first["type"] == "missing":
