@@ -1,0 +1,120 @@
+"""The engine under real concurrency: batching keeps answers, backpressure, cancellation, deadlines."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from mlx_engine_server.engine import EngineOptions
+
+from .conftest import LiveServer, run_live_server, start_engine
+
+PROMPTS = [f"Story number {index}: once upon a time" for index in range(16)]
+
+
+def complete(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, **fields}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def texts_alone_and_together(base_url: str, **fields: Any) -> tuple[list[str], list[str]]:
+    alone = [complete(base_url, p, **fields)["choices"][0]["text"] for p in PROMPTS]
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: complete(base_url, p, **fields), PROMPTS))
+    return alone, [r["choices"][0]["text"] for r in results]
+
+
+def test_greedy_answers_are_the_same_alone_and_batched(tiny_server: LiveServer) -> None:
+    before = tiny_server.engine.stats().requests_total
+    alone, together = texts_alone_and_together(tiny_server.base_url)
+    assert together == alone
+    assert tiny_server.engine.stats().requests_total == before + 2 * len(PROMPTS)
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(tiny_server: LiveServer) -> None:
+    alone, together = texts_alone_and_together(tiny_server.base_url, temperature=1.0, seed=11)
+    assert together == alone
+
+
+def wait_until_idle(server: LiveServer, timeout_s: float = 10.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status: dict[str, Any] = httpx.get(f"{server.base_url}/v1/mlx/status").json()
+        engine = status["engine"]
+        if engine["requests_active"] == 0 and engine["requests_queued"] == 0:
+            return status
+        assert time.monotonic() < deadline, f"still busy: {engine}"
+        time.sleep(0.05)
+
+
+def open_and_drop_stream(base_url: str) -> None:
+    body = {"prompt": "Tell me everything", "max_tokens": 200, "stream": True}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", f"{base_url}/v1/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                return  # leave with the stream still running
+
+
+def test_dropped_streams_leave_the_batch(tiny_server: LiveServer) -> None:
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(lambda _: open_and_drop_stream(tiny_server.base_url), range(20)))
+    wait_until_idle(tiny_server)
+    started = time.monotonic()
+    complete(tiny_server.base_url, "Still there?", max_tokens=2)
+    assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+def one_slot_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    options = EngineOptions(max_batch_size=1, max_queue=0, request_timeout_s=3.0)
+    live = run_live_server(start_engine(tiny_model_dir, options))
+    yield live
+    live.stop()
+
+
+def test_full_queue_answers_429_at_once(one_slot_server: LiveServer) -> None:
+    url = f"{one_slot_server.base_url}/v1/completions"
+    body = {"prompt": "A long tale", "max_tokens": 240, "stream": True}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", url, json=body) as first,
+    ):
+        assert first.status_code == 200
+        next(first.iter_lines())
+        second = http.post(url, json={"prompt": "Me too", "max_tokens": 2})
+        assert second.status_code == 429, second.text
+        assert second.headers["retry-after"].isdigit()
+        assert second.json()["error"]["type"] == "rate_limit_error"
+    wait_until_idle(one_slot_server)
+    assert complete(one_slot_server.base_url, "Now?", max_tokens=2)["choices"]
+
+
+@pytest.fixture
+def impatient_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    live = run_live_server(start_engine(tiny_model_dir, EngineOptions(request_timeout_s=0.3)))
+    yield live
+    live.stop()
+
+
+def test_request_past_its_deadline_ends_with_an_error(impatient_server: LiveServer) -> None:
+    url = f"{impatient_server.base_url}/v1/chat/completions"
+    messages = [{"role": "user", "content": "Go on forever"}]
+    response = httpx.post(url, json={"messages": messages, "max_tokens": 5000}, timeout=30)
+    if response.status_code == 400:  # the window is smaller than 5000: ask for all of it
+        response = httpx.post(url, json={"messages": messages}, timeout=30)
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timeout"
+    wait_until_idle(impatient_server)
