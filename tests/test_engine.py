@@ -1,4 +1,4 @@
-"""The engine under real concurrency: batching keeps answers, backpressure, cancellation, deadlines."""
+"""The engine under real concurrency: batching, backpressure, cancellation, deadlines."""
 
 from __future__ import annotations
 

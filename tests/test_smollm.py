@@ -26,9 +26,7 @@ def test_greedy_answer_names_paris(sdk: OpenAI) -> None:
 
 
 def test_streamed_text_equals_non_streamed(sdk: OpenAI) -> None:
-    whole = sdk.chat.completions.create(
-        model="x", messages=FRANCE, max_tokens=12, temperature=0
-    )
+    whole = sdk.chat.completions.create(model="x", messages=FRANCE, max_tokens=12, temperature=0)
     stream = sdk.chat.completions.create(
         model="x",
         messages=FRANCE,

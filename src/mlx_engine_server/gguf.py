@@ -102,9 +102,7 @@ def _make_cache_root(cache_root: Path) -> None:
     try:
         cache_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StartupError(
-            f"Cannot create the GGUF cache directory {cache_root}: {exc}"
-        ) from exc
+        raise StartupError(f"Cannot create the GGUF cache directory {cache_root}: {exc}") from exc
 
 
 def _read_hash_index(cache_root: Path) -> dict[str, Any]:
@@ -129,9 +127,7 @@ def _publish(staging: Path, model_dir: Path) -> None:
         staging.rename(model_dir)
     except OSError as exc:
         if not (model_dir / "config.json").is_file():
-            raise StartupError(
-                f"Cannot write the converted model to {model_dir}: {exc}"
-            ) from exc
+            raise StartupError(f"Cannot write the converted model to {model_dir}: {exc}") from exc
 
 
 def _read_gguf(path: Path) -> tuple[Weights, Metadata]:
@@ -148,9 +144,7 @@ def _read_gguf(path: Path) -> tuple[Weights, Metadata]:
         )
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens"):
         if key not in metadata:
-            raise StartupError(
-                f"{path.name}: GGUF file has no tokenizer (no metadata {key!r})."
-            )
+            raise StartupError(f"{path.name}: GGUF file has no tokenizer (no metadata {key!r}).")
     return weights, metadata
 
 
@@ -204,9 +198,7 @@ def _check_dtype(name: str, tensor: mx.array, weights: Weights, source: Path) ->
 def _quantization_config(weights: Weights) -> dict[str, Any] | None:
     """mlx-lm's `quantization` entry: the most common bits, and per-layer exceptions."""
     bits_by_layer = {
-        name.removesuffix(".scales"): _packed_bits(
-            weights, name.removesuffix(".scales")
-        )
+        name.removesuffix(".scales"): _packed_bits(weights, name.removesuffix(".scales"))
         for name in weights
         if name.endswith(".scales")
     }
@@ -224,9 +216,7 @@ def _quantization_config(weights: Weights) -> dict[str, Any] | None:
     for name, tensor in weights.items():
         layer = name.removesuffix(".weight")
         if tensor.ndim == _MATRIX_NDIM and layer not in bits_by_layer:
-            config[layer] = (
-                False  # came back as floats (e.g. a K-quant): keep unquantized
-            )
+            config[layer] = False  # came back as floats (e.g. a K-quant): keep unquantized
     return config
 
 
@@ -255,14 +245,10 @@ def _cast_floats(weights: Weights, dtype: mx.Dtype) -> Weights:
 def _scalar(metadata: Metadata, key: str, default: Any = None) -> Any:
     value = metadata.get(key, default)
     if value is None:
-        raise StartupError(
-            f"GGUF metadata lacks {key!r}, needed to build the model config."
-        )
+        raise StartupError(f"GGUF metadata lacks {key!r}, needed to build the model config.")
     if isinstance(value, mx.array):
         if value.ndim != 0:
-            raise StartupError(
-                f"GGUF metadata {key!r} is per-layer; only one value is supported."
-            )
+            raise StartupError(f"GGUF metadata {key!r} is per-layer; only one value is supported.")
         return value.item()
     return value
 
@@ -281,20 +267,12 @@ def _model_config(
         "num_hidden_layers": int(_scalar(metadata, f"{arch}.block_count")),
         "intermediate_size": int(_scalar(metadata, f"{arch}.feed_forward_length")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(
-            _scalar(metadata, f"{arch}.attention.head_count_kv", heads)
-        ),
-        "head_dim": int(
-            _scalar(metadata, f"{arch}.attention.key_length", hidden // heads)
-        ),
-        "rms_norm_eps": float(
-            _scalar(metadata, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-        ),
+        "num_key_value_heads": int(_scalar(metadata, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_scalar(metadata, f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_scalar(metadata, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(_scalar(metadata, f"{arch}.rope.freq_base", 10000.0)),
         "rope_traditional": True,  # llama.cpp permutes Q/K for interleaved RoPE
-        "max_position_embeddings": int(
-            _scalar(metadata, f"{arch}.context_length", 2048)
-        ),
+        "max_position_embeddings": int(_scalar(metadata, f"{arch}.context_length", 2048)),
         "vocab_size": int(_scalar(metadata, f"{arch}.vocab_size", len(tokens))),
         "tie_word_embeddings": "lm_head.weight" not in weights,
         "rope_scaling": _rope_scaling(metadata, arch),
@@ -324,9 +302,7 @@ def _plain(value: Any) -> Any:
     return value.tolist() if isinstance(value, mx.array) else value
 
 
-def _tokenizer_metadata(
-    metadata: Metadata, mapping: Any
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _tokenizer_metadata(metadata: Metadata, mapping: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(tokenizer_dict, tokenizer_config)` as `get_gguf_tokenizer` builds them."""
     grouped = {
         group: {
@@ -381,21 +357,15 @@ def _write_tokenizer(dest: Path, metadata: Metadata, source: Path) -> None:
     transformers, mapping = _import_tokenizer_builders()
     tokenizer_dict, tokenizer_config = _tokenizer_metadata(metadata, mapping)
     try:
-        builder = mapping.select_tokenizer_builder(
-            "llama", tokenizer_dict["tokenizer_type"]
-        )
+        builder = mapping.select_tokenizer_builder("llama", tokenizer_dict["tokenizer_type"])
         built = mapping.add_gguf_special_tokens(builder(tokenizer_dict), tokenizer_dict)
         built = mapping.set_split_regex(built, tokenizer_dict)
     except (ValueError, KeyError, TypeError) as exc:
-        raise StartupError(
-            f"{source.name}: cannot build its tokenizer ({exc})."
-        ) from exc
+        raise StartupError(f"{source.name}: cannot build its tokenizer ({exc}).") from exc
     backend = built.backend_tokenizer
     if tokenizer_dict.get("pre_tokenizer_type") in _EXTRA_PRE_TOKENIZERS:
         backend.pre_tokenizer = _smollm_pre_tokenizer()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, **tokenizer_config
-    )
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
     tokenizer.save_pretrained(str(dest))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -31,17 +32,17 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, APIError)
-    return error_response(exc)
+    return error_response(exc if isinstance(exc, APIError) else InternalError(str(exc)))
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 (unknown path, wrong method), in OpenAI's shape."""
-    assert isinstance(exc, HTTPException)
+    if not isinstance(exc, HTTPException):
+        return await on_unexpected_error(request, exc)
     error: APIError
-    if exc.status_code == 404:
+    if exc.status_code == HTTPStatus.NOT_FOUND:
         error = NotFoundError(f"Unknown path: {request.url.path}", code="unknown_url")
-    elif exc.status_code == 405:
+    elif exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
         error = MethodNotAllowedError(f"Method {request.method} is not allowed on this path")
     else:
         error = InvalidRequestError(str(exc.detail), code=None)

@@ -53,7 +53,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 )
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
-def cli(ctx: click.Context, config_file: Path | None, **values: Any) -> None:
+def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:
     """Serve one MLX model over an OpenAI-compatible HTTP API.
 
     MODEL_PATH is a model directory (mlx-lm format), a Hugging Face repo id from the local
@@ -73,7 +73,7 @@ def cli(ctx: click.Context, config_file: Path | None, **values: Any) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from .server import serve  # imports MLX: only once the settings are known to be good
+    from .server import serve  # noqa: PLC0415 - imports MLX: only once the settings are good
 
     try:
         code = serve(settings)

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mlx.core as mx
-import mlx.nn as nn
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 
@@ -39,7 +41,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: nn.Module
+    model: Module
     tokenizer: TokenizerWrapper
     model_id: str
     model_path: str
@@ -88,7 +90,7 @@ def load_model(source: ModelSource) -> LoadedModel:
 
 
 def resolve_model_path(source: ModelSource) -> Path:
-    """A local mlx-lm directory for the model: as given, converted from GGUF, or from the HF cache."""
+    """A local mlx-lm directory: as given, converted from GGUF, or from the HF cache."""
     name = source.model_path
     path = Path(name).expanduser() if name else bundled_model_path()
     if is_gguf_file(path):
@@ -99,35 +101,34 @@ def resolve_model_path(source: ModelSource) -> Path:
         return path
     if name and _looks_like_repo_id(name) and not path.exists():
         return _resolve_hf_repo(name)
-    raise StartupError(f"model path {name!r} not found (expected a directory, .gguf file or repo id)")
+    raise StartupError(
+        f"model path {name!r} not found (expected a directory, .gguf file or repo id)"
+    )
 
 
 def _looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+    return len(parts) == 2 and all(parts)  # noqa: PLR2004 - org/name and not name.startswith((".", "~"))
 
 
 def _resolve_hf_repo(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
     patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except HFValidationError as exc:
         raise StartupError(f"{repo_id!r} is not a valid Hugging Face repo id: {exc}") from None
-    except Exception:  # noqa: BLE001 - any miss in the local cache falls through to the download
+    except Exception:  # any miss in the local cache falls through to the download
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
             raise StartupError(
                 f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
             ) from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - network, auth and missing-repo errors alike
+    except Exception as exc:  # network, auth and missing-repo errors alike
         raise StartupError(f"could not fetch {repo_id} from Hugging Face: {exc}") from None
 
 
-def _load_weights(path: Path, source: ModelSource) -> tuple[nn.Module, TokenizerWrapper]:
+def _load_weights(path: Path, source: ModelSource) -> tuple[Module, TokenizerWrapper]:
     adapter = source.adapter_path
     if adapter is not None:
         _check_adapter_dir(Path(adapter))
@@ -143,12 +144,12 @@ def _load_weights(path: Path, source: ModelSource) -> tuple[nn.Module, Tokenizer
     return model, tokenizer
 
 
-def _prefer_float32_on_cpu(model: nn.Module) -> None:
+def _prefer_float32_on_cpu(model: Module) -> None:
     """MLX's CPU kernels are far slower in float16 (a 4-bit matmul measured 40x slower here);
     Metal and CUDA keep the model's own dtype."""
     if mx.default_device().type == mx.DeviceType.cpu:
         model.set_dtype(mx.float32)
-        mx.eval(model.parameters())
+        mx.eval(model.parameters())  # type: ignore[no-untyped-call]
 
 
 def _check_adapter_dir(adapter: Path) -> None:

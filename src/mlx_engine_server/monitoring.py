@@ -1,4 +1,4 @@
-"""Operator endpoints: /health (liveness), /v1/mlx/status (model and load), /metrics (Prometheus)."""
+"""Operator endpoints: /health (liveness), /v1/mlx/status (model, load), /metrics (Prometheus)."""
 
 from __future__ import annotations
 

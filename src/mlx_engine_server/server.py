@@ -1,4 +1,4 @@
-"""The Starlette app: routes that validate, build a prompt, submit to the engine, shape the answer."""
+"""The Starlette app: routes validate, build a prompt, submit to the engine, shape the answer."""
 
 from __future__ import annotations
 
@@ -99,10 +99,7 @@ async def get_model(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     model_id = request.path_params["model_id"]
     if model_id != engine.loaded.model_id:
-        raise ModelNotFoundError(
-            f"The model '{model_id}' does not exist; this server serves '{engine.loaded.model_id}'.",
-            param="model",
-        )
+        raise _model_not_found(model_id, engine.loaded.model_id)
     return JSONResponse(_model_card(engine))
 
 
@@ -124,11 +121,14 @@ def _check_model(request: Request, requested: str | None) -> tuple[Engine, Serve
     options: ServerOptions = request.app.state.options
     served = engine.loaded.model_id
     if options.strict_model_name and requested is not None and requested != served:
-        raise ModelNotFoundError(
-            f"The model '{requested}' does not exist; this server serves '{served}'.",
-            param="model",
-        )
+        raise _model_not_found(requested, served)
     return engine, options
+
+
+def _model_not_found(requested: str, served: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"The model '{requested}' does not exist; this server serves '{served}'.", param="model"
+    )
 
 
 def _sampling_params(
@@ -139,7 +139,10 @@ def _sampling_params(
     prompt_tokens: int,
 ) -> SamplingParams:
     max_tokens = resolve_max_tokens(
-        prompt_tokens, requested_max_tokens, options.max_tokens_default, engine.loaded.context_window
+        prompt_tokens,
+        requested_max_tokens,
+        options.max_tokens_default,
+        engine.loaded.context_window,
     )
     temperature = 1.0 if body.temperature is None else body.temperature
     if body.top_p == 0.0:  # nothing but the single most likely token survives
@@ -175,7 +178,7 @@ def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float]
 
 
 def serve(settings: Settings) -> int:
-    """Load the model, then serve until SIGINT/SIGTERM. The port opens only once the model is ready."""
+    """Load the model, then serve until SIGINT/SIGTERM; the port opens once the model is ready."""
     source = ModelSource(
         model_path=settings.model_path,
         adapter_path=settings.adapter_path,

@@ -81,7 +81,7 @@ def failure_error(event: Failed) -> APIError:
 
 
 async def collect(generation: Generation) -> tuple[str, Finished]:
-    """The whole answer of a non-streaming request; the engine drops it if the handler ends early."""
+    """The whole answer of a non-streaming request; the engine drops it if the handler ends."""
     pieces: list[str] = []
     try:
         async for event in generation.events():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+
 import mlx.core as mx
 
 
@@ -19,4 +21,4 @@ def memory_bytes() -> dict[str, int]:
 
 
 def mlx_version() -> str:
-    return str(mx.__version__)
+    return version("mlx")

@@ -27,7 +27,7 @@ def make_request_sampler(params: SamplingParams) -> Sampler | None:
 
 
 class SeededSampler:
-    """Samples with a PRNG key of its own: the same seed gives the same tokens, in a batch or not."""
+    """Samples with its own PRNG key: the same seed gives the same tokens, batched or not."""
 
     def __init__(self, params: SamplingParams) -> None:
         seed = params.seed if params.seed is not None else secrets.randbits(63)

@@ -22,6 +22,7 @@ from mlx_lm.generate import BatchGenerator
 from ..model_manager import LoadedModel
 from .sampling import make_request_processors, make_request_sampler
 from .stop_text import StopTextFilter
+from .types import Cancellation as CancellationFlag
 from .types import (
     EngineOptions,
     Event,
@@ -32,7 +33,6 @@ from .types import (
     TextDelta,
     Usage,
 )
-from .types import Cancellation as CancellationFlag
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def run_worker_thread(
     def main() -> None:
         try:
             worker = Worker(load(), options, inbox, on_request_done)
-        except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
+        except BaseException as exc:  # reported to the starting thread
             ready(exc)
             mx.clear_streams()
             return
