@@ -76,10 +76,12 @@ class LiveServer:
     server: uvicorn.Server
     thread: threading.Thread
     engine: Engine
+    sock: socket.socket
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.sock.close()
 
 
 def run_live_server(engine: Engine, options: ServerOptions | None = None) -> LiveServer:
@@ -98,7 +100,7 @@ def run_live_server(engine: Engine, options: ServerOptions | None = None) -> Liv
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
-    return LiveServer(f"http://127.0.0.1:{port}", server, thread, engine)
+    return LiveServer(f"http://127.0.0.1:{port}", server, thread, engine, sock)
 
 
 @pytest.fixture(scope="session")
