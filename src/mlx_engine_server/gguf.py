@@ -51,8 +51,14 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-# Pre-tokenizer splits llama.cpp knows and transformers' table does not.
-_EXTRA_PRE_TOKENIZERS = ("smollm",)
+# What we use of transformers.integrations.gguf.gguf_tokenizer_mapping.
+_TOKENIZER_BUILDERS = (
+    "GGUF_TOKENIZER_MAPPING",
+    "_SPECIAL_TOKENS",
+    "select_tokenizer_builder",
+    "add_gguf_special_tokens",
+    "set_split_regex",
+)
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -331,16 +337,7 @@ def _import_tokenizer_builders() -> tuple[Any, Any]:
             gguf_tokenizer_mapping as mapping,
         )
 
-        needed = (
-            "GGUF_TOKENIZER_MAPPING",
-            "select_tokenizer_builder",
-            "add_gguf_special_tokens",
-        )
-        missing = [
-            name
-            for name in (*needed, "set_split_regex", "_SPECIAL_TOKENS")
-            if not hasattr(mapping, name)
-        ]
+        missing = [name for name in _TOKENIZER_BUILDERS if not hasattr(mapping, name)]
     except ImportError as exc:
         raise StartupError(
             f"Converting a GGUF tokenizer needs transformers 5.23 or newer ({exc})."
@@ -363,7 +360,7 @@ def _write_tokenizer(dest: Path, metadata: Metadata, source: Path) -> None:
     except (ValueError, KeyError, TypeError) as exc:
         raise StartupError(f"{source.name}: cannot build its tokenizer ({exc}).") from exc
     backend = built.backend_tokenizer
-    if tokenizer_dict.get("pre_tokenizer_type") in _EXTRA_PRE_TOKENIZERS:
+    if tokenizer_dict.get("pre_tokenizer_type") == "smollm":  # not in transformers' table
         backend.pre_tokenizer = _smollm_pre_tokenizer()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
     tokenizer.save_pretrained(str(dest))

