@@ -126,3 +126,13 @@ def test_request_past_its_deadline_ends_with_an_error(impatient_server: LiveServ
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
     wait_until_idle(impatient_server)
+
+
+def test_non_streaming_client_that_hangs_up_frees_its_slot(one_slot_server: LiveServer) -> None:
+    url = f"{one_slot_server.base_url}/v1/completions"
+    body = {"prompt": "A very long tale", "max_tokens": LONG_CONTEXT_WINDOW - 100}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=0.5)
+    status = wait_until_idle(one_slot_server, timeout_s=5)
+    assert status["counters"]["completion_tokens_total"] < LONG_CONTEXT_WINDOW - 100
+    assert complete(one_slot_server.base_url, "Next!", max_tokens=2)["choices"]

@@ -73,7 +73,7 @@ async def chat_completions(request: Request) -> Response:
     head = ResponseHeader.new("chatcmpl", engine.loaded.model_id)
     if body.stream:
         return stream_response(generation, ChatShape(head, body.include_usage))
-    text, finished = await collect(generation)
+    text, finished = await collect(generation, request.receive)
     return JSONResponse(chat_completion(head, text, finished.finish_reason, finished.usage))
 
 
@@ -86,7 +86,7 @@ async def completions(request: Request) -> Response:
     head = ResponseHeader.new("cmpl", engine.loaded.model_id)
     if body.stream:
         return stream_response(generation, TextShape(head, body.include_usage))
-    text, finished = await collect(generation)
+    text, finished = await collect(generation, request.receive)
     return JSONResponse(text_completion(head, text, finished.finish_reason, finished.usage))
 
 

@@ -6,6 +6,7 @@ gone, server stopping), through the response object's own lifetime, not the even
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -80,8 +81,13 @@ def failure_error(event: Failed) -> APIError:
     return InternalError(f"Generation failed: {event.message}.")
 
 
-async def collect(generation: Generation) -> tuple[str, Finished]:
-    """The whole answer of a non-streaming request; the engine drops it if the handler ends."""
+async def collect(generation: Generation, receive: Receive) -> tuple[str, Finished]:
+    """The whole answer of a non-streaming request.
+
+    The engine drops the request when the handler ends early or the client hangs up: nobody
+    would read the answer, and its batch slot is worth more to the next request.
+    """
+    watcher = asyncio.create_task(_cancel_on_disconnect(generation, receive))
     pieces: list[str] = []
     try:
         async for event in generation.events():
@@ -92,8 +98,16 @@ async def collect(generation: Generation) -> tuple[str, Finished]:
             else:
                 raise failure_error(event)
     finally:
+        watcher.cancel()
         generation.cancel()
     raise InternalError("The generation ended without a result.")
+
+
+async def _cancel_on_disconnect(generation: Generation, receive: Receive) -> None:
+    """The body has been read, so the next ASGI message can only be the client leaving."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    generation.cancel()
 
 
 async def _chunks(generation: Generation, shape: ChunkShape) -> AsyncIterator[dict[str, str]]:
