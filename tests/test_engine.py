@@ -17,6 +17,12 @@ from .conftest import LiveServer, run_live_server, start_engine
 from .model_factory import build_tiny_llama
 
 LONG_CONTEXT_WINDOW = 8192
+# Greedy: a random model that samples could end early by drawing an end-of-sequence token.
+BUSY_FOR_SECONDS = {
+    "prompt": "A long tale",
+    "max_tokens": LONG_CONTEXT_WINDOW - 100,
+    "temperature": 0,
+}
 PROMPTS = [f"Story number {index}: once upon a time" for index in range(16)]
 
 
@@ -96,7 +102,7 @@ def one_slot_server(long_context_model_dir: Path) -> Iterator[LiveServer]:
 
 def test_full_queue_answers_429_at_once(one_slot_server: LiveServer) -> None:
     url = f"{one_slot_server.base_url}/v1/completions"
-    body = {"prompt": "A long tale", "max_tokens": LONG_CONTEXT_WINDOW - 100, "stream": True}
+    body = {**BUSY_FOR_SECONDS, "stream": True}
     with (
         httpx.Client(timeout=30) as http,
         http.stream("POST", url, json=body) as first,
@@ -122,7 +128,7 @@ def impatient_server(long_context_model_dir: Path) -> Iterator[LiveServer]:
 def test_request_past_its_deadline_ends_with_an_error(impatient_server: LiveServer) -> None:
     url = f"{impatient_server.base_url}/v1/chat/completions"
     messages = [{"role": "user", "content": "Go on forever"}]
-    response = httpx.post(url, json={"messages": messages}, timeout=30)
+    response = httpx.post(url, json={"messages": messages, "temperature": 0}, timeout=30)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
     wait_until_idle(impatient_server)
@@ -130,7 +136,7 @@ def test_request_past_its_deadline_ends_with_an_error(impatient_server: LiveServ
 
 def test_non_streaming_client_that_hangs_up_frees_its_slot(one_slot_server: LiveServer) -> None:
     url = f"{one_slot_server.base_url}/v1/completions"
-    body = {"prompt": "A very long tale", "max_tokens": LONG_CONTEXT_WINDOW - 100}
+    body = BUSY_FOR_SECONDS
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json=body, timeout=0.5)
     status = wait_until_idle(one_slot_server, timeout_s=5)
