@@ -253,6 +253,14 @@ def test_malformed_bodies_are_400(client: TestClient, raw: bytes) -> None:
     error_of(response, 400)
 
 
+def test_lone_surrogates_are_400_but_surrogate_pairs_are_text(client: TestClient) -> None:
+    lone = b'{"messages": [{"role": "user", "content": "a\\udc00b"}], "max_tokens": 2}'
+    error = error_of(client.post("/v1/chat/completions", content=lone), 400)
+    assert error["code"] == "invalid_unicode"
+    pair = b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "max_tokens": 2}'
+    assert client.post("/v1/chat/completions", content=pair).status_code == 200
+
+
 def test_bad_completion_prompts_are_400(client: TestClient) -> None:
     cases = ((["a", "b"], "prompt"), ([], "prompt"), ([-1], "prompt[0]"), (5, "prompt"))
     for prompt, param in cases:

@@ -35,7 +35,24 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.", code="invalid_json")
+    if _may_hold_surrogates(raw):
+        _reject_lone_surrogates(data)
     return data
+
+
+def _may_hold_surrogates(raw: bytes) -> bool:
+    """Only an escape like \\ud800 can put a lone surrogate into parsed JSON text."""
+    return b"\\ud" in raw.lower()
+
+
+def _reject_lone_surrogates(data: dict[str, Any]) -> None:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            "The body holds a lone UTF-16 surrogate escape; text must be valid Unicode.",
+            code="invalid_unicode",
+        ) from None
 
 
 async def _read_body(request: Request) -> bytes:
