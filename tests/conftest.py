@@ -47,8 +47,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -
     return build_tiny_llama(dest, smollm_dir, context_window=TINY_CONTEXT_WINDOW)
 
 
-def start_engine(model_path: Path, options: EngineOptions | None = None) -> Engine:
-    source = ModelSource(model_path=str(model_path))
+def start_engine(
+    model_path: Path | str, options: EngineOptions | None = None, adapter_path: Path | None = None
+) -> Engine:
+    adapter = str(adapter_path) if adapter_path is not None else None
+    source = ModelSource(model_path=str(model_path), adapter_path=adapter)
     engine = Engine(lambda: load_model(source), options or EngineOptions())
     engine.start()
     return engine

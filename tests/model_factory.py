@@ -83,3 +83,31 @@ def _tokenizer_files(tokenizer_dir: Path) -> list[Path]:
     return [path for path in names if path.is_file()] + sorted(
         tokenizer_dir.glob("chat_template.*")
     )
+
+
+LORA_KEYS = ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def build_lora_adapter(dest: Path, model_dir: Path, *, rank: int = 4, seed: int = 1) -> Path:
+    """An mlx-lm LoRA adapter for `model_dir` whose weights are random, so it changes answers.
+
+    (A freshly initialised LoRA has lora_b = 0 and would change nothing.)
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model, config = load_model(model_dir)
+    lora = {"rank": rank, "scale": 10.0, "dropout": 0.0, "keys": LORA_KEYS}
+    layers = int(config["num_hidden_layers"])
+    linear_to_lora_layers(model, layers, lora)
+    mx.random.seed(seed)
+    adapters = {
+        name: mx.random.normal(value.shape) * 0.5
+        for name, value in tree_flatten(model.parameters())
+        if name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+    }
+    mx.save_safetensors(str(dest / "adapters.safetensors"), adapters)
+    adapter_config = {"fine_tune_type": "lora", "num_layers": layers, "lora_parameters": lora}
+    (dest / "adapter_config.json").write_text(json.dumps(adapter_config), encoding="utf-8")
+    return dest

@@ -21,9 +21,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("model_path", required=False)
-@click.option("--adapter-path", help="LoRA adapter directory (mlx-lm adapter format).")
-@click.option("--host", help="Address to bind.  [default: 127.0.0.1]")
-@click.option("--port", help="Port to bind; 0 picks a free one.  [default: 8000]")
+@click.option(
+    "--adapter-path", metavar="DIR", help="LoRA adapter directory (mlx-lm adapter format)."
+)
+@click.option("--host", metavar="ADDRESS", help="Address to bind.  [default: 127.0.0.1]")
+@click.option("--port", metavar="INT", help="Port to bind; 0 picks a free one.  [default: 8000]")
 @click.option(
     "--config",
     "config_file",
@@ -31,8 +33,12 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     envvar="MLX_SERVER_CONFIG",
     help="JSON settings file (keys as in config.example.json).",
 )
-@click.option("--model-id", help="Model name to report.  [default: the path's last part]")
-@click.option("--log-level", help="critical, error, warning, info or debug.  [default: info]")
+@click.option(
+    "--model-id", metavar="NAME", help="Model name to report.  [default: the path's last part]"
+)
+@click.option(
+    "--log-level", metavar="LEVEL", help="critical, error, warning, info or debug.  [default: info]"
+)
 @click.option(
     "--strict-model-name/--no-strict-model-name",
     default=None,
@@ -43,13 +49,27 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     default=None,
     help="Allow model code shipped with the model.",
 )
-@click.option("--cache-dir", help="Where converted GGUF models are kept.")
-@click.option("--max-batch-size", help="Sequences generated together.  [default: 32]")
-@click.option("--max-queue", help="Requests waiting beyond the batch before 429.  [default: 64]")
-@click.option("--prefill-step-size", help="Prompt tokens processed per step.  [default: 512]")
-@click.option("--request-timeout-s", help="Deadline of one request in seconds.  [default: 600]")
+@click.option("--cache-dir", metavar="DIR", help="Where converted GGUF models are kept.")
 @click.option(
-    "--max-tokens-default", help="max_tokens when a request gives none.  [default: context left]"
+    "--max-batch-size", metavar="INT", help="Sequences generated together.  [default: 32]"
+)
+@click.option(
+    "--max-queue",
+    metavar="INT",
+    help="Requests waiting beyond the batch before 429.  [default: 64]",
+)
+@click.option(
+    "--prefill-step-size", metavar="INT", help="Prompt tokens processed per step.  [default: 512]"
+)
+@click.option(
+    "--request-timeout-s",
+    metavar="SECONDS",
+    help="Deadline of one request in seconds.  [default: 600]",
+)
+@click.option(
+    "--max-tokens-default",
+    metavar="INT",
+    help="max_tokens when a request gives none.  [default: context left]",
 )
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context

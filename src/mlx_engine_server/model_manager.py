@@ -192,7 +192,9 @@ def describe_quantization(config: dict[str, Any]) -> str | None:
 
 
 def _default_model_id(shown_path: str) -> str:
-    path = Path(shown_path)
+    path = Path(shown_path).expanduser()
+    if not path.exists():  # a Hugging Face repo id: keep it whole, as clients expect
+        return shown_path
     if path.suffix == ".gguf":
         return path.stem
     return path.name or shown_path

@@ -205,7 +205,6 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
-        access_log=settings.log_level == "debug",
     )
     server = uvicorn.Server(config)
     try:
