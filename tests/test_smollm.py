@@ -65,3 +65,20 @@ def test_text_completion_continues_the_prompt(sdk: OpenAI) -> None:
         model="x", prompt="The capital of France is", max_tokens=4, temperature=0
     )
     assert "Paris" in reply.choices[0].text
+
+
+def test_second_turn_reuses_the_first_turns_prefill(sdk: OpenAI) -> None:
+    first = sdk.chat.completions.create(model="x", messages=FRANCE, max_tokens=8, temperature=0)
+    history = [
+        *FRANCE,
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    second = sdk.chat.completions.create(model="x", messages=history, max_tokens=8, temperature=0)
+    assert first.usage is not None
+    assert second.usage is not None
+    details = second.usage.prompt_tokens_details
+    assert details is not None
+    assert details.cached_tokens is not None
+    assert details.cached_tokens >= first.usage.prompt_tokens
+    assert "Rome" in (second.choices[0].message.content or "")

@@ -67,6 +67,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="Deadline of one request in seconds.  [default: 600]",
 )
 @click.option(
+    "--prefix-cache-bytes",
+    metavar="BYTES",
+    help="KV cache kept for prompt reuse; 0 turns it off.  [default: 1073741824]",
+)
+@click.option(
     "--max-tokens-default",
     metavar="INT",
     help="max_tokens when a request gives none.  [default: context left]",

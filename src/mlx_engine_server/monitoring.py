@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from typing import Any
@@ -47,6 +48,7 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "requests_active": stats.requests_active,
             "requests_queued": stats.requests_queued,
         },
+        "prefix_cache": _prefix_cache_body(engine),
         "counters": {
             "requests_total": stats.requests_total,
             "failures_total": stats.failures_total,
@@ -60,6 +62,11 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "python": platform.python_version(),
         },
     }
+
+
+def _prefix_cache_body(engine: Engine) -> dict[str, int] | None:
+    stats = engine.prefix_cache_stats()
+    return dataclasses.asdict(stats) if stats else None
 
 
 async def metrics(request: Request) -> Response:
@@ -76,6 +83,15 @@ async def metrics(request: Request) -> Response:
         _metric("mlx_server_memory_active_bytes", "gauge", memory["active_bytes"]),
         _metric("mlx_server_memory_peak_bytes", "gauge", memory["peak_bytes"]),
     ]
+    cache = engine.prefix_cache_stats()
+    if cache is not None:
+        lines += [
+            _metric("mlx_server_prefix_cache_bytes", "gauge", cache.bytes),
+            _metric("mlx_server_prefix_cache_entries", "gauge", cache.entries),
+            _metric("mlx_server_prefix_cache_hits_total", "counter", cache.hits),
+            _metric("mlx_server_prefix_cache_misses_total", "counter", cache.misses),
+            _metric("mlx_server_cached_prompt_tokens_total", "counter", cache.cached_tokens_total),
+        ]
     return PlainTextResponse("".join(lines), media_type="text/plain; version=0.0.4")
 
 

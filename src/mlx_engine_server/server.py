@@ -220,4 +220,5 @@ def _engine_options(settings: Settings) -> EngineOptions:
         max_queue=settings.max_queue,
         prefill_step_size=settings.prefill_step_size,
         request_timeout_s=settings.request_timeout_s,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import OverloadedError, ServiceUnavailableError, StartupError
 from ..model_manager import LoadedModel
+from .prefix_cache import PrefixCacheStats
 from .types import (
     Cancellation,
     EngineOptions,
@@ -103,6 +104,9 @@ class Engine:
     def _request_done(self) -> None:
         with self._lock:
             self._in_flight -= 1
+
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        return self._worker.prefix_cache.stats() if self._worker else None
 
     def stats(self) -> EngineStats:
         counters = self._worker.counters if self._worker else None

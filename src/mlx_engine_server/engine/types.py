@@ -35,6 +35,7 @@ class EngineOptions:
     max_queue: int = 64
     prefill_step_size: int = 512
     request_timeout_s: float = 600.0
+    prefix_cache_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from ..model_manager import LoadedModel
+from .prefix_cache import PrefixCache
 from .sampling import make_request_processors, make_request_sampler
 from .stop_text import StopTextFilter
 from .types import Cancellation as CancellationFlag
@@ -68,6 +69,7 @@ class LiveSequence:
     submission: Submission
     detokenizer: Any
     stop_filter: StopTextFilter
+    cached_tokens: int = 0
     completion_tokens: int = 0
     pending_ids: list[int] = field(default_factory=list)
 
@@ -90,15 +92,21 @@ class Worker:
         self._on_request_done = on_request_done
         self._live: dict[int, LiveSequence] = {}
         self._stopping = False
+        self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         self._generator = self._new_generator()
 
     def run(self) -> None:
         """The thread's main loop; returns after stop() once the inbox drains."""
         while not self._stopping or self._live:
-            self._admit(block=not self._live)
-            self._drop_abandoned()
-            if self._live:
-                self._step()
+            try:
+                self._admit(block=not self._live)
+                self._drop_abandoned()
+                if self._live:
+                    self._step()
+            except Exception:
+                # Whatever went wrong ends the requests in flight, never the thread.
+                logger.exception("the generation loop failed")
+                self._fail_all("internal error in the generation engine")
         self._generator.close()
 
     def _new_generator(self) -> BatchGenerator:
@@ -126,12 +134,16 @@ class Worker:
 
     def _insert(self, submission: Submission) -> None:
         params = submission.params
+        prompt = list(submission.prompt_tokens)
         sampler = make_request_sampler(params)
         try:
+            hit = self.prefix_cache.lookup(prompt)
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
-                    [list(submission.prompt_tokens)],
+                    [prompt[hit.cached_tokens :]],
                     max_tokens=[params.max_tokens],
+                    caches=[hit.cache] if hit.cache else None,
+                    all_tokens=[prompt[: hit.cached_tokens]],
                     samplers=[sampler] if sampler else None,
                     logits_processors=[make_request_processors(params)],
                 )
@@ -145,6 +157,7 @@ class Worker:
             submission=submission,
             detokenizer=self.loaded.tokenizer.detokenizer,
             stop_filter=StopTextFilter(params.stop),
+            cached_tokens=hit.cached_tokens,
         )
         self.counters.active = len(self._live)
 
@@ -158,12 +171,17 @@ class Worker:
             return
         for response in responses:
             sequence = self._live.get(response.uid)
-            if sequence is not None:
-                self._on_token(response.uid, sequence, response.token, response.finish_reason)
+            if sequence is None:
+                continue
+            try:
+                self._on_token(response.uid, sequence, response)
+            except Exception as exc:
+                logger.exception("handling a generated token failed")
+                self._fail_one(response.uid, f"internal error: {type(exc).__name__}")
 
-    def _on_token(
-        self, uid: int, sequence: LiveSequence, token: int, finish: FinishReason | None
-    ) -> None:
+    def _on_token(self, uid: int, sequence: LiveSequence, response: Any) -> None:
+        token: int = response.token
+        finish: FinishReason | None = response.finish_reason
         sequence.completion_tokens += 1
         sequence.pending_ids.append(token)
         if finish != "stop":  # an end-of-sequence token is not text
@@ -175,10 +193,18 @@ class Worker:
             text += sequence.stop_filter.flush()
         self._post_text(sequence, text)
         if stopped and finish is None:
-            self._generator.remove([uid])
+            removed = self._generator.remove([uid], return_prompt_caches=True)
+            self._keep_cache(*removed[uid])
             finish = "stop"
+        elif finish is not None:
+            self._keep_cache(response.prompt_cache, response.all_tokens)
         if finish is not None:
             self._finish(uid, finish)
+
+    def _keep_cache(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
+        """A finished request's cache serves the next turn of its conversation."""
+        if cache and tokens:
+            self.prefix_cache.store(list(tokens), cache)
 
     def _post_text(self, sequence: LiveSequence, text: str) -> None:
         if not text:
@@ -192,6 +218,7 @@ class Worker:
         usage = Usage(
             prompt_tokens=len(submission.prompt_tokens),
             completion_tokens=sequence.completion_tokens,
+            cached_tokens=sequence.cached_tokens,
         )
         self.counters.completion_tokens_total += sequence.completion_tokens
         self._end(submission, Finished(finish_reason=reason, usage=usage))
@@ -218,6 +245,16 @@ class Worker:
         sequence = self._live.pop(uid)
         self.counters.completion_tokens_total += sequence.completion_tokens
         self._end(sequence.submission, event)
+
+    def _fail_one(self, uid: int, message: str) -> None:
+        if uid not in self._live:
+            return
+        try:
+            self._generator.remove([uid])
+        except Exception:
+            logger.exception("could not remove a failed request from the batch")
+        sequence = self._live.pop(uid)
+        self._end(sequence.submission, Failed(message))
 
     def _cancel_all(self) -> None:
         for uid in list(self._live):
