@@ -1,4 +1,4 @@
-"""Prefix KV cache: later turns reuse earlier prefill, answers do not change, memory stays bounded."""
+"""Prefix KV cache: later turns reuse earlier prefill, answers stay the same, memory bounded."""
 
 from __future__ import annotations
 
