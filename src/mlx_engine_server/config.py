@@ -95,13 +95,12 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SettingsError(f"config file {path}: not found")
     try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SettingsError(f"config file {path}: not valid JSON ({exc})") from None
-    values = JsonConfigSettingsSource(Settings, json_file=path)()
-    if not isinstance(values, dict):
+    if not isinstance(parsed, dict):
         raise SettingsError(f"config file {path}: must hold a JSON object")
-    return values
+    return JsonConfigSettingsSource(Settings, json_file=path)()
 
 
 def _describe(exc: ValidationError) -> str:

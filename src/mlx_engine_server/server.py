@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,8 @@ from .responses import ResponseHeader, chat_completion, text_completion
 from .sse import ChatShape, TextShape, collect, stream_response
 
 logger = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -206,12 +211,32 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = GracefulServer(config)
     try:
         server.run()
     finally:
         engine.stop()
     return 0 if server.started else 1
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that exits 0 after a clean SIGINT/SIGTERM shutdown.
+
+    uvicorn re-raises the captured signal once it has shut down, so the process would end
+    "killed by SIGTERM" even though every request finished and the model was released.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _engine_options(settings: Settings) -> EngineOptions:

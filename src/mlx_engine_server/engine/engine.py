@@ -58,6 +58,11 @@ class Engine:
         )
         loaded.wait()
         result = outcome[0]
+        if isinstance(result, BaseException):
+            # Let the thread release its MLX streams before the process may exit: a thread
+            # still holding them when the interpreter ends aborts the process.
+            self._thread.join()
+            self._thread = None
         if isinstance(result, StartupError):
             raise result
         if isinstance(result, BaseException):

@@ -281,8 +281,8 @@ def run_worker_thread(
         try:
             worker = Worker(load(), options, inbox, on_request_done)
         except BaseException as exc:  # reported to the starting thread
-            ready(exc)
             mx.clear_streams()
+            ready(exc)
             return
         ready(worker)
         try:
