@@ -299,3 +299,15 @@ def test_server_keeps_serving_after_errors(client: TestClient) -> None:
     for raw in (b"{", b"[]", b"null"):
         client.post("/v1/chat/completions", content=raw)
     assert chat(client, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_end_of_sequence_stops_unless_ignore_eos(client: TestClient) -> None:
+    eos = 2  # <|im_end|> in SmolLM2's vocabulary
+    forced = {"prompt": "Hi", "max_tokens": 4, "temperature": 0, "logit_bias": {str(eos): 100}}
+    stopped = client.post("/v1/completions", json=forced).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["text"] == ""
+    assert stopped["usage"]["completion_tokens"] == 1
+    kept = client.post("/v1/completions", json={**forced, "ignore_eos": True}).json()
+    assert kept["choices"][0]["finish_reason"] == "length"
+    assert kept["usage"]["completion_tokens"] == 4

@@ -73,6 +73,7 @@ class SamplingFields(WireModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: Literal[False] | None = None
+    ignore_eos: bool = False  # extension (vLLM's name): generate max_tokens, for benchmarks
     echo: Literal[False] | None = None
 
     def stop_list(self) -> tuple[str, ...]:

@@ -164,6 +164,7 @@ def _sampling_params(
         frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=_token_bias(engine, body),
         stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
 from .prefix_cache import PrefixCache
@@ -38,6 +38,7 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
+NO_STOP = StopSequences(None)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Worker:
                     all_tokens=[prompt[: hit.cached_tokens]],
                     samplers=[sampler] if sampler else None,
                     logits_processors=[make_request_processors(params)],
+                    stop_sequences=[NO_STOP] if params.ignore_eos else None,
                 )
         except Exception as exc:
             logger.exception("could not admit a request")
