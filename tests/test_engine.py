@@ -17,11 +17,12 @@ from .conftest import LiveServer, run_live_server, start_engine
 from .model_factory import build_tiny_llama
 
 LONG_CONTEXT_WINDOW = 8192
-# Greedy: a random model that samples could end early by drawing an end-of-sequence token.
+# A random model could end early on an end-of-sequence token: ignore_eos keeps it busy.
 BUSY_FOR_SECONDS = {
     "prompt": "A long tale",
     "max_tokens": LONG_CONTEXT_WINDOW - 100,
     "temperature": 0,
+    "ignore_eos": True,
 }
 PROMPTS = [f"Story number {index}: once upon a time" for index in range(16)]
 
@@ -128,7 +129,7 @@ def impatient_server(long_context_model_dir: Path) -> Iterator[LiveServer]:
 def test_request_past_its_deadline_ends_with_an_error(impatient_server: LiveServer) -> None:
     url = f"{impatient_server.base_url}/v1/chat/completions"
     messages = [{"role": "user", "content": "Go on forever"}]
-    response = httpx.post(url, json={"messages": messages, "temperature": 0}, timeout=30)
+    response = httpx.post(url, json={"messages": messages, "ignore_eos": True}, timeout=30)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "timeout"
     wait_until_idle(impatient_server)
