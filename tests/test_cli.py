@@ -156,6 +156,7 @@ ENV_CASES = [
     ("PREFILL_STEP_SIZE", "64", "prefill_step_size", 64),
     ("REQUEST_TIMEOUT_S", "2.5", "request_timeout_s", 2.5),
     ("PREFIX_CACHE_BYTES", "0", "prefix_cache_bytes", 0),
+    ("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5),
     ("MAX_TOKENS_DEFAULT", "17", "max_tokens_default", 17),
 ]
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=0, le=100_000)
     prefill_step_size: int = Field(default=512, ge=16, le=65536)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, le=3600, description="On SIGTERM, time for running requests to finish."
+    )
     prefix_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
     )

@@ -67,6 +67,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="Deadline of one request in seconds.  [default: 600]",
 )
 @click.option(
+    "--shutdown-grace-s",
+    metavar="SECONDS",
+    help="On SIGTERM, time running requests get to finish.  [default: 10]",
+)
+@click.option(
     "--prefix-cache-bytes",
     metavar="BYTES",
     help="KV cache kept for prompt reuse; 0 turns it off.  [default: 1073741824]",

@@ -17,9 +17,9 @@ from .engine.device import device_name, memory_bytes, mlx_version
 
 async def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    if not engine.alive:
-        body = {"status": "unavailable", "reason": "the generation engine is not running"}
-        return JSONResponse(body, status_code=503)
+    if engine.draining or not engine.alive:
+        reason = "shutting down" if engine.draining else "the generation engine is not running"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ok", "model": engine.loaded.model_id})
 
 

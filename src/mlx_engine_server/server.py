@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -27,7 +29,7 @@ from .http_io import read_model
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics, status
 from .responses import ResponseHeader, chat_completion, text_completion
-from .sse import ChatShape, TextShape, collect, stream_response
+from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_response
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ async def chat_completions(request: Request) -> Response:
     generation = Generation(engine, prompt, params)
     head = ResponseHeader.new("chatcmpl", engine.loaded.model_id)
     if body.stream:
-        return stream_response(generation, ChatShape(head, body.include_usage))
+        grace = engine.options.shutdown_grace_s
+        return stream_response(generation, ChatShape(head, body.include_usage), grace)
     text, finished = await collect(generation, request.receive)
     return JSONResponse(chat_completion(head, text, finished.finish_reason, finished.usage))
 
@@ -90,7 +93,8 @@ async def completions(request: Request) -> Response:
     generation = Generation(engine, prompt, params)
     head = ResponseHeader.new("cmpl", engine.loaded.model_id)
     if body.stream:
-        return stream_response(generation, TextShape(head, body.include_usage))
+        grace = engine.options.shutdown_grace_s
+        return stream_response(generation, TextShape(head, body.include_usage), grace)
     text, finished = await collect(generation, request.receive)
     return JSONResponse(text_completion(head, text, finished.finish_reason, finished.usage))
 
@@ -210,9 +214,9 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S * 2),
     )
-    server = GracefulServer(config)
+    server = GracefulServer(config, engine)
     try:
         server.run()
     finally:
@@ -221,11 +225,20 @@ def serve(settings: Settings) -> int:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn that exits 0 after a clean SIGINT/SIGTERM shutdown.
+    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
 
-    uvicorn re-raises the captured signal once it has shut down, so the process would end
-    "killed by SIGTERM" even though every request finished and the model was released.
+    Running requests get the shutdown grace period to finish; the engine ends the rest with an
+    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
+    "killed by SIGTERM" even though every request was answered and the model was released.
     """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine.drain()
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -247,4 +260,5 @@ def _engine_options(settings: Settings) -> EngineOptions:
         prefill_step_size=settings.prefill_step_size,
         request_timeout_s=settings.request_timeout_s,
         prefix_cache_bytes=settings.prefix_cache_bytes,
+        shutdown_grace_s=settings.shutdown_grace_s,
     )

@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from .engine import Failed, Finished, Generation, TextDelta, Usage
-from .errors import APIError, GenerationTimeoutError, InternalError
+from .errors import APIError, GenerationTimeoutError, InternalError, ServiceUnavailableError
 from .responses import (
     ResponseHeader,
     chat_chunk,
@@ -25,6 +25,7 @@ from .responses import (
 )
 
 DONE = "[DONE]"
+SHUTDOWN_MARGIN_S = 2.0
 
 
 class ChunkShape(Protocol):
@@ -78,6 +79,8 @@ class TextShape:
 def failure_error(event: Failed) -> APIError:
     if event.kind == "timeout":
         return GenerationTimeoutError(f"Generation stopped: {event.message}.")
+    if event.kind == "shutdown":
+        return ServiceUnavailableError(f"Generation stopped: {event.message}.")
     return InternalError(f"Generation failed: {event.message}.")
 
 
@@ -133,8 +136,15 @@ def _data(payload: dict[str, Any]) -> dict[str, str]:
 class GenerationStream(EventSourceResponse):
     """An SSE response that cancels its generation however the response ends."""
 
-    def __init__(self, generation: Generation, shape: ChunkShape) -> None:
-        super().__init__(_chunks(generation, shape), sep="\n", ping=15)
+    def __init__(self, generation: Generation, shape: ChunkShape, shutdown_grace_s: float) -> None:
+        # On SIGTERM the engine ends what is still running after its grace period with an
+        # error event; sse-starlette must not cut the stream before that event is sent.
+        super().__init__(
+            _chunks(generation, shape),
+            sep="\n",
+            ping=15,
+            shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
+        )
         self._generation = generation
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,5 +154,7 @@ class GenerationStream(EventSourceResponse):
             self._generation.cancel()
 
 
-def stream_response(generation: Generation, shape: ChunkShape) -> GenerationStream:
-    return GenerationStream(generation, shape)
+def stream_response(
+    generation: Generation, shape: ChunkShape, shutdown_grace_s: float
+) -> GenerationStream:
+    return GenerationStream(generation, shape, shutdown_grace_s)

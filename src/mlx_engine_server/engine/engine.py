@@ -24,7 +24,7 @@ from .types import (
     Finished,
     SamplingParams,
 )
-from .worker import STOP, Submission, Worker, run_worker_thread
+from .worker import STOP, Drain, Submission, Worker, run_worker_thread
 
 RETRY_AFTER_S = 1
 
@@ -38,6 +38,7 @@ class Engine:
         self._in_flight = 0
         self._worker: Worker | None = None
         self._thread: threading.Thread | None = None
+        self._draining = False
         self.started_at = time.time()
 
     @property
@@ -78,6 +79,16 @@ class Engine:
         self._thread.join(timeout_s)
         self._thread = None
 
+    def drain(self) -> None:
+        """Refuse new requests; let running ones finish within the shutdown grace period."""
+        if not self._draining:
+            self._draining = True
+            self._inbox.put(Drain(time.monotonic() + self.options.shutdown_grace_s))
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -92,6 +103,10 @@ class Engine:
         self, prompt_tokens: list[int], params: SamplingParams, post: Callable[[Event], None]
     ) -> Cancellation:
         """Queue a request for the worker; full → OverloadedError (429) without queueing it."""
+        if self._draining:
+            raise ServiceUnavailableError(
+                "the server is shutting down", retry_after_s=RETRY_AFTER_S
+            )
         if not self.alive:
             raise ServiceUnavailableError("the generation engine is not running")
         with self._lock:

@@ -37,6 +37,7 @@ class EngineOptions:
     prefill_step_size: int = 512
     request_timeout_s: float = 600.0
     prefix_cache_bytes: int = 1 << 30
+    shutdown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Failed:
     """Generation of this request ended by an error; `kind` picks the HTTP error to report."""
 
     message: str
-    kind: Literal["internal", "timeout"] = "internal"
+    kind: Literal["internal", "timeout", "shutdown"] = "internal"
 
 
 Event = TextDelta | Finished | Failed

@@ -78,6 +78,13 @@ class LiveSequence:
 STOP = object()
 
 
+@dataclass(frozen=True)
+class Drain:
+    """Shutting down: requests still running at `deadline` (monotonic seconds) end with an error."""
+
+    deadline: float
+
+
 class Worker:
     def __init__(
         self,
@@ -93,6 +100,7 @@ class Worker:
         self._on_request_done = on_request_done
         self._live: dict[int, LiveSequence] = {}
         self._stopping = False
+        self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         self._generator = self._new_generator()
 
@@ -130,7 +138,10 @@ class Worker:
                 self._stopping = True
                 self._cancel_all()
                 return
-            self._insert(item)
+            if isinstance(item, Drain):
+                self._drain_deadline = item.deadline
+            else:
+                self._insert(item)
             block = False
 
     def _insert(self, submission: Submission) -> None:
@@ -241,6 +252,8 @@ class Worker:
                 self._remove(uid, Failed("cancelled"))
             elif now > submission.deadline:
                 self._remove(uid, Failed("the request passed its deadline", kind="timeout"))
+            elif self._drain_deadline is not None and now > self._drain_deadline:
+                self._remove(uid, Failed("the server is shutting down", kind="shutdown"))
 
     def _remove(self, uid: int, event: Failed) -> None:
         self._generator.remove([uid])
