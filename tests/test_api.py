@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from .conftest import TINY_CONTEXT_WINDOW
@@ -190,9 +191,33 @@ def test_health_status_and_metrics(client: TestClient) -> None:
     assert status["device"]["memory"]["peak_bytes"] > 0
     assert status["counters"]["requests_total"] >= 1
     assert status["counters"]["completion_tokens_total"] >= 2
+    assert status["engine"]["tokens_per_s"] > 0
     assert status["uptime_s"] > 0
-    metrics = client.get("/metrics").text
-    assert "mlx_server_requests_total" in metrics
+
+
+def test_metrics_are_prometheus_text_with_latency_histograms(client: TestClient) -> None:
+    chat(client, max_tokens=3)
+    client.post("/v1/chat/completions", json={"messages": []})
+    client.get("/no/such/path")
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("mlx_server_http_requests_total", path="/v1/chat/completions", status="200") >= 1
+    assert value("mlx_server_http_requests_total", path="/v1/chat/completions", status="400") >= 1
+    assert value("mlx_server_http_requests_total", path="other", status="404") >= 1
+    assert value("mlx_server_time_to_first_token_seconds_count") >= 1
+    assert value("mlx_server_inter_token_latency_seconds_count") >= 1
+    assert value("mlx_server_completion_tokens_total") >= 3
+    assert value("mlx_server_batch_size") == 0
+    assert value("mlx_server_prefix_cache_entries") >= 1
 
 
 def error_of(response: Any, status: int) -> dict[str, Any]:

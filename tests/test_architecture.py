@@ -92,8 +92,9 @@ RULES = [
     (("mlx", "mlx_lm"), ("engine/", "model_manager.py", "gguf.py")),
     (
         ("starlette", "sse_starlette", "uvicorn"),
-        ("server.py", "sse.py", "http_errors.py", "http_io.py", "monitoring.py"),
+        ("server.py", "sse.py", "http_errors.py", "http_io.py", "monitoring.py", "metrics.py"),
     ),
+    (("prometheus_client",), ("metrics.py",)),
     (("click",), ("main.py",)),
     (("pydantic_settings",), ("config.py",)),
 ]

@@ -69,6 +69,7 @@ def test_later_turns_reuse_the_conversation_prefix_and_answer_the_same(
     status = with_cache.get("/v1/mlx/status").json()["prefix_cache"]
     assert status["hits"] >= len(later)
     assert 0 < status["bytes"] <= status["max_bytes"]
+    assert 0 < status["hit_rate"] <= 1
     assert "mlx_server_prefix_cache_hits_total" in with_cache.get("/metrics").text
 
 

@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from . import __version__
 from .engine import Engine
 from .engine.device import device_name, memory_bytes, mlx_version
+from .metrics import ServerMetrics
 
 
 async def health(request: Request) -> Response:
@@ -47,6 +48,7 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "max_queue": engine.options.max_queue,
             "requests_active": stats.requests_active,
             "requests_queued": stats.requests_queued,
+            "tokens_per_s": round(stats.tokens_per_s, 2),
         },
         "prefix_cache": _prefix_cache_body(engine),
         "counters": {
@@ -64,36 +66,17 @@ def status_body(engine: Engine) -> dict[str, Any]:
     }
 
 
-def _prefix_cache_body(engine: Engine) -> dict[str, int] | None:
+def _prefix_cache_body(engine: Engine) -> dict[str, float] | None:
     stats = engine.prefix_cache_stats()
-    return dataclasses.asdict(stats) if stats else None
+    if stats is None:
+        return None
+    lookups = stats.hits + stats.misses
+    return {
+        **dataclasses.asdict(stats),
+        "hit_rate": round(stats.hits / lookups, 4) if lookups else 0.0,
+    }
 
 
-async def metrics(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    stats = engine.stats()
-    memory = memory_bytes()
-    lines = [
-        _metric("mlx_server_requests_total", "counter", stats.requests_total),
-        _metric("mlx_server_request_failures_total", "counter", stats.failures_total),
-        _metric("mlx_server_prompt_tokens_total", "counter", stats.prompt_tokens_total),
-        _metric("mlx_server_completion_tokens_total", "counter", stats.completion_tokens_total),
-        _metric("mlx_server_requests_active", "gauge", stats.requests_active),
-        _metric("mlx_server_requests_queued", "gauge", stats.requests_queued),
-        _metric("mlx_server_memory_active_bytes", "gauge", memory["active_bytes"]),
-        _metric("mlx_server_memory_peak_bytes", "gauge", memory["peak_bytes"]),
-    ]
-    cache = engine.prefix_cache_stats()
-    if cache is not None:
-        lines += [
-            _metric("mlx_server_prefix_cache_bytes", "gauge", cache.bytes),
-            _metric("mlx_server_prefix_cache_entries", "gauge", cache.entries),
-            _metric("mlx_server_prefix_cache_hits_total", "counter", cache.hits),
-            _metric("mlx_server_prefix_cache_misses_total", "counter", cache.misses),
-            _metric("mlx_server_cached_prompt_tokens_total", "counter", cache.cached_tokens_total),
-        ]
-    return PlainTextResponse("".join(lines), media_type="text/plain; version=0.0.4")
-
-
-def _metric(name: str, kind: str, value: int) -> str:
-    return f"# TYPE {name} {kind}\n{name} {value}\n"
+async def metrics_text(request: Request) -> Response:
+    metrics: ServerMetrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)

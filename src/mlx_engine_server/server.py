@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,8 +27,9 @@ from .engine import Engine, EngineOptions, Generation, SamplingParams
 from .errors import InvalidRequestError, ModelNotFoundError
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
+from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
-from .monitoring import health, metrics, status
+from .monitoring import health, metrics_text, status
 from .responses import ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_response
 
@@ -52,7 +54,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
         yield
         engine.stop()
 
+    metrics = ServerMetrics(engine)
     app = Starlette(
+        middleware=[Middleware(RequestCounter, metrics=metrics)],
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
@@ -60,12 +64,13 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            Route("/metrics", metrics_text, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
     app.state.engine = engine
+    app.state.metrics = metrics
     app.state.options = options or ServerOptions()
     return app
 
@@ -76,7 +81,7 @@ async def chat_completions(request: Request) -> Response:
     tokenizer = engine.loaded.tokenizer
     prompt = chat_prompt_tokens(tokenizer, list(body.messages))
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
-    generation = Generation(engine, prompt, params)
+    generation = Generation(engine, prompt, params, request.app.state.metrics)
     head = ResponseHeader.new("chatcmpl", engine.loaded.model_id)
     if body.stream:
         grace = engine.options.shutdown_grace_s
@@ -90,7 +95,7 @@ async def completions(request: Request) -> Response:
     engine, options = _check_model(request, body.model)
     prompt = completion_prompt_tokens(engine.loaded.tokenizer, body.prompt_text_or_ids())
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
-    generation = Generation(engine, prompt, params)
+    generation = Generation(engine, prompt, params, request.app.state.metrics)
     head = ResponseHeader.new("cmpl", engine.loaded.model_id)
     if body.stream:
         grace = engine.options.shutdown_grace_s

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import OverloadedError, ServiceUnavailableError, StartupError
 from ..model_manager import LoadedModel
@@ -140,7 +140,13 @@ class Engine:
             prompt_tokens_total=counters.prompt_tokens_total if counters else 0,
             completion_tokens_total=counters.completion_tokens_total if counters else 0,
             failures_total=counters.failures_total if counters else 0,
+            tokens_per_s=counters.tokens_per_s if counters else 0.0,
         )
+
+
+class TimingObserver(Protocol):
+    def first_token(self, seconds: float) -> None: ...
+    def next_token(self, seconds: float) -> None: ...
 
 
 class Generation:
@@ -150,10 +156,19 @@ class Generation:
     reaches it only through call_soon_threadsafe.
     """
 
-    def __init__(self, engine: Engine, prompt_tokens: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_tokens: list[int],
+        params: SamplingParams,
+        timing: TimingObserver | None = None,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._done = False
+        self._timing = timing
+        self._last_text_at = time.monotonic()
+        self._seen_text = False
         self._cancellation = engine.submit(prompt_tokens, params, self._post)
 
     def _post(self, event: Event) -> None:
@@ -166,12 +181,23 @@ class Generation:
         if not self._done:
             self._cancellation.cancel()
 
+    def _observe_text(self, timing: TimingObserver) -> None:
+        now = time.monotonic()
+        if self._seen_text:
+            timing.next_token(now - self._last_text_at)
+        else:
+            timing.first_token(now - self._last_text_at)
+            self._seen_text = True
+        self._last_text_at = now
+
     async def events(self) -> AsyncIterator[Event]:
         """Text deltas, then exactly one Finished or Failed."""
         while True:
             event = await self._events.get()
             if isinstance(event, Finished | Failed):
                 self._done = True
+            elif self._timing is not None:
+                self._observe_text(self._timing)
             yield event
             if self._done:
                 return

@@ -96,3 +96,4 @@ class EngineStats:
     prompt_tokens_total: int
     completion_tokens_total: int
     failures_total: int
+    tokens_per_s: float

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
+RATE_WINDOW_S = 10.0
 NO_STOP = StopSequences(None)
 
 
@@ -61,6 +63,16 @@ class Counters:
     completion_tokens_total: int = 0
     failures_total: int = 0
     active: int = 0
+    tokens_per_s: float = 0.0
+    recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def record_step(self, tokens: int) -> None:
+        """Generation rate over the last RATE_WINDOW_S seconds, kept as one readable float."""
+        now = time.monotonic()
+        self.recent_steps.append((now, tokens))
+        while self.recent_steps and self.recent_steps[0][0] < now - RATE_WINDOW_S:
+            self.recent_steps.popleft()
+        self.tokens_per_s = sum(count for _, count in self.recent_steps) / RATE_WINDOW_S
 
 
 @dataclass
@@ -182,6 +194,7 @@ class Worker:
             logger.exception("a generation step failed")
             self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
             return
+        self.counters.record_step(len(responses))
         for response in responses:
             sequence = self._live.get(response.uid)
             if sequence is None:
