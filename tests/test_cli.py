@@ -157,6 +157,7 @@ ENV_CASES = [
     ("REQUEST_TIMEOUT_S", "2.5", "request_timeout_s", 2.5),
     ("PREFIX_CACHE_BYTES", "0", "prefix_cache_bytes", 0),
     ("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5),
+    ("MEMORY_BUDGET_BYTES", "1000000000", "memory_budget_bytes", 1_000_000_000),
     ("MAX_TOKENS_DEFAULT", "17", "max_tokens_default", 17),
 ]
 

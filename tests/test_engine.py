@@ -146,3 +146,33 @@ def test_non_streaming_client_that_hangs_up_frees_its_slot(one_slot_server: Live
     status = wait_until_idle(one_slot_server, timeout_s=5)
     assert status["counters"]["completion_tokens_total"] < LONG_CONTEXT_WINDOW - 100
     assert complete(one_slot_server.base_url, "Next!", max_tokens=2)["choices"]
+
+
+@pytest.fixture
+def small_queue_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    live = run_live_server(
+        start_engine(tiny_model_dir, EngineOptions(max_batch_size=8, max_queue=16))
+    )
+    yield live
+    live.stop()
+
+
+def test_256_clients_at_once_are_each_served_or_told_429(small_queue_server: LiveServer) -> None:
+    url = f"{small_queue_server.base_url}/v1/completions"
+
+    def one(index: int) -> int:
+        body = {"prompt": f"Client {index}", "max_tokens": 16, "ignore_eos": True}
+        response = httpx.post(url, json=body, timeout=120)
+        if response.status_code == 429:
+            assert response.headers["retry-after"].isdigit()
+            assert response.json()["error"]["code"] == "queue_full"
+        else:
+            assert response.json()["usage"]["completion_tokens"] == 16
+        return response.status_code
+
+    with ThreadPoolExecutor(max_workers=256) as pool:
+        statuses = list(pool.map(one, range(256)))
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) >= 8 + 16
+    assert statuses.count(429) > 0
+    wait_until_idle(small_queue_server)

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, le=3600, description="On SIGTERM, time for running requests to finish."
     )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bytes the model, requests and prefix cache may use; None: MLX's memory limit.",
+    )
     prefix_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
     )

@@ -72,6 +72,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="On SIGTERM, time running requests get to finish.  [default: 10]",
 )
 @click.option(
+    "--memory-budget-bytes",
+    metavar="BYTES",
+    help="Memory for the model, requests and prefix cache.  [default: MLX's memory limit]",
+)
+@click.option(
     "--prefix-cache-bytes",
     metavar="BYTES",
     help="KV cache kept for prompt reuse; 0 turns it off.  [default: 1073741824]",

@@ -43,6 +43,7 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "quantization": loaded.quantization,
         },
         "device": {"name": device_name(), "memory": memory_bytes()},
+        "memory_budget": engine.memory_stats(),
         "engine": {
             "max_batch_size": engine.options.max_batch_size,
             "max_queue": engine.options.max_queue,

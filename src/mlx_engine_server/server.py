@@ -266,4 +266,5 @@ def _engine_options(settings: Settings) -> EngineOptions:
         request_timeout_s=settings.request_timeout_s,
         prefix_cache_bytes=settings.prefix_cache_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
+        memory_budget_bytes=settings.memory_budget_bytes,
     )

@@ -81,6 +81,10 @@ def failure_error(event: Failed) -> APIError:
         return GenerationTimeoutError(f"Generation stopped: {event.message}.")
     if event.kind == "shutdown":
         return ServiceUnavailableError(f"Generation stopped: {event.message}.")
+    if event.kind == "memory":
+        return ServiceUnavailableError(
+            f"Not started: {event.message}.", code="insufficient_memory", param="max_tokens"
+        )
     return InternalError(f"Generation failed: {event.message}.")
 
 

@@ -125,6 +125,19 @@ class Engine:
         with self._lock:
             self._in_flight -= 1
 
+    def memory_stats(self) -> dict[str, int] | None:
+        """The admission budget: what the model takes and what running requests reserve."""
+        if self._worker is None:
+            return None
+        ledger = self._worker.memory
+        return {
+            "budget_bytes": ledger.model.budget_bytes,
+            "weights_bytes": ledger.model.weights_bytes,
+            "reserved_bytes": ledger.reserved_bytes,
+            "kv_bytes_per_token": ledger.model.kv_bytes_per_token,
+            "activation_bytes_per_token": ledger.model.activation_bytes_per_token,
+        }
+
     def prefix_cache_stats(self) -> PrefixCacheStats | None:
         return self._worker.prefix_cache.stats() if self._worker else None
 

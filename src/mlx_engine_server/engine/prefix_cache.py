@@ -76,6 +76,15 @@ class PrefixCache:
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def shrink_to(self, max_bytes: int) -> None:
+        """Evict least recently used entries until at most `max_bytes` are held."""
+        while self._entries and self._bytes > max_bytes:
+            self._drop(next(iter(self._entries)))
+
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(
             entries=len(self._entries),

@@ -38,6 +38,7 @@ class EngineOptions:
     request_timeout_s: float = 600.0
     prefix_cache_bytes: int = 1 << 30
     shutdown_grace_s: float = 10.0
+    memory_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Failed:
     """Generation of this request ended by an error; `kind` picks the HTTP error to report."""
 
     message: str
-    kind: Literal["internal", "timeout", "shutdown"] = "internal"
+    kind: Literal["internal", "timeout", "shutdown", "memory"] = "internal"
 
 
 Event = TextDelta | Finished | Failed

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
+from .memory import MemoryLedger, measure_memory
 from .prefix_cache import PrefixCache
 from .sampling import make_request_processors, make_request_sampler
 from .stop_text import StopTextFilter
@@ -83,6 +84,7 @@ class LiveSequence:
     detokenizer: Any
     stop_filter: StopTextFilter
     cached_tokens: int = 0
+    reserved_bytes: int = 0
     completion_tokens: int = 0
     pending_ids: list[int] = field(default_factory=list)
 
@@ -114,14 +116,17 @@ class Worker:
         self._stopping = False
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
+        self.memory = MemoryLedger(measure_memory(loaded.model, options.memory_budget_bytes))
+        self._waiting: deque[Submission] = deque()
         self._generator = self._new_generator()
 
     def run(self) -> None:
         """The thread's main loop; returns after stop() once the inbox drains."""
         while not self._stopping or self._live:
             try:
-                self._admit(block=not self._live)
+                self._admit(block=not self._live and not self._waiting)
                 self._drop_abandoned()
+                self._admit_waiting()
                 if self._live:
                     self._step()
             except Exception:
@@ -153,10 +158,31 @@ class Worker:
             if isinstance(item, Drain):
                 self._drain_deadline = item.deadline
             else:
-                self._insert(item)
+                self._waiting.append(item)
             block = False
 
-    def _insert(self, submission: Submission) -> None:
+    def _admit_waiting(self) -> None:
+        """Start waiting requests in arrival order while their memory fits the budget."""
+        while self._waiting:
+            submission = self._waiting[0]
+            params = submission.params
+            need = self.memory.model.request_bytes(
+                len(submission.prompt_tokens), params.max_tokens, self.options.prefill_step_size
+            )
+            if not self.memory.could_ever_fit(need):
+                self._waiting.popleft()
+                self._end(submission, Failed(_too_big(need, self.memory), kind="memory"))
+                continue
+            if not self.memory.fits(need, self.prefix_cache.bytes):
+                # Cached prefixes are a luxury: running requests come first.
+                room = self.memory.model.room_bytes - self.memory.reserved_bytes - need
+                self.prefix_cache.shrink_to(max(0, room))
+            if not self.memory.fits(need, self.prefix_cache.bytes):
+                return  # wait for running requests to finish
+            self._waiting.popleft()
+            self._insert(submission, need)
+
+    def _insert(self, submission: Submission, need_bytes: int) -> None:
         params = submission.params
         prompt = list(submission.prompt_tokens)
         sampler = make_request_sampler(params)
@@ -183,7 +209,9 @@ class Worker:
             detokenizer=self.loaded.tokenizer.detokenizer,
             stop_filter=StopTextFilter(params.stop),
             cached_tokens=hit.cached_tokens,
+            reserved_bytes=need_bytes,
         )
+        self.memory.reserve(need_bytes)
         self.counters.active = len(self._live)
 
     def _step(self) -> None:
@@ -239,7 +267,7 @@ class Worker:
         sequence.submission.post(TextDelta(text=text, token_ids=ids))
 
     def _finish(self, uid: int, reason: FinishReason) -> None:
-        sequence = self._live.pop(uid)
+        sequence = self._retire(uid)
         submission = sequence.submission
         usage = Usage(
             prompt_tokens=len(submission.prompt_tokens),
@@ -248,6 +276,11 @@ class Worker:
         )
         self.counters.completion_tokens_total += sequence.completion_tokens
         self._end(submission, Finished(finish_reason=reason, usage=usage))
+
+    def _retire(self, uid: int) -> LiveSequence:
+        sequence = self._live.pop(uid)
+        self.memory.release(sequence.reserved_bytes)
+        return sequence
 
     def _end(self, submission: Submission, event: Event) -> None:
         if isinstance(event, Failed):
@@ -260,17 +293,27 @@ class Worker:
         """Requests whose client left or whose deadline passed leave the batch before the step."""
         now = time.monotonic()
         for uid, sequence in list(self._live.items()):
-            submission = sequence.submission
-            if submission.cancellation.cancelled:
-                self._remove(uid, Failed("cancelled"))
-            elif now > submission.deadline:
-                self._remove(uid, Failed("the request passed its deadline", kind="timeout"))
-            elif self._drain_deadline is not None and now > self._drain_deadline:
-                self._remove(uid, Failed("the server is shutting down", kind="shutdown"))
+            reason = self._abandon_reason(sequence.submission, now)
+            if reason is not None:
+                self._remove(uid, reason)
+        for submission in list(self._waiting):
+            reason = self._abandon_reason(submission, now)
+            if reason is not None:
+                self._waiting.remove(submission)
+                self._end(submission, reason)
+
+    def _abandon_reason(self, submission: Submission, now: float) -> Failed | None:
+        if submission.cancellation.cancelled:
+            return Failed("cancelled")
+        if now > submission.deadline:
+            return Failed("the request passed its deadline", kind="timeout")
+        if self._drain_deadline is not None and now > self._drain_deadline:
+            return Failed("the server is shutting down", kind="shutdown")
+        return None
 
     def _remove(self, uid: int, event: Failed) -> None:
         self._generator.remove([uid])
-        sequence = self._live.pop(uid)
+        sequence = self._retire(uid)
         self.counters.completion_tokens_total += sequence.completion_tokens
         self._end(sequence.submission, event)
 
@@ -281,19 +324,31 @@ class Worker:
             self._generator.remove([uid])
         except Exception:
             logger.exception("could not remove a failed request from the batch")
-        sequence = self._live.pop(uid)
+        sequence = self._retire(uid)
         self._end(sequence.submission, Failed(message))
 
     def _cancel_all(self) -> None:
         for uid in list(self._live):
-            self._remove(uid, Failed("the server is shutting down"))
+            self._remove(uid, Failed("the server is shutting down", kind="shutdown"))
+        while self._waiting:
+            self._end(
+                self._waiting.popleft(), Failed("the server is shutting down", kind="shutdown")
+            )
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._live):
-            sequence = self._live.pop(uid)
+            sequence = self._retire(uid)
             self._end(sequence.submission, Failed(message))
         self._generator.close()
         self._generator = self._new_generator()
+
+
+def _too_big(need_bytes: int, memory: MemoryLedger) -> str:
+    return (
+        f"this request needs about {need_bytes / 2**20:.0f} MiB for its KV cache and prefill, "
+        f"more than the {memory.model.room_bytes / 2**20:.0f} MiB the memory budget leaves "
+        "beside the model; lower max_tokens or shorten the prompt"
+    )
 
 
 def run_worker_thread(
