@@ -39,6 +39,7 @@ class EngineOptions:
     prefix_cache_bytes: int = 1 << 30
     shutdown_grace_s: float = 10.0
     memory_budget_bytes: int | None = None
+    fold_quantized_decode: bool = True
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
+from .decode_fold import fold_quantized_decode, should_fold
 from .memory import MemoryLedger, measure_memory
 from .prefix_cache import PrefixCache
 from .sampling import make_request_processors, make_request_sampler
@@ -117,6 +118,10 @@ class Worker:
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         self.memory = MemoryLedger(measure_memory(loaded.model, options.memory_budget_bytes))
+        if options.fold_quantized_decode and should_fold():
+            logger.info(
+                "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
+            )
         self._waiting: deque[Submission] = deque()
         self._generator = self._new_generator()
 
