@@ -136,6 +136,7 @@ class Engine:
             "reserved_bytes": ledger.reserved_bytes,
             "kv_bytes_per_token": ledger.model.kv_bytes_per_token,
             "activation_bytes_per_token": ledger.model.activation_bytes_per_token,
+            "prefill_workspace_bytes": ledger.model.prefill_workspace_bytes,
         }
 
     def prefix_cache_stats(self) -> PrefixCacheStats | None:

@@ -16,9 +16,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-# Prefill activations grow with the chunk processed at once; count them at this many times the
-# one-token measurement per token, which leaves room for attention scores and temporaries.
+# Prefill activations grow with the tokens processed at once; count them at this many times the
+# measured slope, which leaves room for attention scores that grow with the context.
 PREFILL_SAFETY_FACTOR = 2
+PROBE_TOKENS = 9
 
 
 @dataclass(frozen=True)
@@ -28,42 +29,61 @@ class MemoryModel:
     kv_bytes_per_token: int
     fixed_bytes_per_request: int
     activation_bytes_per_token: int
+    prefill_workspace_bytes: int
 
-    def request_bytes(self, prompt_tokens: int, max_tokens: int, prefill_step: int) -> int:
+    def request_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
+        """A running request holds its KV cache (and recurrent state) until it ends."""
         kv = (prompt_tokens + max_tokens) * self.kv_bytes_per_token
-        prefill = min(prompt_tokens, prefill_step) * self.activation_bytes_per_token
-        return kv + self.fixed_bytes_per_request + prefill * PREFILL_SAFETY_FACTOR
+        return kv + self.fixed_bytes_per_request
 
     @property
     def room_bytes(self) -> int:
-        """What requests and the prefix cache may use together."""
-        return self.budget_bytes - self.weights_bytes
+        """What running requests and the prefix cache may hold together.
+
+        Prefill activations are transient and bounded by the tokens prefilled at once, so they
+        are set aside once as a workspace rather than charged to every request.
+        """
+        return self.budget_bytes - self.weights_bytes - self.prefill_workspace_bytes
 
 
-def measure_memory(model: Any, budget_bytes: int | None) -> MemoryModel:
-    """Weights, KV bytes per token and activation bytes per token, from a one-token pass."""
+def measure_memory(model: Any, budget_bytes: int | None, prefill_tokens: int) -> MemoryModel:
+    """Weights, KV bytes per token and activation bytes per token, from two short passes.
+
+    A forward pass has a fixed cost (temporaries the size of a weight matrix, the logits) and a
+    cost that grows with the tokens processed at once; the slope between a one-token and a
+    PROBE_TOKENS-token pass is the latter, the one-token peak counts once beside the weights.
+    """
     parameters: Any = tree_flatten(model.parameters())
     weights = sum(array.nbytes for _, array in parameters)
+    one_token_peak, cache = _forward_peak(model, 1)
+    probe_peak, _ = _forward_peak(model, PROBE_TOKENS)
+    grows = [layer for layer in cache if hasattr(layer, "step")]
+    fixed = [layer for layer in cache if not hasattr(layer, "step")]
+    kv_per_token = sum(layer.nbytes / layer.step for layer in grows)
+    activation = max(1, (probe_peak - one_token_peak) // (PROBE_TOKENS - 1))
+    del cache
+    mx.clear_cache()
+    return MemoryModel(
+        budget_bytes=budget_bytes if budget_bytes is not None else int(mx.get_memory_limit()),
+        weights_bytes=int(weights) + one_token_peak,
+        kv_bytes_per_token=max(1, math.ceil(kv_per_token)),
+        fixed_bytes_per_request=int(sum(layer.nbytes for layer in fixed)),
+        activation_bytes_per_token=activation,
+        prefill_workspace_bytes=prefill_tokens * activation * PREFILL_SAFETY_FACTOR,
+    )
+
+
+def _forward_peak(model: Any, tokens: int) -> tuple[int, list[Any]]:
+    """Peak bytes above what was in use, for one forward pass over `tokens` tokens."""
     cache = make_prompt_cache(model)
     mx.synchronize()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
-    logits = model(mx.array([[0]]), cache=cache)
+    logits = model(mx.zeros((1, tokens), dtype=mx.int32), cache=cache)
     mx.eval(logits, [layer.state for layer in cache])
-    activation = max(0, mx.get_peak_memory() - before - logits.nbytes)
-    grows = [layer for layer in cache if hasattr(layer, "step")]
-    fixed = [layer for layer in cache if not hasattr(layer, "step")]
-    kv_per_token = sum(layer.nbytes / layer.step for layer in grows)
-    fixed_bytes = sum(layer.nbytes for layer in fixed)
-    del logits, cache
-    mx.clear_cache()
-    return MemoryModel(
-        budget_bytes=budget_bytes if budget_bytes is not None else int(mx.get_memory_limit()),
-        weights_bytes=int(weights),
-        kv_bytes_per_token=max(1, math.ceil(kv_per_token)),
-        fixed_bytes_per_request=int(fixed_bytes),
-        activation_bytes_per_token=max(1, int(activation)),
-    )
+    peak = max(0, int(mx.get_peak_memory() - before))
+    del logits
+    return peak, cache
 
 
 class MemoryLedger:

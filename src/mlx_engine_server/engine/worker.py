@@ -41,6 +41,7 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
+PREFILL_BATCH = 8  # prompts prefilled together
 RATE_WINDOW_S = 10.0
 NO_STOP = StopSequences(None)
 
@@ -117,7 +118,10 @@ class Worker:
         self._stopping = False
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
-        self.memory = MemoryLedger(measure_memory(loaded.model, options.memory_budget_bytes))
+        prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
+        self.memory = MemoryLedger(
+            measure_memory(loaded.model, options.memory_budget_bytes, prefill_tokens)
+        )
         if options.fold_quantized_decode and should_fold():
             logger.info(
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
@@ -146,7 +150,7 @@ class Worker:
             self.loaded.model,
             stop_tokens=[[token] for token in eos_ids],
             completion_batch_size=self.options.max_batch_size,
-            prefill_batch_size=min(8, self.options.max_batch_size),
+            prefill_batch_size=min(PREFILL_BATCH, self.options.max_batch_size),
             prefill_step_size=self.options.prefill_step_size,
         )
 
@@ -171,9 +175,7 @@ class Worker:
         while self._waiting:
             submission = self._waiting[0]
             params = submission.params
-            need = self.memory.model.request_bytes(
-                len(submission.prompt_tokens), params.max_tokens, self.options.prefill_step_size
-            )
+            need = self.memory.model.request_bytes(len(submission.prompt_tokens), params.max_tokens)
             if not self.memory.could_ever_fit(need):
                 self._waiting.popleft()
                 self._end(submission, Failed(_too_big(need, self.memory), kind="memory"))
