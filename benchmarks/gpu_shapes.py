@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,6 @@ from typing import Any
 
 import httpx2 as httpx
 import mlx.core as mx
-from concurrency import free_port
 from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.generate import batch_generate, stream_generate
@@ -86,6 +86,12 @@ class Result:
             "itl_p99_ms": percentile([x * 1000 for x in self.itl_s], 99),
             "errors": self.errors,
         }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: int) -> float | None:
