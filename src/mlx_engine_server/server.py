@@ -7,7 +7,7 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -23,7 +23,7 @@ from starlette.routing import Route
 from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
 from .config import Settings
-from .engine import Engine, EngineOptions, Generation, SamplingParams
+from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
 from .errors import InvalidRequestError, ModelNotFoundError
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
@@ -75,33 +75,50 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     return app
 
 
+@dataclass(frozen=True)
+class Surface:
+    """What differs between chat and text completions once the prompt is tokens."""
+
+    id_prefix: str
+    shape: type[ChatShape] | type[TextShape]
+    whole: Callable[[ResponseHeader, str, str, Usage], dict[str, Any]]
+
+
+CHAT = Surface("chatcmpl", ChatShape, chat_completion)
+TEXT = Surface("cmpl", TextShape, text_completion)
+
+
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
-    engine, options = _check_model(request, body.model)
-    tokenizer = engine.loaded.tokenizer
-    prompt = chat_prompt_tokens(tokenizer, list(body.messages))
-    params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
-    generation = Generation(engine, prompt, params, request.app.state.metrics)
-    head = ResponseHeader.new("chatcmpl", engine.loaded.model_id)
-    if body.stream:
-        grace = engine.options.shutdown_grace_s
-        return stream_response(generation, ChatShape(head, body.include_usage), grace)
-    text, finished = await collect(generation, request.receive)
-    return JSONResponse(chat_completion(head, text, finished.finish_reason, finished.usage))
+    engine, _ = _check_model(request, body.model)
+    prompt = chat_prompt_tokens(engine.loaded.tokenizer, list(body.messages))
+    return await _generate(request, body, prompt, CHAT)
 
 
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
-    engine, options = _check_model(request, body.model)
+    engine, _ = _check_model(request, body.model)
     prompt = completion_prompt_tokens(engine.loaded.tokenizer, body.prompt_text_or_ids())
+    return await _generate(request, body, prompt, TEXT)
+
+
+async def _generate(
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    surface: Surface,
+) -> Response:
+    """Admit the request, then stream its answer or wait for the whole of it."""
+    engine: Engine = request.app.state.engine
+    options: ServerOptions = request.app.state.options
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
     generation = Generation(engine, prompt, params, request.app.state.metrics)
-    head = ResponseHeader.new("cmpl", engine.loaded.model_id)
+    head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     if body.stream:
-        grace = engine.options.shutdown_grace_s
-        return stream_response(generation, TextShape(head, body.include_usage), grace)
+        shape = surface.shape(head, body.include_usage)
+        return stream_response(generation, shape, engine.options.shutdown_grace_s)
     text, finished = await collect(generation, request.receive)
-    return JSONResponse(text_completion(head, text, finished.finish_reason, finished.usage))
+    return JSONResponse(surface.whole(head, text, finished.finish_reason, finished.usage))
 
 
 async def list_models(request: Request) -> Response:
