@@ -1,0 +1,520 @@
+"""Load generator: raw mlx-lm, this server and mlx_lm.server on the same model, in one run.
+
+    python benchmarks/load.py --model tiny --clients 1,8 --max-tokens 64 --prompt-words 200 \\
+        [--multi-turn --history-tokens 4000] [--json out.json] [--plot out.png]
+
+For each number of clients N, the same N distinct chat prompts of about --prompt-words words go to
+(a) raw mlx-lm in this process (`stream_generate` for one, `batch_generate` for N), (b) this server
+(`mlx-server`, requests with `ignore_eos: true`) and (c) `python -m mlx_lm.server`, each as a real
+process on a free port, greedy, --max-tokens each. Raw mlx-lm runs with its tokenizer's
+end-of-sequence set emptied, so it generates --max-tokens too; mlx_lm.server cannot ignore EOS, so
+its tokens are counted as streamed (its `usage`). Output tok/s counts every generated token over
+the wall time from the first request sent to the last byte received, prefill included. TTFT and
+inter-token latency come from SSE chunk arrival times (raw `batch_generate` has neither).
+
+--multi-turn measures, on this server only, the TTFT of a cold request carrying a history of about
+--history-tokens tokens against the TTFT of the next turn that extends it (prefix cache warm).
+--model: see benchmarks/models.py (`tiny`, `smollm2-1.7b`, `llama3-8b`, `smollm2-gguf`, a .gguf
+file or an mlx-lm directory). Works on a CPU and on CUDA: MLX's default device is used throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import mlx.core as mx
+from matplotlib.figure import Figure
+from mlx_lm import load, stream_generate
+from mlx_lm.generate import batch_generate
+from models import DEFAULT_CACHE, resolve_model
+
+RAW, OURS, THEIRS = "raw mlx-lm", "mlx-engine-server", "mlx_lm.server"
+SYSTEM_KEYS = {"raw": RAW, "ours": OURS, "mlx_lm": THEIRS}
+_WORD_TEXT = (
+    "time year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question work government "
+    "number night point home water room mother area money story fact month lot right study book "
+    "eye job word business issue side kind head house service friend father power hour game line "
+    "end member law car city community name president team minute idea kid body information back "
+    "parent face others level office door health person art war history party result change "
+    "morning reason research girl guy moment air teacher force education river garden lighthouse"
+)
+WORDS = _WORD_TEXT.split()
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_dir: Path
+    clients: tuple[int, ...]
+    max_tokens: int
+    prompt_words: int
+    max_batch_size: int | None
+    server_flags: tuple[str, ...]
+    log_dir: Path
+
+
+@dataclass
+class Stream:
+    """What one streamed request gave back."""
+
+    sent: float
+    arrivals: list[float] = field(default_factory=list)
+    text: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+    error: str | None = None
+    end: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.usage.get("completion_tokens", len(self.arrivals)))
+
+
+@dataclass
+class Measurement:
+    system: str
+    clients: int
+    tokens: int
+    wall_s: float
+    errors: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ms = [x * 1000 for x in self.itl_s]
+        return {
+            "system": self.system,
+            "clients": self.clients,
+            "tokens": self.tokens,
+            "wall_s": round(self.wall_s, 3),
+            "tok_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_s": percentile(self.ttft_s, 50),
+            "ttft_p99_s": percentile(self.ttft_s, 99),
+            "itl_p50_ms": percentile(ms, 50),
+            "itl_p99_ms": percentile(ms, 99),
+            "errors": self.errors,
+            "error_samples": self.error_samples[:3],
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile, rounded for printing; None when there is nothing to rank."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return round(ordered[rank], 4)
+
+
+def make_messages(salt: str, index: int, words: int) -> Messages:
+    """A prompt of `words` words, distinct per (salt, index) from its first word on."""
+    rng = random.Random(f"{salt}/{index}")
+    text = " ".join(rng.choice(WORDS) for _ in range(words))
+    return [{"role": "user", "content": f"{text}. Continue this text."}]
+
+
+# --- (a) raw mlx-lm, in this process ---------------------------------------------------------
+
+
+def run_raw(plan: Plan) -> list[Measurement]:
+    model, tokenizer = load(str(plan.model_dir))[:2]
+    tokenizer.eos_token_ids = []  # generate max_tokens, as the servers asked to ignore EOS
+    prompts = {n: [encode(tokenizer, m) for m in batch_messages(n, plan)] for n in plan.clients}
+    raw_single(model, tokenizer, encode(tokenizer, make_messages("warm-up", 0, 32)), 8)
+    results = []
+    for n in plan.clients:
+        if n == 1:
+            results.append(raw_single(model, tokenizer, prompts[n][0], plan.max_tokens))
+        else:
+            results.append(raw_batch(model, tokenizer, prompts[n], plan))
+        print(f"  {RAW} x{n}: {results[-1].tokens_per_s:.1f} tok/s", flush=True)
+    del model, tokenizer
+    gc.collect()
+    mx.clear_cache()
+    return results
+
+
+def batch_messages(n: int, plan: Plan) -> list[Messages]:
+    return [make_messages(f"clients-{n}", i, plan.prompt_words) for i in range(n)]
+
+
+def encode(tokenizer: Any, messages: Messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def raw_single(model: Any, tokenizer: Any, prompt: list[int], max_tokens: int) -> Measurement:
+    started = time.perf_counter()
+    arrivals = [time.perf_counter() for _ in stream_generate(model, tokenizer, prompt, max_tokens)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    wall = arrivals[-1] - started
+    return Measurement(RAW, 1, len(arrivals), wall, ttft_s=[arrivals[0] - started], itl_s=gaps)
+
+
+def raw_batch(model: Any, tokenizer: Any, prompts: list[list[int]], plan: Plan) -> Measurement:
+    extra = {"completion_batch_size": plan.max_batch_size} if plan.max_batch_size else {}
+    started = time.perf_counter()
+    out = batch_generate(
+        model, tokenizer, prompts, max_tokens=plan.max_tokens, return_token_ids=True, **extra
+    )
+    wall = time.perf_counter() - started
+    return Measurement(RAW, len(prompts), sum(len(ids) for ids in out.token_ids), wall)
+
+
+# --- (b), (c) servers as processes -----------------------------------------------------------
+
+
+def server_command(system: str, plan: Plan, port: int) -> list[str]:
+    batch = plan.max_batch_size
+    if system == OURS:
+        bin_dir = Path(sys.executable).parent
+        command = [str(bin_dir / "mlx-server"), str(plan.model_dir), "--port", str(port)]
+        command += ["--log-level", "warning", *plan.server_flags]
+        return command + (["--max-batch-size", str(batch)] if batch else [])
+    command = [sys.executable, "-m", "mlx_lm.server", "--model", str(plan.model_dir)]
+    command += ["--port", str(port), "--temp", "0", "--log-level", "WARNING"]
+    return command + (["--decode-concurrency", str(batch)] if batch else [])
+
+
+class Server:
+    """A server process on a free loopback port, killed on exit from the `with` block."""
+
+    def __init__(self, system: str, plan: Plan) -> None:
+        self.system = system
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        self.base = f"http://127.0.0.1:{port}"
+        self.command = server_command(system, plan, port)
+        self.log_path = plan.log_dir / f"{system}.log"
+
+    def __enter__(self) -> Server:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our own command line
+                self.command, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if httpx.get(f"{self.base}/v1/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"{self.system} did not start; see {self.log_path}")
+
+    def __exit__(self, *_: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def chat(self, messages: Messages, max_tokens: int) -> Stream:
+        """One greedy streaming chat request, read to its last byte."""
+        body: dict[str, Any] = {
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.system == OURS:
+            body["ignore_eos"] = True
+        stream = Stream(sent=time.perf_counter())
+        try:
+            read_sse(self.base, body, stream)
+        except (httpx.HTTPError, ValueError) as exc:
+            stream.error = f"{type(exc).__name__}: {exc}"
+        stream.end = time.perf_counter()
+        if stream.error is None and not stream.done:
+            stream.error = "the stream ended without data: [DONE]"
+        return stream
+
+
+def read_sse(base: str, body: dict[str, Any], stream: Stream) -> None:
+    url = f"{base}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=1800) as reply:
+        if reply.status_code != 200:
+            stream.error = f"HTTP {reply.status_code}: {reply.read()[:200]!r}"
+            return
+        for line in reply.iter_lines():
+            if line == "data: [DONE]":
+                stream.done = True
+            elif line.startswith("data: "):
+                take_chunk(json.loads(line[len("data: ") :]), stream)
+
+
+def take_chunk(chunk: dict[str, Any], stream: Stream) -> None:
+    if "error" in chunk:
+        stream.error = f"error event: {json.dumps(chunk['error'])[:200]}"
+    stream.usage = chunk.get("usage") or stream.usage
+    text = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
+    if text:
+        stream.arrivals.append(time.perf_counter())
+        stream.text += text
+
+
+def run_server(system: str, plan: Plan) -> list[Measurement]:
+    with Server(system, plan) as server:
+        server.chat(make_messages("warm-up", 0, plan.prompt_words), 8)
+        results = []
+        for n in plan.clients:
+            results.append(measure(server, batch_messages(n, plan), plan.max_tokens))
+            print(f"  {system} x{n}: {results[-1].tokens_per_s:.1f} tok/s", flush=True)
+        return results
+
+
+def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measurement:
+    """All requests released at once by a barrier; wall time from then to the last byte."""
+    gate = threading.Barrier(len(batch) + 1)
+
+    def one(messages: Messages) -> Stream:
+        gate.wait()
+        return server.chat(messages, max_tokens)
+
+    with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+        futures = [pool.submit(one, messages) for messages in batch]
+        gate.wait()
+        started = time.perf_counter()
+        streams = [future.result() for future in futures]
+    result = Measurement(server.system, len(batch), 0, max(s.end for s in streams) - started)
+    for stream in streams:
+        result.tokens += stream.tokens if stream.error is None else 0
+        if stream.error is not None:
+            result.errors += 1
+            result.error_samples.append(stream.error)
+        elif stream.arrivals:
+            result.ttft_s.append(stream.arrivals[0] - stream.sent)
+            result.itl_s.extend(b - a for a, b in itertools.pairwise(stream.arrivals))
+    return result
+
+
+# --- multi-turn: cold long history against its next turn --------------------------------------
+
+
+def run_multi_turn(plan: Plan, history_tokens: int, rounds: int = 3) -> dict[str, Any]:
+    """Median over `rounds` distinct conversations of cold TTFT and next-turn TTFT."""
+    rows = []
+    with Server(OURS, plan) as server:
+        server.chat(make_messages("warm-up", 0, plan.prompt_words), 8)
+        for r in range(rounds):
+            history = make_messages(f"history-{r}", 0, int(history_tokens / 1.1))
+            cold = server.chat(history, 16)
+            follow = [
+                *history,
+                {"role": "assistant", "content": cold.text},
+                *make_messages(f"next-{r}", 0, 20),
+            ]
+            warm = server.chat(follow, 16)
+            if cold.error or warm.error or not cold.arrivals or not warm.arrivals:
+                raise RuntimeError(f"multi-turn request failed: {cold.error or warm.error}")
+            rows.append((cold, warm))
+    cold_ttft = sorted(c.arrivals[0] - c.sent for c, _ in rows)[rounds // 2]
+    warm_ttft = sorted(w.arrivals[0] - w.sent for _, w in rows)[rounds // 2]
+    last_cold, last_warm = rows[-1]
+    details = last_warm.usage.get("prompt_tokens_details") or {}
+    return {
+        "history_prompt_tokens": last_cold.usage.get("prompt_tokens"),
+        "next_turn_prompt_tokens": last_warm.usage.get("prompt_tokens"),
+        "next_turn_cached_tokens": details.get("cached_tokens"),
+        "cold_ttft_s": round(cold_ttft, 4),
+        "next_turn_ttft_s": round(warm_ttft, 4),
+        "ratio": round(warm_ttft / cold_ttft, 3),
+        "rounds": rounds,
+    }
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    return {
+        "device": str(mx.default_device()),
+        "platform": platform.platform(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu or platform.processor(),
+        "mlx": version("mlx"),
+        "mlx_lm": version("mlx-lm"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_table(results: list[Measurement]) -> list[dict[str, Any]]:
+    print(
+        f"\n{'clients':>7}  {'system':<18}{'tok/s':>9}{'TTFT p50':>10}{'p99 s':>8}"
+        f"{'ITL p50':>9}{'p99 ms':>8}{'tokens':>8}{'errors':>7}"
+    )
+    for r in sorted(results, key=lambda m: (m.clients, list(SYSTEM_KEYS.values()).index(m.system))):
+        s = r.summary()
+        print(
+            f"{r.clients:>7}  {r.system:<18}{s['tok_per_s']:>9.1f}{fmt(s['ttft_p50_s']):>10}"
+            f"{fmt(s['ttft_p99_s']):>8}{fmt(s['itl_p50_ms'], 1):>9}{fmt(s['itl_p99_ms'], 1):>8}"
+            f"{r.tokens:>8}{r.errors:>7}"
+        )
+    return ratios(results)
+
+
+def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
+    by_key = {(r.system, r.clients): r.tokens_per_s for r in results}
+    rows = []
+    print(f"\n{'clients':>7}  {'ours / raw':>11}  {'ours / mlx_lm.server':>21}")
+    for n in sorted({r.clients for r in results}):
+        ours, raw, theirs = (by_key.get((s, n)) for s in (OURS, RAW, THEIRS))
+        row = {
+            "clients": n,
+            "ours_over_raw": round(ours / raw, 3) if ours and raw else None,
+            "ours_over_mlx_lm_server": round(ours / theirs, 3) if ours and theirs else None,
+        }
+        print(f"{n:>7}  {fmt(row['ours_over_raw']):>11}  {fmt(row['ours_over_mlx_lm_server']):>21}")
+        rows.append(row)
+    return rows
+
+
+def plot(results: list[Measurement], title: str, path: Path) -> None:
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    for system, marker in ((OURS, "o"), (THEIRS, "s"), (RAW, "^")):
+        points = sorted((r.clients, r.tokens_per_s) for r in results if r.system == system)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, label=system)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s (wall time, prefill included)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(visible=True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny", help="see benchmarks/models.py")
+    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=200)
+    parser.add_argument(
+        "--systems", default="raw,ours,mlx_lm", help='any of raw,ours,mlx_lm; "" for none'
+    )
+    parser.add_argument("--max-batch-size", type=int, help="for all three (default: each's 32)")
+    parser.add_argument("--server-flags", default="", help="extra flags for mlx-server")
+    parser.add_argument("--multi-turn", action="store_true")
+    parser.add_argument("--history-tokens", type=int, default=4000)
+    parser.add_argument("--multi-turn-rounds", type=int, default=3, help="median of this many")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    model_dir = resolve_model(args.model, args.cache_dir, args.quantize)
+    plan = Plan(
+        model_dir=model_dir,
+        clients=tuple(int(n) for n in args.clients.split(",") if n),
+        max_tokens=args.max_tokens,
+        prompt_words=args.prompt_words,
+        max_batch_size=args.max_batch_size,
+        server_flags=tuple(shlex.split(args.server_flags)),
+        log_dir=Path(tempfile.mkdtemp(prefix="mlx-load-")),
+    )
+    settings = {
+        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+    }
+    report: dict[str, Any] = {"machine": machine(), "settings": settings}
+    print(f"{report['machine']}\nmodel {model_dir}; server logs in {plan.log_dir}", flush=True)
+    results = run_systems(plan, [SYSTEM_KEYS[s] for s in args.systems.split(",") if s])
+    report["results"] = [r.summary() for r in results]
+    report["ratios"] = print_table(results) if results else []
+    if args.multi_turn:
+        report["multi_turn"] = measure_multi_turn(plan, args)
+    report["targets"] = check_targets(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    if args.plot and results:
+        title = f"{args.model} on {report['machine']['device']}, {args.max_tokens} tokens"
+        plot(results, f"{title}, {args.prompt_words}-word prompts", args.plot)
+
+
+def measure_multi_turn(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    multi = run_multi_turn(plan, args.history_tokens, args.multi_turn_rounds)
+    print(
+        f"\nmulti-turn ({multi['history_prompt_tokens']} prompt tokens): cold TTFT "
+        f"{multi['cold_ttft_s']:.3f} s, next turn {multi['next_turn_ttft_s']:.3f} s "
+        f"({multi['next_turn_cached_tokens']} cached), ratio {multi['ratio']:.3f}"
+    )
+    return multi
+
+
+def check_targets(report: dict[str, Any]) -> list[str]:
+    """The engine issue's targets, each printed as met or missed."""
+    checks = []
+    for row in report["ratios"]:
+        n, vs_raw, vs_theirs = row["clients"], row["ours_over_raw"], row["ours_over_mlx_lm_server"]
+        if n == 1 and vs_raw is not None:
+            checks.append((f"1 stream: ours/raw {vs_raw} >= 0.97", vs_raw >= 0.97))
+        if n >= 32 and vs_raw is not None:
+            checks.append((f"{n} clients: ours/raw {vs_raw} >= 0.90", vs_raw >= 0.90))
+        if n >= 32 and vs_theirs is not None:
+            checks.append((f"{n} clients: ours/mlx_lm.server {vs_theirs} >= 2", vs_theirs >= 2))
+    errors = sum(r["errors"] for r in report["results"] if r["system"] == OURS)
+    checks.append((f"errors of ours: {errors} == 0", errors == 0))
+    if "multi_turn" in report:
+        ratio = report["multi_turn"]["ratio"]
+        checks.append((f"multi-turn TTFT next/cold {ratio} <= 0.15", ratio <= 0.15))
+    lines = [f"{'met   ' if ok else 'MISSED'} {text}" for text, ok in checks]
+    print("\ntargets:", *lines, sep="\n  ")
+    return lines
+
+
+def run_systems(plan: Plan, systems: list[str]) -> list[Measurement]:
+    results: list[Measurement] = []
+    for system in systems:
+        print(f"{system} ...", flush=True)
+        results += run_raw(plan) if system == RAW else run_server(system, plan)
+    return results
+
+
+if __name__ == "__main__":
+    main()
