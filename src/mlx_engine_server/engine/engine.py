@@ -9,7 +9,6 @@ import asyncio
 import queue
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -159,49 +158,6 @@ class Engine:
         )
 
 
-class LoopMailbox:
-    """Events bound for one event loop, delivered in batches.
-
-    Each step posts an event for every sequence in the batch; waking the loop once per event
-    (call_soon_threadsafe writes to a pipe each time) cost a syscall per token per request.
-    Here the first event of a step schedules one delivery and the rest ride along with it.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
-        self._scheduled = False
-
-    def post(self, events: asyncio.Queue[Event], event: Event) -> None:
-        with self._lock:
-            self._pending.append((events, event))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-            self._scheduled = False
-        for events, event in pending:
-            events.put_nowait(event)
-
-
-_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def mailbox_for(loop: asyncio.AbstractEventLoop) -> LoopMailbox:
-    """The loop's mailbox; only called on that loop's own thread, so no lock is needed."""
-    mailbox = _MAILBOXES.get(loop)
-    if mailbox is None:
-        mailbox = _MAILBOXES[loop] = LoopMailbox(loop)
-    return mailbox
-
-
 class TimingObserver(Protocol):
     def first_token(self, seconds: float) -> None: ...
     def next_token(self, seconds: float) -> None: ...
@@ -221,7 +177,7 @@ class Generation:
         params: SamplingParams,
         timing: TimingObserver | None = None,
     ) -> None:
-        self._mailbox = mailbox_for(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._done = False
         self._timing = timing
@@ -231,7 +187,7 @@ class Generation:
 
     def _post(self, event: Event) -> None:
         try:
-            self._mailbox.post(self._events, event)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the loop has closed: nobody is listening any more
             self._cancellation.cancel()
 
