@@ -68,14 +68,16 @@ class Counters:
     active: int = 0
     tokens_per_s: float = 0.0
     recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
+    recent_tokens: int = 0
 
     def record_step(self, tokens: int) -> None:
         """Generation rate over the last RATE_WINDOW_S seconds, kept as one readable float."""
         now = time.monotonic()
         self.recent_steps.append((now, tokens))
-        while self.recent_steps and self.recent_steps[0][0] < now - RATE_WINDOW_S:
-            self.recent_steps.popleft()
-        self.tokens_per_s = sum(count for _, count in self.recent_steps) / RATE_WINDOW_S
+        self.recent_tokens += tokens
+        while self.recent_steps[0][0] < now - RATE_WINDOW_S:
+            self.recent_tokens -= self.recent_steps.popleft()[1]
+        self.tokens_per_s = self.recent_tokens / RATE_WINDOW_S
 
 
 @dataclass
