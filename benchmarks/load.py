@@ -10,12 +10,16 @@ process on a free port, greedy, --max-tokens each. Raw mlx-lm runs with its toke
 end-of-sequence set emptied, so it generates --max-tokens too; mlx_lm.server cannot ignore EOS, so
 its tokens are counted as streamed (its `usage`). Output tok/s counts every generated token over
 the wall time from the first request sent to the last byte received, prefill included. TTFT and
-inter-token latency come from SSE chunk arrival times (raw `batch_generate` has neither).
+inter-token latency come from SSE chunk arrival times (raw `batch_generate` has neither). CPU
+ms/tok is the generating process's CPU time (the server's, from /proc; this process's for raw) per
+output token. --repeat R runs each point R times with fresh prompts and keeps the median run.
 
 --multi-turn measures, on this server only, the TTFT of a cold request carrying a history of about
 --history-tokens tokens against the TTFT of the next turn that extends it (prefix cache warm).
 --model: see benchmarks/models.py (`tiny`, `smollm2-1.7b`, `llama3-8b`, `smollm2-gguf`, a .gguf
 file or an mlx-lm directory). Works on a CPU and on CUDA: MLX's default device is used throughout.
+Results table, ratios, targets, JSON and plot live in this one file (over the ~400-line budget) so
+that the benchmark stays one command to copy to a GPU machine; models.py is its only companion.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -69,6 +74,7 @@ class Plan:
     max_tokens: int
     prompt_words: int
     max_batch_size: int | None
+    repeat: int
     server_flags: tuple[str, ...]
     log_dir: Path
 
@@ -100,6 +106,7 @@ class Measurement:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    cpu_s: float | None = None  # CPU time of the generating process (Linux /proc), all threads
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,6 +125,9 @@ class Measurement:
             "itl_p50_ms": percentile(ms, 50),
             "itl_p99_ms": percentile(ms, 99),
             "errors": self.errors,
+            "cpu_ms_per_token": round(1000 * self.cpu_s / self.tokens, 2)
+            if self.cpu_s is not None and self.tokens
+            else None,
             "error_samples": self.error_samples[:3],
         }
 
@@ -132,10 +142,17 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def make_messages(salt: str, index: int, words: int) -> Messages:
-    """A prompt of `words` words, distinct per (salt, index) from its first word on."""
+    """A prompt of `words` words, distinct per (salt, index) from its first word on.
+
+    Its own system message replaces the template's default one, so no system (and no prefix
+    cache) gets a shared prefix beyond the template's first few tokens.
+    """
     rng = random.Random(f"{salt}/{index}")
     text = " ".join(rng.choice(WORDS) for _ in range(words))
-    return [{"role": "user", "content": f"{text}. Continue this text."}]
+    return [
+        {"role": "system", "content": f"{rng.choice(WORDS)} {salt} {index}"},
+        {"role": "user", "content": f"{text}. Continue this text."},
+    ]
 
 
 # --- (a) raw mlx-lm, in this process ---------------------------------------------------------
@@ -144,23 +161,29 @@ def make_messages(salt: str, index: int, words: int) -> Messages:
 def run_raw(plan: Plan) -> list[Measurement]:
     model, tokenizer = load(str(plan.model_dir))[:2]
     tokenizer.eos_token_ids = []  # generate max_tokens, as the servers asked to ignore EOS
-    prompts = {n: [encode(tokenizer, m) for m in batch_messages(n, plan)] for n in plan.clients}
     raw_single(model, tokenizer, encode(tokenizer, make_messages("warm-up", 0, 32)), 8)
-    results = []
-    for n in plan.clients:
+
+    def one_run(n: int, repeat: int) -> Measurement:
+        prompts = [encode(tokenizer, m) for m in batch_messages(n, repeat, plan)]
         if n == 1:
-            results.append(raw_single(model, tokenizer, prompts[n][0], plan.max_tokens))
-        else:
-            results.append(raw_batch(model, tokenizer, prompts[n], plan))
-        print(f"  {RAW} x{n}: {results[-1].tokens_per_s:.1f} tok/s", flush=True)
-    del model, tokenizer
-    gc.collect()
-    mx.clear_cache()
-    return results
+            return raw_single(model, tokenizer, prompts[0], plan.max_tokens)
+        return raw_batch(model, tokenizer, prompts, plan)
+
+    return [median_run(RAW, n, plan, one_run) for n in plan.clients]
 
 
-def batch_messages(n: int, plan: Plan) -> list[Messages]:
-    return [make_messages(f"clients-{n}", i, plan.prompt_words) for i in range(n)]
+def median_run(
+    system: str, n: int, plan: Plan, one_run: Callable[[int, int], Measurement]
+) -> Measurement:
+    """The run of median tok/s among --repeat runs, each with its own prompts."""
+    runs = sorted((one_run(n, k) for k in range(plan.repeat)), key=lambda m: m.tokens_per_s)
+    rates = ", ".join(f"{m.tokens_per_s:.1f}" for m in runs)
+    print(f"  {system} x{n}: {rates} tok/s", flush=True)
+    return runs[len(runs) // 2]
+
+
+def batch_messages(n: int, repeat: int, plan: Plan) -> list[Messages]:
+    return [make_messages(f"clients-{n}-{repeat}", i, plan.prompt_words) for i in range(n)]
 
 
 def encode(tokenizer: Any, messages: Messages) -> list[int]:
@@ -169,21 +192,25 @@ def encode(tokenizer: Any, messages: Messages) -> list[int]:
 
 
 def raw_single(model: Any, tokenizer: Any, prompt: list[int], max_tokens: int) -> Measurement:
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     arrivals = [time.perf_counter() for _ in stream_generate(model, tokenizer, prompt, max_tokens)]
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     wall = arrivals[-1] - started
-    return Measurement(RAW, 1, len(arrivals), wall, ttft_s=[arrivals[0] - started], itl_s=gaps)
+    result = Measurement(RAW, 1, len(arrivals), wall, ttft_s=[arrivals[0] - started], itl_s=gaps)
+    result.cpu_s = time.process_time() - cpu
+    return result
 
 
 def raw_batch(model: Any, tokenizer: Any, prompts: list[list[int]], plan: Plan) -> Measurement:
     extra = {"completion_batch_size": plan.max_batch_size} if plan.max_batch_size else {}
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     out = batch_generate(
         model, tokenizer, prompts, max_tokens=plan.max_tokens, return_token_ids=True, **extra
     )
     wall = time.perf_counter() - started
-    return Measurement(RAW, len(prompts), sum(len(ids) for ids in out.token_ids), wall)
+    result = Measurement(RAW, len(prompts), sum(len(ids) for ids in out.token_ids), wall)
+    result.cpu_s = time.process_time() - cpu
+    return result
 
 
 # --- (b), (c) servers as processes -----------------------------------------------------------
@@ -282,14 +309,23 @@ def take_chunk(chunk: dict[str, Any], stream: Stream) -> None:
         stream.text += text
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of a process, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_server(system: str, plan: Plan) -> list[Measurement]:
     with Server(system, plan) as server:
         server.chat(make_messages("warm-up", 0, plan.prompt_words), 8)
-        results = []
-        for n in plan.clients:
-            results.append(measure(server, batch_messages(n, plan), plan.max_tokens))
-            print(f"  {system} x{n}: {results[-1].tokens_per_s:.1f} tok/s", flush=True)
-        return results
+
+        def one_run(n: int, repeat: int) -> Measurement:
+            return measure(server, batch_messages(n, repeat, plan), plan.max_tokens)
+
+        return [median_run(system, n, plan, one_run) for n in plan.clients]
 
 
 def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measurement:
@@ -302,10 +338,14 @@ def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measureme
 
     with ThreadPoolExecutor(max_workers=len(batch)) as pool:
         futures = [pool.submit(one, messages) for messages in batch]
+        cpu_before = process_cpu_s(server.process.pid)
         gate.wait()
         started = time.perf_counter()
         streams = [future.result() for future in futures]
     result = Measurement(server.system, len(batch), 0, max(s.end for s in streams) - started)
+    cpu_after = process_cpu_s(server.process.pid)
+    if cpu_before is not None and cpu_after is not None:
+        result.cpu_s = cpu_after - cpu_before
     for stream in streams:
         result.tokens += stream.tokens if stream.error is None else 0
         if stream.error is not None:
@@ -331,7 +371,7 @@ def run_multi_turn(plan: Plan, history_tokens: int, rounds: int = 3) -> dict[str
             follow = [
                 *history,
                 {"role": "assistant", "content": cold.text},
-                *make_messages(f"next-{r}", 0, 20),
+                make_messages(f"next-{r}", 0, 20)[-1],
             ]
             warm = server.chat(follow, 16)
             if cold.error or warm.error or not cold.arrivals or not warm.arrivals:
@@ -379,14 +419,14 @@ def fmt(value: float | None, digits: int = 3) -> str:
 def print_table(results: list[Measurement]) -> list[dict[str, Any]]:
     print(
         f"\n{'clients':>7}  {'system':<18}{'tok/s':>9}{'TTFT p50':>10}{'p99 s':>8}"
-        f"{'ITL p50':>9}{'p99 ms':>8}{'tokens':>8}{'errors':>7}"
+        f"{'ITL p50':>9}{'p99 ms':>8}{'tokens':>8}{'errors':>7}{'CPU ms/tok':>11}"
     )
     for r in sorted(results, key=lambda m: (m.clients, list(SYSTEM_KEYS.values()).index(m.system))):
         s = r.summary()
         print(
             f"{r.clients:>7}  {r.system:<18}{s['tok_per_s']:>9.1f}{fmt(s['ttft_p50_s']):>10}"
             f"{fmt(s['ttft_p99_s']):>8}{fmt(s['itl_p50_ms'], 1):>9}{fmt(s['itl_p99_ms'], 1):>8}"
-            f"{r.tokens:>8}{r.errors:>7}"
+            f"{r.tokens:>8}{r.errors:>7}{fmt(s['cpu_ms_per_token'], 1):>11}"
         )
     return ratios(results)
 
@@ -415,6 +455,9 @@ def plot(results: list[Measurement], title: str, path: Path) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), marker=marker, label=system)
     ax.set_xscale("log", base=2)
+    ticks = sorted({r.clients for r in results})
+    ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s (wall time, prefill included)")
     ax.set_title(title, fontsize=9)
@@ -442,6 +485,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--multi-turn", action="store_true")
     parser.add_argument("--history-tokens", type=int, default=4000)
     parser.add_argument("--multi-turn-rounds", type=int, default=3, help="median of this many")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median counts")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     return parser.parse_args()
@@ -456,6 +500,7 @@ def main() -> None:
         max_tokens=args.max_tokens,
         prompt_words=args.prompt_words,
         max_batch_size=args.max_batch_size,
+        repeat=args.repeat,
         server_flags=tuple(shlex.split(args.server_flags)),
         log_dir=Path(tempfile.mkdtemp(prefix="mlx-load-")),
     )
@@ -513,6 +558,8 @@ def run_systems(plan: Plan, systems: list[str]) -> list[Measurement]:
     for system in systems:
         print(f"{system} ...", flush=True)
         results += run_raw(plan) if system == RAW else run_server(system, plan)
+        gc.collect()  # the raw model's memory goes back before a server loads its own
+        mx.clear_cache()
     return results
 
 
