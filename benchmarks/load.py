@@ -47,7 +47,6 @@ from typing import Any
 
 import httpx2 as httpx
 import mlx.core as mx
-from matplotlib.figure import Figure
 from mlx_lm import load, stream_generate
 from mlx_lm.generate import batch_generate
 from models import DEFAULT_CACHE, resolve_model
@@ -219,8 +218,8 @@ def raw_batch(model: Any, tokenizer: Any, prompts: list[list[int]], plan: Plan) 
 def server_command(system: str, plan: Plan, port: int) -> list[str]:
     batch = plan.max_batch_size
     if system == OURS:
-        bin_dir = Path(sys.executable).parent
-        command = [str(bin_dir / "mlx-server"), str(plan.model_dir), "--port", str(port)]
+        command = [sys.executable, "-m", "mlx_engine_server", str(plan.model_dir)]
+        command += ["--port", str(port)]
         command += ["--log-level", "warning", *plan.server_flags]
         return command + (["--max-batch-size", str(batch)] if batch else [])
     command = [sys.executable, "-m", "mlx_lm.server", "--model", str(plan.model_dir)]
@@ -447,15 +446,18 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(results: list[Measurement], title: str, path: Path) -> None:
+def plot(results: list[dict[str, Any]], title: str, path: Path) -> None:
+    """tok/s against clients from the JSON summaries (matplotlib only here: GPU hosts lack it)."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     for system, marker in ((OURS, "o"), (THEIRS, "s"), (RAW, "^")):
-        points = sorted((r.clients, r.tokens_per_s) for r in results if r.system == system)
+        points = sorted((r["clients"], r["tok_per_s"]) for r in results if r["system"] == system)
         if points:
             ax.plot(*zip(*points, strict=True), marker=marker, label=system)
     ax.set_xscale("log", base=2)
-    ticks = sorted({r.clients for r in results})
+    ticks = sorted({r["clients"] for r in results})
     ax.set_xticks(ticks, [str(n) for n in ticks])
     ax.set_ylim(bottom=0)
     ax.set_xlabel("concurrent clients")
@@ -488,11 +490,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median counts")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--replot", type=Path, help="draw --plot from this --json report; no run")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        plot_report(json.loads(args.replot.read_text(encoding="utf-8")), args.plot)
+        return
     model_dir = resolve_model(args.model, args.cache_dir, args.quantize)
     plan = Plan(
         model_dir=model_dir,
@@ -518,8 +524,17 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     if args.plot and results:
-        title = f"{args.model} on {report['machine']['device']}, {args.max_tokens} tokens"
-        plot(results, f"{title}, {args.prompt_words}-word prompts", args.plot)
+        plot_report(report, args.plot)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    settings = report["settings"]
+    title = (
+        f"{settings['model']}{' q' + str(settings['quantize']) if settings['quantize'] else ''}"
+        f" on {report['machine']['device']}, {settings['max_tokens']} tokens, "
+        f"{settings['prompt_words']}-word prompts"
+    )
+    plot(report["results"], title, path)
 
 
 def measure_multi_turn(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:

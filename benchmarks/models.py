@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -93,7 +94,7 @@ def build_shape(shape: str, cache_root: Path, quantize_bits: int = 0) -> Path:
     dest = cache_root / f"{shape}-{dtype_name}-q{quantize_bits or 'none'}"
     if (dest / "config.json").is_file():
         return dest
-    tokenizer_dir = convert_gguf(bundled_model_path(), cache_root)
+    tokenizer_dir = tokenizer_source(cache_root)
     config = shape_config(shape, vocab_size(tokenizer_dir))
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".building-"))
     staging.chmod(0o755)
@@ -104,6 +105,13 @@ def build_shape(shape: str, cache_root: Path, quantize_bits: int = 0) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def tokenizer_source(cache_root: Path) -> Path:
+    """SmolLM2's tokenizer: $MLX_BENCH_TOKENIZER (a directory, for hosts without the bundled
+    GGUF package, such as a GPU machine with no package index) or the bundled GGUF's."""
+    override = os.environ.get("MLX_BENCH_TOKENIZER")
+    return Path(override) if override else convert_gguf(bundled_model_path(), cache_root)
 
 
 def shape_config(shape: str, vocab: int) -> dict[str, Any]:
