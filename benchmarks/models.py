@@ -94,6 +94,7 @@ def build_shape(shape: str, cache_root: Path, quantize_bits: int = 0) -> Path:
     dest = cache_root / f"{shape}-{dtype_name}-q{quantize_bits or 'none'}"
     if (dest / "config.json").is_file():
         return dest
+    cache_root.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = tokenizer_source(cache_root)
     config = shape_config(shape, vocab_size(tokenizer_dir))
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".building-"))
