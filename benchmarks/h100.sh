@@ -16,7 +16,7 @@ install)
 small)
     timeout 120 python3 benchmarks/single_stream.py --model smollm2-1.7b --max-tokens 256 --repeat 5 \
         | tee "$out/single-1.7b-bf16.txt"
-    load 420 --model smollm2-1.7b --clients 1,8,32,64 --max-tokens 128 --multi-turn \
+    load 420 --model smollm2-1.7b --clients 1,8,32,64 --max-tokens 128 --multi-turn --multi-turn-rounds 5 \
         --json "$out/h100-1.7b-bf16.json" | tee "$out/h100-1.7b-bf16.txt" ;;
 large)
     timeout 150 python3 benchmarks/models.py llama3-8b

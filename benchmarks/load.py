@@ -164,6 +164,9 @@ def run_raw(plan: Plan) -> list[Measurement]:
 
     def one_run(n: int, repeat: int) -> Measurement:
         prompts = [encode(tokenizer, m) for m in batch_messages(n, repeat, plan)]
+        # The servers had a warm-up request; on CUDA every new batch shape compiles kernels first.
+        warm_up = [encode(tokenizer, m) for m in batch_messages(n, -1 - repeat, plan)]
+        raw_batch(model, tokenizer, warm_up, plan, max_tokens=4) if n > 1 else None
         if n == 1:
             return raw_single(model, tokenizer, prompts[0], plan.max_tokens)
         return raw_batch(model, tokenizer, prompts, plan)
@@ -200,11 +203,14 @@ def raw_single(model: Any, tokenizer: Any, prompt: list[int], max_tokens: int) -
     return result
 
 
-def raw_batch(model: Any, tokenizer: Any, prompts: list[list[int]], plan: Plan) -> Measurement:
+def raw_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], plan: Plan, max_tokens: int = 0
+) -> Measurement:
     extra = {"completion_batch_size": plan.max_batch_size} if plan.max_batch_size else {}
+    max_tokens = max_tokens or plan.max_tokens
     cpu, started = time.process_time(), time.perf_counter()
     out = batch_generate(
-        model, tokenizer, prompts, max_tokens=plan.max_tokens, return_token_ids=True, **extra
+        model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True, **extra
     )
     wall = time.perf_counter() - started
     result = Measurement(RAW, len(prompts), sum(len(ids) for ids in out.token_ids), wall)
@@ -376,6 +382,11 @@ def run_multi_turn(plan: Plan, history_tokens: int, rounds: int = 3) -> dict[str
             if cold.error or warm.error or not cold.arrivals or not warm.arrivals:
                 raise RuntimeError(f"multi-turn request failed: {cold.error or warm.error}")
             rows.append((cold, warm))
+            print(
+                f"  round {r}: cold {cold.arrivals[0] - cold.sent:.3f} s, next turn "
+                f"{warm.arrivals[0] - warm.sent:.3f} s",
+                flush=True,
+            )
     cold_ttft = sorted(c.arrivals[0] - c.sent for c, _ in rows)[rounds // 2]
     warm_ttft = sorted(w.arrivals[0] - w.sent for _, w in rows)[rounds // 2]
     last_cold, last_warm = rows[-1]

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ..errors import OverloadedError, ServiceUnavailableError, StartupError
 from ..model_manager import LoadedModel
+from .device import apply_backend_defaults
 from .prefix_cache import PrefixCacheStats
 from .types import (
     Cancellation,
@@ -54,6 +55,7 @@ class Engine:
             outcome.append(result)
             loaded.set()
 
+        apply_backend_defaults()
         self._thread = run_worker_thread(
             self._load, self.options, self._inbox, self._request_done, ready
         )
