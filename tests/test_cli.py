@@ -159,6 +159,10 @@ ENV_CASES = [
     ("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5),
     ("MEMORY_BUDGET_BYTES", "1000000000", "memory_budget_bytes", 1_000_000_000),
     ("MAX_TOKENS_DEFAULT", "17", "max_tokens_default", 17),
+    ("CONTEXT_OVERFLOW", "summarize", "context_overflow", "summarize"),
+    ("ALLOW_REQUEST_OVERFLOW_POLICY", "true", "allow_request_overflow_policy", True),
+    ("SUMMARY_KEEP_MESSAGES", "2", "summary_keep_messages", 2),
+    ("SUMMARY_MAX_TOKENS", "40", "summary_max_tokens", 40),
 ]
 
 
@@ -197,6 +201,8 @@ def test_cache_dir_expands_home(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"request_timeout_s": "0"}, "request_timeout_s"),
         ({"max_tokens_default": "0"}, "max_tokens_default"),
         ({"host": ""}, "host"),
+        ({"context_overflow": "compress"}, "context_overflow"),
+        ({"summary_max_tokens": "0"}, "summary_max_tokens"),
     ],
 )
 def test_bad_cli_value_is_one_line_naming_the_setting(

@@ -135,14 +135,18 @@ def test_help_shows_every_readme_flag() -> None:
 
 
 def test_negative_forms_exist_for_the_boolean_flags() -> None:
-    """README: `--strict-model-name` and `--trust-remote-code` have `--no-...` forms."""
+    """README: the boolean flags have `--no-...` forms."""
     negatives = {
         opt
         for param in cli.params
         if isinstance(param, click.Option)
         for opt in param.secondary_opts
     }
-    assert negatives == {"--no-strict-model-name", "--no-trust-remote-code"}
+    assert negatives == {
+        "--no-strict-model-name",
+        "--no-trust-remote-code",
+        "--no-allow-request-overflow-policy",
+    }
     assert "`--no-...` forms" in readme_section("Settings")
 
 

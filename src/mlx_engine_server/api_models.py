@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 
+OverflowPolicy = Literal["error", "truncate", "summarize"]
+
 
 class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
@@ -89,6 +91,7 @@ class SamplingFields(WireModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    context_overflow: OverflowPolicy | None = None  # extension, when the operator allows it
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -18,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .api_models import OverflowPolicy
+
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
@@ -73,6 +75,22 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="max_tokens when a request gives none; None: the rest of the context window.",
+    )
+    context_overflow: OverflowPolicy = Field(
+        default="error",
+        description="A conversation too long for the window: refuse, drop old turns, or "
+        "summarize them with the model.",
+    )
+    allow_request_overflow_policy: bool = Field(
+        default=False, description="Let a chat request choose its own context_overflow."
+    )
+    summary_keep_messages: int = Field(
+        default=6, ge=0, le=10_000, description="Newest messages summarize keeps as they are."
+    )
+    summary_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Longest summary in tokens (never more than a quarter of the window).",
     )
 
     @field_validator("cache_dir", mode="after")

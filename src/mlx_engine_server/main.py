@@ -86,6 +86,27 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     metavar="INT",
     help="max_tokens when a request gives none.  [default: context left]",
 )
+@click.option(
+    "--context-overflow",
+    type=click.Choice(["error", "truncate", "summarize"]),
+    help="A conversation too long for the context window: refuse it, drop its oldest turns, or "
+    "summarize them with the model.  [default: error]",
+)
+@click.option(
+    "--allow-request-overflow-policy/--no-allow-request-overflow-policy",
+    default=None,
+    help="Let a chat request choose its own policy (its context_overflow field).",
+)
+@click.option(
+    "--summary-keep-messages",
+    metavar="INT",
+    help="Newest messages summarize keeps as they are.  [default: 6]",
+)
+@click.option(
+    "--summary-max-tokens",
+    metavar="INT",
+    help="Longest summary (at most a quarter of the window).  [default: 512]",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:

@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .chat.overflow import CompactionCounters
 from .engine import Engine
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -36,7 +37,7 @@ KNOWN_PATHS = frozenset(
 class ServerMetrics:
     """What the HTTP side measures; also the Generation's timing observer."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, compactions: CompactionCounters | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mlx_server_http_requests",
@@ -57,6 +58,8 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.registry.register(EngineCollector(engine))
+        if compactions is not None:
+            self.registry.register(CompactionCollector(compactions))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -103,6 +106,44 @@ class EngineCollector(Collector):
                 "Prompt tokens not prefilled.",
                 cache.cached_tokens_total,
             )
+
+
+class CompactionCollector(Collector):
+    """What the context-overflow policy did to conversations too long for the window."""
+
+    def __init__(self, counters: CompactionCounters) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.counters
+        compactions = CounterMetricFamily(
+            "mlx_server_context_compactions",
+            "Conversations compacted to fit the context window, by policy.",
+            labels=["policy"],
+        )
+        compactions.add_metric(["truncate"], counters.truncations)
+        compactions.add_metric(["summarize"], counters.summaries)
+        yield compactions
+        yield _counter(
+            "mlx_server_context_messages_dropped",
+            "Messages dropped by truncation.",
+            counters.messages_dropped,
+        )
+        yield _counter(
+            "mlx_server_context_messages_summarized",
+            "Messages replaced by a summary.",
+            counters.messages_summarized,
+        )
+        yield _counter(
+            "mlx_server_context_summary_tokens",
+            "Prompt and completion tokens spent writing summaries.",
+            counters.summary_tokens,
+        )
+        yield _counter(
+            "mlx_server_context_overflow_refusals",
+            "Requests compaction could not make fit (answered 400 context_length_exceeded).",
+            counters.refusals,
+        )
 
 
 def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:

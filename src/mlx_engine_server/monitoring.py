@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import __version__
+from .chat.overflow import CompactionCounters
 from .engine import Engine
 from .engine.device import device_name, memory_bytes, mlx_version
 from .metrics import ServerMetrics
@@ -26,7 +27,10 @@ async def health(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     engine: Engine = request.app.state.engine
-    return JSONResponse(status_body(engine))
+    body = status_body(engine)
+    compactions: CompactionCounters = request.app.state.compactions
+    body["context_overflow"] = compactions.as_dict()
+    return JSONResponse(body)
 
 
 def status_body(engine: Engine) -> dict[str, Any]:

@@ -24,12 +24,15 @@ class ResponseHeader:
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if usage.summary is not None:  # extension: the part of the counts above the summary took
+        body["summary_usage"] = usage_body(usage.summary)
+    return body
 
 
 def chat_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:

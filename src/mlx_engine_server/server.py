@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -20,11 +21,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .api_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OverflowPolicy,
+    SamplingFields,
+)
+from .chat.overflow import (
+    Compaction,
+    CompactionCounters,
+    Fitted,
+    Limits,
+    Summary,
+    SummaryOptions,
+    fit_conversation,
+)
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
@@ -36,6 +52,7 @@ from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_respon
 logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+COMPACTION_HEADER = "x-context-compacted"
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,10 @@ class ServerOptions:
 
     strict_model_name: bool = False
     max_tokens_default: int | None = None
+    context_overflow: OverflowPolicy = "error"
+    allow_request_overflow_policy: bool = False
+    summary_keep_messages: int = 6
+    summary_max_tokens: int = 512
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -54,7 +75,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
         yield
         engine.stop()
 
-    metrics = ServerMetrics(engine)
+    options = options or ServerOptions()
+    compactions = CompactionCounters(options.context_overflow)
+    metrics = ServerMetrics(engine, compactions)
     app = Starlette(
         middleware=[Middleware(RequestCounter, metrics=metrics)],
         routes=[
@@ -71,7 +94,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.options = options or ServerOptions()
+    app.state.options = options
+    app.state.compactions = compactions
     return app
 
 
@@ -90,9 +114,9 @@ TEXT = Surface("cmpl", TextShape, text_completion)
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
-    engine, _ = _check_model(request, body.model)
-    prompt = chat_prompt_tokens(engine.loaded.tokenizer, list(body.messages))
-    return await _generate(request, body, prompt, CHAT)
+    engine, options = _check_model(request, body.model)
+    fitted = await _fit_conversation(request, engine, options, body)
+    return await _generate(request, body, fitted.prompt, CHAT, fitted.compaction)
 
 
 async def completions(request: Request) -> Response:
@@ -107,6 +131,7 @@ async def _generate(
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
     surface: Surface,
+    compaction: Compaction | None = None,
 ) -> Response:
     """Admit the request, then stream its answer or wait for the whole of it."""
     engine: Engine = request.app.state.engine
@@ -114,11 +139,85 @@ async def _generate(
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
     generation = Generation(engine, prompt, params, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
+    summary = _summary_usage(compaction)
+    response: Response
     if body.stream:
-        shape = surface.shape(head, body.include_usage)
-        return stream_response(generation, shape, engine.options.shutdown_grace_s)
-    text, finished = await collect(generation, request.receive)
-    return JSONResponse(surface.whole(head, text, finished.finish_reason, finished.usage))
+        shape = surface.shape(head, body.include_usage, summary)
+        response = stream_response(generation, shape, engine.options.shutdown_grace_s)
+    else:
+        text, finished = await collect(generation, request.receive)
+        usage = finished.usage.with_summary(summary)
+        response = JSONResponse(surface.whole(head, text, finished.finish_reason, usage))
+    if compaction is not None:
+        response.headers[COMPACTION_HEADER] = compaction.header_value()
+    return response
+
+
+async def _fit_conversation(
+    request: Request, engine: Engine, options: ServerOptions, body: ChatCompletionRequest
+) -> Fitted:
+    """Apply the context-overflow policy to the messages, and count what it did."""
+    policy = _overflow_policy(options, body)
+    window = engine.loaded.context_window
+    requested = body.requested_max_tokens
+    limits = Limits(window, requested or _answer_reserve(options, window), requested is not None)
+    summary = SummaryOptions(
+        options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
+    )
+    render = partial(chat_prompt_tokens, engine.loaded.tokenizer)
+    counters: CompactionCounters = request.app.state.compactions
+    try:
+        fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
+    except ContextLengthExceededError:
+        counters.refusals += 1
+        raise
+    counters.record(fitted.compaction)
+    return fitted
+
+
+def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
+    if body.context_overflow is None:
+        return options.context_overflow
+    if not options.allow_request_overflow_policy:
+        raise InvalidRequestError(
+            "context_overflow is not enabled on this server "
+            "(the operator can allow it with --allow-request-overflow-policy)",
+            param="context_overflow",
+            code="unsupported_parameter",
+        )
+    return body.context_overflow
+
+
+def _answer_reserve(options: ServerOptions, context_window: int) -> int:
+    """Room compaction keeps for an answer when max_tokens is absent: not the last few tokens."""
+    quarter = max(1, context_window // 4)
+    default = options.max_tokens_default
+    return quarter if default is None else min(default, quarter)
+
+
+def _summary_usage(compaction: Compaction | None) -> Usage | None:
+    if compaction is None or compaction.summary is None:
+        return None
+    summary = compaction.summary
+    return Usage(summary.prompt_tokens, summary.completion_tokens, summary.cached_tokens)
+
+
+class EngineSummarizer:
+    """Summaries of old turns written by the served model: one more request to the same engine."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.engine: Engine = request.app.state.engine
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        return chat_prompt_tokens(self.engine.loaded.tokenizer, messages)
+
+    async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        generation = Generation(self.engine, prompt_tokens, params)
+        text, finished = await collect(generation, self.request.receive)
+        usage = finished.usage
+        return Summary(text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
 
 
 async def list_models(request: Request) -> Response:
@@ -230,6 +329,10 @@ def serve(settings: Settings) -> int:
     options = ServerOptions(
         strict_model_name=settings.strict_model_name,
         max_tokens_default=settings.max_tokens_default,
+        context_overflow=settings.context_overflow,
+        allow_request_overflow_policy=settings.allow_request_overflow_policy,
+        summary_keep_messages=settings.summary_keep_messages,
+        summary_max_tokens=settings.summary_max_tokens,
     )
     config = uvicorn.Config(
         create_app(engine, options),

@@ -38,9 +38,12 @@ class ChunkShape(Protocol):
 
 
 class ChatShape:
-    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+    def __init__(
+        self, head: ResponseHeader, include_usage: bool, summary: Usage | None = None
+    ) -> None:
         self.head = head
         self.include_usage = include_usage
+        self.summary = summary
 
     def opening(self) -> dict[str, Any] | None:
         return self._chunk({"role": "assistant", "content": ""})
@@ -52,16 +55,19 @@ class ChatShape:
         return self._chunk({}, finish)
 
     def usage(self, usage: Usage) -> dict[str, Any]:
-        return chat_usage_chunk(self.head, usage)
+        return chat_usage_chunk(self.head, usage.with_summary(self.summary))
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return chat_chunk(self.head, delta, finish, with_usage_field=self.include_usage)
 
 
 class TextShape:
-    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+    def __init__(
+        self, head: ResponseHeader, include_usage: bool, summary: Usage | None = None
+    ) -> None:
         self.head = head
         self.include_usage = include_usage
+        self.summary = summary
 
     def opening(self) -> dict[str, Any] | None:
         return None
@@ -73,7 +79,7 @@ class TextShape:
         return text_chunk(self.head, "", finish, with_usage_field=self.include_usage)
 
     def usage(self, usage: Usage) -> dict[str, Any]:
-        return text_usage_chunk(self.head, usage)
+        return text_usage_chunk(self.head, usage.with_summary(self.summary))
 
 
 def failure_error(event: Failed) -> APIError:

@@ -53,10 +53,21 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    summary: Usage | None = None  # a context summary made for this request, counted above too
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def with_summary(self, summary: Usage | None) -> Usage:
+        if summary is None:
+            return self
+        return Usage(
+            prompt_tokens=self.prompt_tokens + summary.prompt_tokens,
+            completion_tokens=self.completion_tokens + summary.completion_tokens,
+            cached_tokens=self.cached_tokens + summary.cached_tokens,
+            summary=summary,
+        )
 
 
 @dataclass(frozen=True)
