@@ -165,8 +165,9 @@ def test_truncate_keeps_a_tool_call_with_its_results(
     result = {"role": "tool", "content": "Rain all day. " + "drop " * 25}
     messages = [SYSTEM, {"role": "user", "content": "Weather?"}, call, result, result]
     messages += [call, result, call, result]
-    response, body = completion(overflow_client, messages, max_tokens=96)
-    # The oldest call goes with both its results, never a result alone.
+    # Room for all but the oldest call and its first result: its second result must go too.
+    max_tokens = TINY_CONTEXT_WINDOW - prompt_length([*messages[:2], *messages[4:]])
+    response, body = completion(overflow_client, messages, max_tokens=max_tokens)
     assert response.headers["x-context-compacted"] == "truncate; dropped=3"
     assert body.usage is not None
     assert body.usage.prompt_tokens == prompt_length([*messages[:2], *messages[5:]])
