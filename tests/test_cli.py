@@ -390,18 +390,20 @@ def server_process(
 ) -> Iterator[ServerProcess]:
     """`mlx-server` on the tiny model; the flag, an env var and a config file each set something.
 
-    model_id: flag > env > file; max_queue: env > file; max_batch_size, max_tokens_default: file.
+    model_id: flag > env > file; max_queue: env > file; max_batch_size, max_tokens_default,
+    context_overflow: file; allow_request_overflow_policy: flag.
     """
     work = tmp_path_factory.mktemp("server-process")
+    settings = {"model_id": "file-id", "max_queue": 99, "max_batch_size": 3}
     config = write_config(
-        work,
-        {"model_id": "file-id", "max_queue": 99, "max_batch_size": 3, "max_tokens_default": 2},
+        work, {**settings, "max_tokens_default": 2, "context_overflow": "truncate"}
     )
     port = free_port()
     log_path = work / "server.log"
     env = clean_env(MLX_SERVER_MODEL_ID="env-id", MLX_SERVER_MAX_QUEUE="5")
     args = [str(tiny_model_dir), "--port", str(port), "--model-id", "tiny-test"]
     args += ["--cache-dir", str(work / "cache"), "--config", str(config)]
+    args += ["--allow-request-overflow-policy"]
     with log_path.open("wb") as log:
         process = subprocess.Popen([MLX_SERVER, *args], env=env, stdout=log, stderr=log)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
@@ -515,3 +517,18 @@ def test_strict_model_name_accepts_the_served_model(strict_client: TestClient) -
     reply = strict_client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == served
+
+
+def test_process_applies_the_context_overflow_settings(server_process: ServerProcess) -> None:
+    old_turns = [
+        {"role": "user", "content": "fig " * 300},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Hi"},
+    ]
+    url = f"{server_process.base_url}/v1/chat/completions"
+    body = {"messages": old_turns, "max_tokens": 2, "temperature": 0}
+    truncated = httpx.post(url, json=body, timeout=60)
+    assert truncated.status_code == 200, truncated.text
+    assert truncated.headers["x-context-compacted"] == "truncate; dropped=2"
+    refused = httpx.post(url, json={**body, "context_overflow": "error"}, timeout=60)
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
