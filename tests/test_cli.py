@@ -448,6 +448,21 @@ def test_process_uses_max_tokens_default_from_config_file(server_process: Server
         assert data["choices"][0]["finish_reason"] == "length"
 
 
+def test_process_applies_the_context_overflow_settings(server_process: ServerProcess) -> None:
+    old_turns = [
+        {"role": "user", "content": "fig " * 300},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "Hi"},
+    ]
+    url = f"{server_process.base_url}/v1/chat/completions"
+    body = {"messages": old_turns, "max_tokens": 2, "temperature": 0}
+    truncated = httpx.post(url, json=body, timeout=60)
+    assert truncated.status_code == 200, truncated.text
+    assert truncated.headers["x-context-compacted"] == "truncate; dropped=2"
+    refused = httpx.post(url, json={**body, "context_overflow": "error"}, timeout=60)
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_example_client_runs_against_the_process(server_process: ServerProcess) -> None:
     done = subprocess.run(
         [
@@ -517,18 +532,3 @@ def test_strict_model_name_accepts_the_served_model(strict_client: TestClient) -
     reply = strict_client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["model"] == served
-
-
-def test_process_applies_the_context_overflow_settings(server_process: ServerProcess) -> None:
-    old_turns = [
-        {"role": "user", "content": "fig " * 300},
-        {"role": "assistant", "content": "ok"},
-        {"role": "user", "content": "Hi"},
-    ]
-    url = f"{server_process.base_url}/v1/chat/completions"
-    body = {"messages": old_turns, "max_tokens": 2, "temperature": 0}
-    truncated = httpx.post(url, json=body, timeout=60)
-    assert truncated.status_code == 200, truncated.text
-    assert truncated.headers["x-context-compacted"] == "truncate; dropped=2"
-    refused = httpx.post(url, json={**body, "context_overflow": "error"}, timeout=60)
-    assert refused.json()["error"]["code"] == "context_length_exceeded"
