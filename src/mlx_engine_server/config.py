@@ -75,6 +75,17 @@ class Settings(BaseSettings):
         description="max_tokens when a request gives none; None: the rest of the context window.",
     )
 
+    tool_call_parser: str = Field(
+        default="auto",
+        pattern=r"^[a-z0-9_]+$",
+        description="Tool-call format: auto (from the chat template), none, hermes, llama3, "
+        "mistral, gemma, or an mlx-lm parser name.",
+    )
+    reasoning_parser: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: text in thinking markers goes to reasoning_content; none: to content.",
+    )
+
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

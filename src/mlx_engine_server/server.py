@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -21,17 +21,20 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
-from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
+from .chat.output import OutputRules, split_whole
+from .chat.parsers import known_tool_call_parsers
+from .chat.plan import chat_formats, plan_chat
+from .chat.prompt import completion_prompt_tokens, resolve_max_tokens
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
-from .errors import InvalidRequestError, ModelNotFoundError
+from .errors import InvalidRequestError, ModelNotFoundError, StartupError
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
 from .responses import ResponseHeader, chat_completion, text_completion
-from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_response
+from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class ServerOptions:
 
     strict_model_name: bool = False
     max_tokens_default: int | None = None
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -71,7 +76,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.options = options or ServerOptions()
+    app.state.options = options = options or ServerOptions()
+    app.state.chat_formats = chat_formats(
+        engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
+    )
     return app
 
 
@@ -80,19 +88,32 @@ class Surface:
     """What differs between chat and text completions once the prompt is tokens."""
 
     id_prefix: str
-    shape: type[ChatShape] | type[TextShape]
+    shape: Callable[[ResponseHeader, bool], ChunkShape]
     whole: Callable[[ResponseHeader, str, str, Usage], dict[str, Any]]
 
 
-CHAT = Surface("chatcmpl", ChatShape, chat_completion)
 TEXT = Surface("cmpl", TextShape, text_completion)
+
+
+def chat_surface(rules: OutputRules) -> Surface:
+    """Chat answers are split into reasoning, content and tool calls by this request's rules."""
+
+    def shape(head: ResponseHeader, include_usage: bool) -> ChunkShape:
+        return ChatShape(head, include_usage, rules)
+
+    def whole(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+        return chat_completion(head, split_whole(rules, text), finish, usage)
+
+    return Surface("chatcmpl", shape, whole)
 
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     engine, _ = _check_model(request, body.model)
-    prompt = chat_prompt_tokens(engine.loaded.tokenizer, list(body.messages))
-    return await _generate(request, body, prompt, CHAT)
+    plan = plan_chat(engine.loaded.tokenizer, request.app.state.chat_formats, body)
+    return await _generate(
+        request, body, plan.prompt_tokens, chat_surface(plan.rules), grammar=plan.grammar
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -107,11 +128,15 @@ async def _generate(
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
     surface: Surface,
+    *,
+    grammar: str | None = None,
 ) -> Response:
     """Admit the request, then stream its answer or wait for the whole of it."""
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
     generation = Generation(engine, prompt, params, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     if body.stream:
@@ -218,6 +243,11 @@ def serve(settings: Settings) -> int:
         cache_dir=settings.cache_dir,
         trust_remote_code=settings.trust_remote_code,
     )
+    if settings.tool_call_parser not in known_tool_call_parsers():
+        raise StartupError(
+            f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
+            f"choose one of {', '.join(known_tool_call_parsers())}"
+        )
     engine = Engine(lambda: load_model(source), _engine_options(settings))
     loaded = engine.start()
     logger.info(
@@ -230,6 +260,8 @@ def serve(settings: Settings) -> int:
     options = ServerOptions(
         strict_model_name=settings.strict_model_name,
         max_tokens_default=settings.max_tokens_default,
+        tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
     )
     config = uvicorn.Config(
         create_app(engine, options),
