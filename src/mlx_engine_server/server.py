@@ -23,7 +23,7 @@ from starlette.routing import Route
 from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .chat.output import OutputRules, split_whole
 from .chat.parsers import known_tool_call_parsers
-from .chat.plan import chat_formats, plan_chat
+from .chat.plan import ChatFormats, chat_formats, plan_chat
 from .chat.prompt import completion_prompt_tokens, resolve_max_tokens
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
@@ -76,10 +76,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     )
     app.state.engine = engine
     app.state.metrics = metrics
-    app.state.options = options = options or ServerOptions()
-    app.state.chat_formats = chat_formats(
-        engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
-    )
+    app.state.options = options or ServerOptions()
+    app.state.chat_formats = None  # worked out from the model's tokenizer on first use
     return app
 
 
@@ -110,10 +108,21 @@ def chat_surface(rules: OutputRules) -> Surface:
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     engine, _ = _check_model(request, body.model)
-    plan = plan_chat(engine.loaded.tokenizer, request.app.state.chat_formats, body)
+    plan = plan_chat(engine.loaded.tokenizer, _chat_formats(request), body)
     return await _generate(
         request, body, plan.prompt_tokens, chat_surface(plan.rules), grammar=plan.grammar
     )
+
+
+def _chat_formats(request: Request) -> ChatFormats:
+    state = request.app.state
+    if state.chat_formats is None:
+        options: ServerOptions = state.options
+        state.chat_formats = chat_formats(
+            state.engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
+        )
+    formats: ChatFormats = state.chat_formats
+    return formats
 
 
 async def completions(request: Request) -> Response:

@@ -77,13 +77,14 @@ def tool_policy(body: ChatCompletionRequest) -> ToolPolicy:
 
 def _check_tool_fields(body: ChatCompletionRequest) -> None:
     if body.tools is None:
-        for name in ("tool_choice", "parallel_tool_calls"):
-            if getattr(body, name) is not None:
-                raise InvalidRequestError(
-                    f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are "
-                    "specified.",
-                    param=name,
-                )
+        # Without tools, "none", "auto" and parallel_tool_calls hold trivially (no call can be
+        # made), and some clients always send them; a demanded call cannot be honoured.
+        if body.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequestError(
+                "Invalid value for 'tool_choice': a call can only be required when 'tools' "
+                "are specified.",
+                param="tool_choice",
+            )
         return
     names: set[str] = set()
     for index, tool in enumerate(body.tools):
