@@ -3,7 +3,6 @@ grammar that forces a tool call when the client demands one."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,8 +20,6 @@ from .tools import (
     template_tools,
     tool_policy,
 )
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_THINKING = ReasoningMarkers("<think>", "</think>")
 ReasoningParser = Literal["auto", "none"]
