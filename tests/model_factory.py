@@ -111,3 +111,60 @@ def build_lora_adapter(dest: Path, model_dir: Path, *, rank: int = 4, seed: int 
     adapter_config = {"fine_tune_type": "lora", "num_layers": layers, "lora_parameters": lora}
     (dest / "adapter_config.json").write_text(json.dumps(adapter_config), encoding="utf-8")
     return dest
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def use_chat_template(model_dir: Path, template_name: str) -> Path:
+    """Give `model_dir` one of the fixture templates (replacing the tokenizer's own)."""
+    template = (FIXTURES / template_name).read_text(encoding="utf-8")
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (model_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return model_dir
+
+
+def build_scripted_llama(
+    dest: Path, tokenizer_dir: Path, script: list[int], start_after: list[int], end: int
+) -> Path:
+    """A llama whose greedy answer is `script`, whatever the prompt: a bigram table in weights.
+
+    Attention and MLP outputs are zero, so the last hidden state is the current token's
+    embedding; the output head maps each script token's embedding to the next token (after any
+    of `start_after`, the prompt's possible last tokens, comes the first; after the last, `end`).
+    A token may appear twice in the script only if the same token follows it both times.
+    """
+    successors = dict(zip(script, [*script[1:], end], strict=True))
+    for previous, following in zip(script, [*script[1:], end], strict=True):
+        if successors[previous] != following:
+            raise ValueError(f"token {previous} is followed by two different tokens")
+    successors.update({token: script[0] for token in start_after})
+    build_tiny_llama(dest, tokenizer_dir, context_window=1024)
+    config = json.loads((dest / "config.json").read_text(encoding="utf-8"))
+    config.update(num_hidden_layers=1, tie_word_embeddings=False)
+    (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    weights = _bigram_weights(config, successors)
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, {"format": "mlx"})
+    return dest
+
+
+def _bigram_weights(config: dict[str, object], successors: dict[int, int]) -> dict[str, mx.array]:
+    mx.random.seed(7)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    hidden = int(str(config["hidden_size"]))
+    vocab = int(str(config["vocab_size"]))
+    embed = mx.random.normal((vocab, hidden))
+    embed = embed / mx.linalg.norm(embed, axis=-1, keepdims=True) * hidden**0.5
+    head = mx.zeros((vocab, hidden))
+    for previous, following in successors.items():  # summed: several tokens may share a successor
+        head[following] = head[following] + embed[previous] * (10.0 / hidden)
+    weights["model.embed_tokens.weight"] = embed
+    weights["lm_head.weight"] = head
+    for name in list(weights):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = mx.zeros_like(weights[name])
+    return weights

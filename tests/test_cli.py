@@ -163,6 +163,8 @@ ENV_CASES = [
     ("ALLOW_REQUEST_OVERFLOW_POLICY", "true", "allow_request_overflow_policy", True),
     ("SUMMARY_KEEP_MESSAGES", "2", "summary_keep_messages", 2),
     ("SUMMARY_MAX_TOKENS", "40", "summary_max_tokens", 40),
+    ("TOOL_CALL_PARSER", "llama3", "tool_call_parser", "llama3"),
+    ("REASONING_PARSER", "none", "reasoning_parser", "none"),
 ]
 
 

@@ -161,10 +161,18 @@ def test_truncate_overflowing_by_far_keeps_the_newest_turns_that_fit(
 def test_truncate_keeps_a_tool_call_with_its_results(
     overflow_client: TestClient, prompt_length: Callable[[Messages], int]
 ) -> None:
-    call = {"role": "assistant", "content": "Calling the weather tool. " + "cloud " * 20}
-    result = {"role": "tool", "content": "Rain all day. " + "drop " * 25}
-    messages = [SYSTEM, {"role": "user", "content": "Weather?"}, call, result, result]
-    messages += [call, result, call, result]
+    def call(*ids: str) -> dict[str, Any]:
+        calls = [
+            {"id": i, "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+            for i in ids
+        ]
+        return {"role": "assistant", "content": "Calling. " + "cloud " * 20, "tool_calls": calls}
+
+    def result(call_id: str) -> dict[str, Any]:
+        return {"role": "tool", "tool_call_id": call_id, "content": "Rain. " + "drop " * 25}
+
+    messages = [SYSTEM, {"role": "user", "content": "Weather?"}, call("a", "b"), result("a")]
+    messages += [result("b"), call("c"), result("c"), call("d"), result("d")]
     # Room for all but the oldest call and its first result: its second result must go too.
     max_tokens = TINY_CONTEXT_WINDOW - prompt_length([*messages[:2], *messages[4:]])
     response, body = completion(overflow_client, messages, max_tokens=max_tokens)

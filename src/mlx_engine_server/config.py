@@ -93,6 +93,17 @@ class Settings(BaseSettings):
         description="Longest summary in tokens (never more than a quarter of the window).",
     )
 
+    tool_call_parser: str = Field(
+        default="auto",
+        pattern=r"^[a-z0-9_]+$",
+        description="Tool-call format: auto (from the chat template), none, hermes, llama3, "
+        "mistral, gemma, or an mlx-lm parser name.",
+    )
+    reasoning_parser: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: text in thinking markers goes to reasoning_content; none: to content.",
+    )
+
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -103,11 +103,11 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
 
 
 def _is_union_branch(part: str) -> bool:
-    return part.startswith(("list[", "dict[", "function-", "constrained-")) or part in {
+    return part.startswith(("list[", "dict[", "function-", "constrained-", "literal[")) or part in {
         "str",
         "int",
         "float",
         "bool",
         "TextPart",
-        "literal['text']",
+        "NamedToolChoice",
     }

@@ -107,6 +107,17 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     metavar="INT",
     help="Longest summary (at most a quarter of the window).  [default: 512]",
 )
+@click.option(
+    "--tool-call-parser",
+    metavar="NAME",
+    help="Tool-call format: auto, none, hermes, llama3, mistral, gemma or an mlx-lm parser.  "
+    "[default: auto]",
+)
+@click.option(
+    "--reasoning-parser",
+    metavar="MODE",
+    help="auto: thinking goes to reasoning_content; none: left in content.  [default: auto]",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:

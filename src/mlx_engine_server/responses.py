@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .chat.output import ParsedOutput, ToolCallOut
 from .engine import Usage
 
 
@@ -35,8 +36,16 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     return body
 
 
-def chat_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+def chat_completion(
+    head: ResponseHeader, output: ParsedOutput, finish: str, usage: Usage
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": output.content}
+    if output.reasoning:
+        message.update(reasoning_fields(output.reasoning))
+    if output.tool_calls:
+        message["content"] = output.content or None  # as OpenAI: null beside tool calls
+        message["tool_calls"] = [_tool_call_body(call) for call in output.tool_calls]
+    finish = chat_finish_reason(finish, made_tool_calls=bool(output.tool_calls))
     return {
         "id": head.id,
         "object": "chat.completion",
@@ -45,6 +54,35 @@ def chat_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) 
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": usage_body(usage),
     }
+
+
+def chat_finish_reason(finish: str, *, made_tool_calls: bool) -> str:
+    return "tool_calls" if made_tool_calls and finish == "stop" else finish
+
+
+def reasoning_fields(text: str) -> dict[str, str]:
+    """Clients disagree on the name (vLLM/DeepSeek vs OpenRouter/Ollama): send both."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
+def _tool_call_body(call: ToolCallOut) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def tool_call_deltas(call: ToolCallOut) -> list[dict[str, Any]]:
+    """A call as OpenAI streams it: id, type and name first, then the arguments."""
+    opening = {
+        "index": call.index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": ""},
+    }
+    arguments = {"index": call.index, "function": {"arguments": call.arguments}}
+    return [{"tool_calls": [opening]}, {"tool_calls": [arguments]}]
 
 
 def chat_chunk(

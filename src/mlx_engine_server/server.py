@@ -9,8 +9,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -28,6 +27,7 @@ from .api_models import (
     OverflowPolicy,
     SamplingFields,
 )
+from .chat.output import OutputRules, split_whole
 from .chat.overflow import (
     Compaction,
     CompactionCounters,
@@ -37,17 +37,24 @@ from .chat.overflow import (
     SummaryOptions,
     fit_conversation,
 )
+from .chat.parsers import known_tool_call_parsers
+from .chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
-from .errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from .errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    StartupError,
+)
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
 from .responses import ResponseHeader, chat_completion, text_completion
-from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_response
+from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ class ServerOptions:
     allow_request_overflow_policy: bool = False
     summary_keep_messages: int = 6
     summary_max_tokens: int = 512
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -96,6 +105,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     app.state.metrics = metrics
     app.state.options = options
     app.state.compactions = compactions
+    app.state.chat_formats = None  # worked out from the model's tokenizer on first use
     return app
 
 
@@ -104,19 +114,74 @@ class Surface:
     """What differs between chat and text completions once the prompt is tokens."""
 
     id_prefix: str
-    shape: type[ChatShape] | type[TextShape]
+    shape: Callable[[ResponseHeader, bool, Usage | None], ChunkShape]
     whole: Callable[[ResponseHeader, str, str, Usage], dict[str, Any]]
 
 
-CHAT = Surface("chatcmpl", ChatShape, chat_completion)
 TEXT = Surface("cmpl", TextShape, text_completion)
+
+
+def chat_surface(rules: OutputRules) -> Surface:
+    """Chat answers are split into reasoning, content and tool calls by this request's rules."""
+
+    def shape(head: ResponseHeader, include_usage: bool, summary: Usage | None) -> ChunkShape:
+        return ChatShape(head, include_usage, rules, summary)
+
+    def whole(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+        return chat_completion(head, split_whole(rules, text), finish, usage)
+
+    return Surface("chatcmpl", shape, whole)
 
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     engine, options = _check_model(request, body.model)
-    fitted = await _fit_conversation(request, engine, options, body)
-    return await _generate(request, body, fitted.prompt, CHAT, fitted.compaction)
+    planner = ChatPlanner(engine, _chat_formats(request), body)
+    fitted = await _fit_conversation(request, engine, options, body, planner.prompt_tokens)
+    plan = planner.plan(fitted.messages)
+    return await _generate(
+        request,
+        body,
+        plan.prompt_tokens,
+        chat_surface(plan.rules),
+        compaction=fitted.compaction,
+        grammar=plan.grammar,
+    )
+
+
+class ChatPlanner:
+    """Prompts built exactly as the engine will see them (messages, tools, template arguments);
+    the overflow policy measures with it, and its last plan is reused when nothing was dropped."""
+
+    def __init__(self, engine: Engine, formats: ChatFormats, body: ChatCompletionRequest) -> None:
+        self.tokenizer = engine.loaded.tokenizer
+        self.formats = formats
+        self.body = body
+        self._last: tuple[list[ChatMessage], ChatPlan] | None = None
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        return self.plan(messages).prompt_tokens
+
+    def plan(self, messages: list[ChatMessage]) -> ChatPlan:
+        if self._last is not None and self._last[0] == messages:
+            return self._last[1]
+        body = self.body
+        if messages != list(body.messages):
+            body = body.model_copy(update={"messages": messages})
+        plan = plan_chat(self.tokenizer, self.formats, body)
+        self._last = (messages, plan)
+        return plan
+
+
+def _chat_formats(request: Request) -> ChatFormats:
+    state = request.app.state
+    if state.chat_formats is None:
+        options: ServerOptions = state.options
+        state.chat_formats = chat_formats(
+            state.engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
+        )
+    formats: ChatFormats = state.chat_formats
+    return formats
 
 
 async def completions(request: Request) -> Response:
@@ -131,12 +196,16 @@ async def _generate(
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
     surface: Surface,
+    *,
     compaction: Compaction | None = None,
+    grammar: str | None = None,
 ) -> Response:
     """Admit the request, then stream its answer or wait for the whole of it."""
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
     params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
+    if grammar is not None:
+        params = replace(params, grammar=grammar)
     generation = Generation(engine, prompt, params, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     summary = _summary_usage(compaction)
@@ -154,7 +223,11 @@ async def _generate(
 
 
 async def _fit_conversation(
-    request: Request, engine: Engine, options: ServerOptions, body: ChatCompletionRequest
+    request: Request,
+    engine: Engine,
+    options: ServerOptions,
+    body: ChatCompletionRequest,
+    render: Callable[[list[ChatMessage]], list[int]],
 ) -> Fitted:
     """Apply the context-overflow policy to the messages, and count what it did."""
     policy = _overflow_policy(options, body)
@@ -164,7 +237,6 @@ async def _fit_conversation(
     summary = SummaryOptions(
         options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
     )
-    render = partial(chat_prompt_tokens, engine.loaded.tokenizer)
     counters: CompactionCounters = request.app.state.compactions
     try:
         fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
@@ -317,6 +389,11 @@ def serve(settings: Settings) -> int:
         cache_dir=settings.cache_dir,
         trust_remote_code=settings.trust_remote_code,
     )
+    if settings.tool_call_parser not in known_tool_call_parsers():
+        raise StartupError(
+            f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
+            f"choose one of {', '.join(known_tool_call_parsers())}"
+        )
     engine = Engine(lambda: load_model(source), _engine_options(settings))
     loaded = engine.start()
     logger.info(
@@ -333,6 +410,8 @@ def serve(settings: Settings) -> int:
         allow_request_overflow_policy=settings.allow_request_overflow_policy,
         summary_keep_messages=settings.summary_keep_messages,
         summary_max_tokens=settings.summary_max_tokens,
+        tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
     )
     config = uvicorn.Config(
         create_app(engine, options),

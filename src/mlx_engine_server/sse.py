@@ -14,14 +14,18 @@ from typing import Any, Protocol
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
+from .chat.output import Content, OutputRules, OutputSplitter, Part, Reasoning
 from .engine import Failed, Finished, Generation, TextDelta, Usage
 from .errors import APIError, GenerationTimeoutError, InternalError, ServiceUnavailableError
 from .responses import (
     ResponseHeader,
     chat_chunk,
+    chat_finish_reason,
     chat_usage_chunk,
+    reasoning_fields,
     text_chunk,
     text_usage_chunk,
+    tool_call_deltas,
 )
 
 DONE = "[DONE]"
@@ -32,27 +36,48 @@ class ChunkShape(Protocol):
     include_usage: bool
 
     def opening(self) -> dict[str, Any] | None: ...
-    def delta(self, text: str) -> dict[str, Any]: ...
-    def closing(self, finish: str) -> dict[str, Any]: ...
+    def deltas(self, text: str) -> list[dict[str, Any]]: ...
+    def closing(self, finish: str) -> list[dict[str, Any]]: ...
     def usage(self, usage: Usage) -> dict[str, Any]: ...
 
 
 class ChatShape:
+    """Chat chunks: the raw text split into reasoning, content and tool-call deltas."""
+
     def __init__(
-        self, head: ResponseHeader, include_usage: bool, summary: Usage | None = None
+        self,
+        head: ResponseHeader,
+        include_usage: bool,
+        rules: OutputRules,
+        summary: Usage | None = None,
     ) -> None:
         self.head = head
         self.include_usage = include_usage
         self.summary = summary
+        self._splitter = OutputSplitter(rules)
 
     def opening(self) -> dict[str, Any] | None:
         return self._chunk({"role": "assistant", "content": ""})
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text})
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        return self._part_chunks(self._splitter.feed(text))
 
-    def closing(self, finish: str) -> dict[str, Any]:
-        return self._chunk({}, finish)
+    def closing(self, finish: str) -> list[dict[str, Any]]:
+        chunks = self._part_chunks(self._splitter.finish())
+        made_calls = self._splitter.made_tool_calls
+        reason = chat_finish_reason(finish, made_tool_calls=made_calls)
+        return [*chunks, self._chunk({}, reason)]
+
+    def _part_chunks(self, parts: list[Part]) -> list[dict[str, Any]]:
+        chunks = []
+        for part in parts:
+            if isinstance(part, Reasoning):
+                chunks.append(self._chunk(reasoning_fields(part.text)))
+            elif isinstance(part, Content):
+                chunks.append(self._chunk({"content": part.text}))
+            else:
+                chunks.extend(self._chunk(delta) for delta in tool_call_deltas(part))
+        return chunks
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return chat_usage_chunk(self.head, usage.with_summary(self.summary))
@@ -72,11 +97,11 @@ class TextShape:
     def opening(self) -> dict[str, Any] | None:
         return None
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return text_chunk(self.head, text, with_usage_field=self.include_usage)
+    def deltas(self, text: str) -> list[dict[str, Any]]:
+        return [text_chunk(self.head, text, with_usage_field=self.include_usage)]
 
-    def closing(self, finish: str) -> dict[str, Any]:
-        return text_chunk(self.head, "", finish, with_usage_field=self.include_usage)
+    def closing(self, finish: str) -> list[dict[str, Any]]:
+        return [text_chunk(self.head, "", finish, with_usage_field=self.include_usage)]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return text_usage_chunk(self.head, usage.with_summary(self.summary))
@@ -129,9 +154,11 @@ async def _chunks(generation: Generation, shape: ChunkShape) -> AsyncIterator[di
         yield _data(opening)
     async for event in generation.events():
         if isinstance(event, TextDelta):
-            yield _data(shape.delta(event.text))
+            for chunk in shape.deltas(event.text):
+                yield _data(chunk)
         elif isinstance(event, Finished):
-            yield _data(shape.closing(event.finish_reason))
+            for chunk in shape.closing(event.finish_reason):
+                yield _data(chunk)
             if shape.include_usage:
                 yield _data(shape.usage(event.usage))
         else:

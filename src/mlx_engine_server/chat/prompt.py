@@ -2,26 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
 
 from ..api_models import ChatMessage
 from ..errors import ContextLengthExceededError, InvalidRequestError
-
-# Templates know system, user, assistant and tool; OpenAI's newer "developer" role is a system one.
-ROLE_FOR_TEMPLATE = {"developer": "system"}
+from .tools import template_messages
 
 
-def chat_prompt_tokens(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+@dataclass(frozen=True)
+class ChatPrompt:
+    tokens: list[int]
+    text: str  # as rendered, to see whether the template opened a thinking block
+
+
+def chat_prompt(
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> ChatPrompt:
     """Render with the model's template (its own special tokens included), then tokenize."""
-    conversation = [_template_message(message) for message in messages]
-    if getattr(tokenizer, "chat_template", None):
-        text = _render_template(tokenizer, conversation)
+    template = getattr(tokenizer, "chat_template", None)
+    if tools and "tools" not in str(template or ""):
+        raise InvalidRequestError(
+            "This model's chat template does not render tools, so the model cannot call them.",
+            param="tools",
+        )
+    if template:
+        text = _render_template(tokenizer, conversation, tools, kwargs or {})
     else:
         text = _plain_transcript(conversation)
     tokens: list[int] = tokenizer.encode(text, add_special_tokens=False)
-    return tokens
+    return ChatPrompt(tokens, text)
+
+
+def chat_prompt_tokens(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """The prompt of a conversation without tools (the tokenizer endpoints count with it)."""
+    return chat_prompt(tokenizer, template_messages(messages)).tokens
 
 
 def completion_prompt_tokens(tokenizer: Any, prompt: str | list[int]) -> list[int]:
@@ -37,26 +57,25 @@ def completion_prompt_tokens(tokenizer: Any, prompt: str | list[int]) -> list[in
     return tokens
 
 
-def _template_message(message: ChatMessage) -> dict[str, str]:
-    entry = {"role": ROLE_FOR_TEMPLATE.get(message.role, message.role), "content": message.text()}
-    if message.name is not None:
-        entry["name"] = message.name
-    return entry
-
-
-def _render_template(tokenizer: Any, conversation: list[dict[str, str]]) -> str:
+def _render_template(
+    tokenizer: Any,
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    kwargs: dict[str, Any],
+) -> str:
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True
+            conversation, tools=tools, tokenize=False, add_generation_prompt=True, **kwargs
         )
-    except TemplateError as exc:
+    except (TemplateError, TypeError, ValueError) as exc:
+        # A template raises (or trips over a value it cannot handle) on messages it refuses.
         raise InvalidRequestError(
             f"the model's chat template rejected these messages: {exc}", param="messages"
         ) from None
     return str(text)
 
 
-def _plain_transcript(conversation: list[dict[str, str]]) -> str:
+def _plain_transcript(conversation: list[dict[str, Any]]) -> str:
     """For base models without a template: a plain transcript ending with the assistant's turn."""
     lines = [f"{entry['role']}: {entry['content']}" for entry in conversation]
     return "\n".join([*lines, "assistant:"])

@@ -26,6 +26,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # An llguidance Lark grammar (JSON schemas inline as `%json {...}`) the output must follow.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
