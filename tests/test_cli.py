@@ -159,6 +159,8 @@ ENV_CASES = [
     ("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5),
     ("MEMORY_BUDGET_BYTES", "1000000000", "memory_budget_bytes", 1_000_000_000),
     ("MAX_TOKENS_DEFAULT", "17", "max_tokens_default", 17),
+    ("MAX_N", "4", "max_n", 4),
+    ("MAX_PROMPTS", "5", "max_prompts", 5),
 ]
 
 

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
         description="max_tokens when a request gives none; None: the rest of the context window.",
     )
 
+    max_n: int = Field(
+        default=8, ge=1, le=128, description="Most choices (n) one request may ask for."
+    )
+    max_prompts: int = Field(
+        default=16, ge=1, le=1024, description="Most prompts one /v1/completions request may hold."
+    )
+
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Usage
+from .engine import TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,15 @@ class ResponseHeader:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
+@dataclass
+class ChoiceResult:
+    """One choice of a whole (non-streamed) answer."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -32,31 +41,110 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def chat_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+def token_text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """`choices[].logprobs` of chat completions: one entry per generated token."""
+    content = [
+        {
+            "token": token_text(entry.token_bytes),
+            "logprob": entry.logprob,
+            "bytes": list(entry.token_bytes),
+            "top_logprobs": [
+                {
+                    "token": token_text(top.token_bytes),
+                    "logprob": top.logprob,
+                    "bytes": list(top.token_bytes),
+                }
+                for top in entry.top
+            ],
+        }
+        for entry in logprobs
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(
+    logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy completions shape; `offset` is where the first token's text starts."""
+    tokens = [token_text(entry.token_bytes) for entry in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry.logprob for entry in logprobs],
+        "top_logprobs": [
+            {token_text(top.token_bytes): top.logprob for top in entry.top} for entry in logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
+def chat_completion(
+    head: ResponseHeader, choices: list[ChoiceResult], usage: Usage, *, with_logprobs: bool
+) -> dict[str, Any]:
     return {
         "id": head.id,
         "object": "chat.completion",
         "created": head.created,
         "model": head.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": choice.text},
+                "finish_reason": choice.finish_reason,
+                "logprobs": chat_logprobs(choice.logprobs) if with_logprobs else None,
+            }
+            for index, choice in enumerate(choices)
+        ],
+        "usage": usage_body(usage),
+    }
+
+
+def text_completion(
+    head: ResponseHeader,
+    choices: list[ChoiceResult],
+    usage: Usage,
+    *,
+    with_logprobs: bool,
+    echoes: list[str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": head.id,
+        "object": "text_completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": [
+            {
+                "index": index,
+                "text": (echoes[index] if echoes else "") + choice.text,
+                "finish_reason": choice.finish_reason,
+                "logprobs": text_logprobs(choice.logprobs) if with_logprobs else None,
+            }
+            for index, choice in enumerate(choices)
+        ],
         "usage": usage_body(usage),
     }
 
 
 def chat_chunk(
     head: ResponseHeader,
-    delta: dict[str, Any],
-    finish: str | None = None,
+    choice: dict[str, Any],
     *,
     with_usage_field: bool = False,
 ) -> dict[str, Any]:
+    """`choice`: index, delta, finish_reason and logprobs of one choice."""
     chunk: dict[str, Any] = {
         "id": head.id,
         "object": "chat.completion.chunk",
         "created": head.created,
         "model": head.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [choice],
     }
     if with_usage_field:
         chunk["usage"] = None
@@ -74,26 +162,16 @@ def chat_usage_chunk(head: ResponseHeader, usage: Usage) -> dict[str, Any]:
     }
 
 
-def text_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-    return {
-        "id": head.id,
-        "object": "text_completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        "usage": usage_body(usage),
-    }
-
-
 def text_chunk(
-    head: ResponseHeader, text: str, finish: str | None = None, *, with_usage_field: bool = False
+    head: ResponseHeader, choice: dict[str, Any], *, with_usage_field: bool = False
 ) -> dict[str, Any]:
+    """`choice`: index, text, finish_reason and logprobs of one choice."""
     chunk: dict[str, Any] = {
         "id": head.id,
         "object": "text_completion",
         "created": head.created,
         "model": head.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [choice],
     }
     if with_usage_field:
         chunk["usage"] = None

@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from .api_models import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
+from .chat.structured import response_format_grammar
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
 from .errors import InvalidRequestError, ModelNotFoundError
@@ -30,8 +31,9 @@ from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
-from .responses import ResponseHeader, chat_completion, text_completion
-from .sse import SHUTDOWN_MARGIN_S, ChatShape, TextShape, collect, stream_response
+from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
+from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
+from .tokenizer_routes import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class ServerOptions:
 
     strict_model_name: bool = False
     max_tokens_default: int | None = None
+    max_n: int = 8
+    max_prompts: int = 16
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -61,6 +65,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -77,48 +83,120 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
 
 @dataclass(frozen=True)
 class Surface:
-    """What differs between chat and text completions once the prompt is tokens."""
+    """What differs between chat and text completions once the prompts are tokens."""
 
     id_prefix: str
-    shape: type[ChatShape] | type[TextShape]
-    whole: Callable[[ResponseHeader, str, str, Usage], dict[str, Any]]
+    stream_shape: Callable[[ResponseHeader, bool, bool, list[str] | None], ChunkShape]
+    whole: Callable[[ResponseHeader, list[ChoiceResult], Usage, bool, list[str] | None], Any]
 
 
-CHAT = Surface("chatcmpl", ChatShape, chat_completion)
-TEXT = Surface("cmpl", TextShape, text_completion)
+CHAT = Surface(
+    "chatcmpl",
+    lambda head, usage, logprobs, _: ChatShape(head, usage, logprobs),
+    lambda head, results, usage, logprobs, _: chat_completion(
+        head, results, usage, with_logprobs=logprobs
+    ),
+)
+TEXT = Surface(
+    "cmpl",
+    TextShape,
+    lambda head, results, usage, logprobs, echoes: text_completion(
+        head, results, usage, with_logprobs=logprobs, echoes=echoes
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The request's prompts as tokens, and the text `echo` repeats before each choice."""
+
+    tokens: list[list[int]]
+    echoes: list[str] | None = None
 
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     engine, _ = _check_model(request, body.model)
     prompt = chat_prompt_tokens(engine.loaded.tokenizer, list(body.messages))
-    return await _generate(request, body, prompt, CHAT)
+    return await _generate(request, body, Prompts([prompt]), CHAT)
 
 
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
-    engine, _ = _check_model(request, body.model)
-    prompt = completion_prompt_tokens(engine.loaded.tokenizer, body.prompt_text_or_ids())
-    return await _generate(request, body, prompt, TEXT)
+    engine, options = _check_model(request, body.model)
+    given = body.prompts()
+    if len(given) > options.max_prompts:
+        raise InvalidRequestError(
+            f"at most {options.max_prompts} prompts per request (got {len(given)})",
+            param="prompt",
+        )
+    tokenizer = engine.loaded.tokenizer
+    tokens = [
+        completion_prompt_tokens(tokenizer, prompt, _prompt_param(given, index))
+        for index, prompt in enumerate(given)
+    ]
+    echoes = [_echo_text(tokenizer, prompt) for prompt in given] if body.echo else None
+    return await _generate(request, body, Prompts(tokens, echoes), TEXT)
+
+
+def _prompt_param(given: list[str | list[int]], index: int) -> str:
+    return f"prompt[{index}]" if len(given) > 1 else "prompt"
+
+
+def _echo_text(tokenizer: Any, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt))
 
 
 async def _generate(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
-    prompt: list[int],
+    prompts: Prompts,
     surface: Surface,
 ) -> Response:
-    """Admit the request, then stream its answer or wait for the whole of it."""
+    """Admit every choice of the request, then stream the answers or wait for all of them."""
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
-    params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
-    generation = Generation(engine, prompt, params, request.app.state.metrics)
+    _check_choice_count(engine, options, body.n, len(prompts.tokens))
+    grammar = response_format_grammar(body.response_format)
+    choices = [
+        (prompt, replace(params, seed=_choice_seed(params.seed, index)))
+        for prompt in prompts.tokens
+        for params in [_sampling_params(engine, options, body, prompt, grammar)]
+        for index in range(body.n)
+    ]
+    generation = Generation(engine, choices, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
+    with_logprobs = body.top_logprobs_count is not None
     if body.stream:
-        shape = surface.shape(head, body.include_usage)
-        return stream_response(generation, shape, engine.options.shutdown_grace_s)
-    text, finished = await collect(generation, request.receive)
-    return JSONResponse(surface.whole(head, text, finished.finish_reason, finished.usage))
+        shape = surface.stream_shape(
+            head, body.include_usage, with_logprobs, _per_choice(prompts.echoes, body.n)
+        )
+        return stream_response(
+            generation, shape, engine.options.shutdown_grace_s, len(choices), body.n
+        )
+    results, usage = await collect(generation, request.receive, len(choices), body.n)
+    echoes = _per_choice(prompts.echoes, body.n)
+    return JSONResponse(surface.whole(head, results, usage, with_logprobs, echoes))
+
+
+def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:
+    return [text for text in per_prompt for _ in range(n)] if per_prompt is not None else None
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i: reproducible, and choice 0 is n=1."""
+    return None if seed is None else seed + index
+
+
+def _check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: int) -> None:
+    if n > options.max_n:
+        raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
+    if n * prompts > engine.capacity:
+        raise InvalidRequestError(
+            f"{n * prompts} choices ({prompts} prompts x n={n}) exceed the {engine.capacity} "
+            "sequences this server can hold at once",
+            param="n",
+        )
 
 
 async def list_models(request: Request) -> Response:
@@ -165,13 +243,13 @@ def _model_not_found(requested: str, served: str) -> ModelNotFoundError:
 def _sampling_params(
     engine: Engine,
     options: ServerOptions,
-    body: SamplingFields,
-    requested_max_tokens: int | None,
-    prompt_tokens: int,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    grammar: str | None,
 ) -> SamplingParams:
     max_tokens = resolve_max_tokens(
-        prompt_tokens,
-        requested_max_tokens,
+        len(prompt),
+        body.requested_max_tokens,
         options.max_tokens_default,
         engine.loaded.context_window,
     )
@@ -191,6 +269,8 @@ def _sampling_params(
         logit_bias=_token_bias(engine, body),
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
+        grammar=grammar,
+        logprobs=body.top_logprobs_count,
     )
 
 
@@ -230,6 +310,8 @@ def serve(settings: Settings) -> int:
     options = ServerOptions(
         strict_model_name=settings.strict_model_name,
         max_tokens_default=settings.max_tokens_default,
+        max_n=settings.max_n,
+        max_prompts=settings.max_prompts,
     )
     config = uvicorn.Config(
         create_app(engine, options),

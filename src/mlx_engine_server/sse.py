@@ -17,10 +17,13 @@ from starlette.types import Receive, Scope, Send
 from .engine import Failed, Finished, Generation, TextDelta, Usage
 from .errors import APIError, GenerationTimeoutError, InternalError, ServiceUnavailableError
 from .responses import (
+    ChoiceResult,
     ResponseHeader,
     chat_chunk,
+    chat_logprobs,
     chat_usage_chunk,
     text_chunk,
+    text_logprobs,
     text_usage_chunk,
 )
 
@@ -31,49 +34,107 @@ SHUTDOWN_MARGIN_S = 2.0
 class ChunkShape(Protocol):
     include_usage: bool
 
-    def opening(self) -> dict[str, Any] | None: ...
-    def delta(self, text: str) -> dict[str, Any]: ...
-    def closing(self, finish: str) -> dict[str, Any]: ...
+    def opening(self, index: int) -> dict[str, Any] | None: ...
+    def delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None: ...
+    def closing(self, index: int, finish: str) -> dict[str, Any]: ...
     def usage(self, usage: Usage) -> dict[str, Any]: ...
 
 
 class ChatShape:
-    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+    def __init__(self, head: ResponseHeader, include_usage: bool, with_logprobs: bool) -> None:
         self.head = head
         self.include_usage = include_usage
+        self.with_logprobs = with_logprobs
 
-    def opening(self) -> dict[str, Any] | None:
-        return self._chunk({"role": "assistant", "content": ""})
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self._chunk(index, {"role": "assistant", "content": ""})
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text})
+    def delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
+        if not delta.text and not delta.logprobs:
+            return None
+        logprobs = chat_logprobs(delta.logprobs) if self.with_logprobs else None
+        return self._chunk(index, {"content": delta.text}, logprobs=logprobs)
 
-    def closing(self, finish: str) -> dict[str, Any]:
-        return self._chunk({}, finish)
+    def closing(self, index: int, finish: str) -> dict[str, Any]:
+        return self._chunk(index, {}, finish)
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return chat_usage_chunk(self.head, usage)
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return chat_chunk(self.head, delta, finish, with_usage_field=self.include_usage)
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+        return chat_chunk(self.head, choice, with_usage_field=self.include_usage)
 
 
 class TextShape:
-    def __init__(self, head: ResponseHeader, include_usage: bool) -> None:
+    def __init__(
+        self,
+        head: ResponseHeader,
+        include_usage: bool,
+        with_logprobs: bool,
+        echoes: list[str] | None = None,
+    ) -> None:
         self.head = head
         self.include_usage = include_usage
+        self.with_logprobs = with_logprobs
+        self.echoes = echoes
+        self._offsets: dict[int, int] = {}
 
-    def opening(self) -> dict[str, Any] | None:
-        return None
+    def opening(self, index: int) -> dict[str, Any] | None:
+        if not self.echoes or not self.echoes[index]:
+            return None
+        return self._chunk(index, self.echoes[index])
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return text_chunk(self.head, text, with_usage_field=self.include_usage)
+    def delta(self, index: int, delta: TextDelta) -> dict[str, Any] | None:
+        if not delta.text and not delta.logprobs:
+            return None
+        logprobs = None
+        if self.with_logprobs:
+            offset = self._offsets.get(index, 0)
+            logprobs = text_logprobs(delta.logprobs, offset)
+            self._offsets[index] = offset + sum(len(token) for token in logprobs["tokens"])
+        return self._chunk(index, delta.text, logprobs=logprobs)
 
-    def closing(self, finish: str) -> dict[str, Any]:
-        return text_chunk(self.head, "", finish, with_usage_field=self.include_usage)
+    def closing(self, index: int, finish: str) -> dict[str, Any]:
+        return self._chunk(index, "", finish)
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return text_usage_chunk(self.head, usage)
+
+    def _chunk(
+        self,
+        index: int,
+        text: str,
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return text_chunk(self.head, choice, with_usage_field=self.include_usage)
+
+
+class UsageTotal:
+    """Usage of a request with several choices: prompts counted once, completions summed."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._cached_tokens = 0
+
+    def add(self, index: int, usage: Usage) -> None:
+        self._completion_tokens += usage.completion_tokens
+        if index % self._n == 0:  # the first choice of each prompt
+            self._prompt_tokens += usage.prompt_tokens
+            self._cached_tokens += usage.cached_tokens
+
+    def total(self) -> Usage:
+        return Usage(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
 
 
 def failure_error(event: Failed) -> APIError:
@@ -88,26 +149,32 @@ def failure_error(event: Failed) -> APIError:
     return InternalError(f"Generation failed: {event.message}.")
 
 
-async def collect(generation: Generation, receive: Receive) -> tuple[str, Finished]:
-    """The whole answer of a non-streaming request.
+async def collect(
+    generation: Generation, receive: Receive, choices: int, n: int
+) -> tuple[list[ChoiceResult], Usage]:
+    """The whole answer of a non-streaming request: every choice, and the usage of all.
 
     The engine drops the request when the handler ends early or the client hangs up: nobody
     would read the answer, and its batch slot is worth more to the next request.
     """
     watcher = asyncio.create_task(_cancel_on_disconnect(generation, receive))
-    pieces: list[str] = []
+    results = [ChoiceResult() for _ in range(choices)]
+    usage = UsageTotal(n)
     try:
-        async for event in generation.events():
+        async for index, event in generation.events():
+            result = results[index]
             if isinstance(event, TextDelta):
-                pieces.append(event.text)
+                result.text += event.text
+                result.logprobs.extend(event.logprobs)
             elif isinstance(event, Finished):
-                return "".join(pieces), event
+                result.finish_reason = event.finish_reason
+                usage.add(index, event.usage)
             else:
                 raise failure_error(event)
     finally:
         watcher.cancel()
         generation.cancel()
-    raise InternalError("The generation ended without a result.")
+    return results, usage.total()
 
 
 async def _cancel_on_disconnect(generation: Generation, receive: Receive) -> None:
@@ -117,19 +184,29 @@ async def _cancel_on_disconnect(generation: Generation, receive: Receive) -> Non
     generation.cancel()
 
 
-async def _chunks(generation: Generation, shape: ChunkShape) -> AsyncIterator[dict[str, str]]:
-    opening = shape.opening()
-    if opening is not None:
-        yield _data(opening)
-    async for event in generation.events():
+async def _chunks(
+    generation: Generation, shape: ChunkShape, choices: int, n: int
+) -> AsyncIterator[dict[str, str]]:
+    for index in range(choices):
+        opening = shape.opening(index)
+        if opening is not None:
+            yield _data(opening)
+    usage = UsageTotal(n)
+    async for index, event in generation.events():
         if isinstance(event, TextDelta):
-            yield _data(shape.delta(event.text))
+            chunk = shape.delta(index, event)
+            if chunk is not None:
+                yield _data(chunk)
         elif isinstance(event, Finished):
-            yield _data(shape.closing(event.finish_reason))
-            if shape.include_usage:
-                yield _data(shape.usage(event.usage))
+            yield _data(shape.closing(index, event.finish_reason))
+            usage.add(index, event.usage)
         else:
+            generation.cancel()
             yield _data(failure_error(event).to_body())
+            break
+    else:
+        if shape.include_usage:
+            yield _data(shape.usage(usage.total()))
     yield {"data": DONE}
 
 
@@ -140,11 +217,17 @@ def _data(payload: dict[str, Any]) -> dict[str, str]:
 class GenerationStream(EventSourceResponse):
     """An SSE response that cancels its generation however the response ends."""
 
-    def __init__(self, generation: Generation, shape: ChunkShape, shutdown_grace_s: float) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        shape: ChunkShape,
+        shutdown_grace_s: float,
+        choices: tuple[int, int] = (1, 1),
+    ) -> None:
         # On SIGTERM the engine ends what is still running after its grace period with an
         # error event; sse-starlette must not cut the stream before that event is sent.
         super().__init__(
-            _chunks(generation, shape),
+            _chunks(generation, shape, *choices),
             sep="\n",
             ping=15,
             shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
@@ -159,6 +242,7 @@ class GenerationStream(EventSourceResponse):
 
 
 def stream_response(
-    generation: Generation, shape: ChunkShape, shutdown_grace_s: float
+    generation: Generation, shape: ChunkShape, shutdown_grace_s: float, choices: int, n: int
 ) -> GenerationStream:
-    return GenerationStream(generation, shape, shutdown_grace_s)
+    """`choices` sequences in all, `n` per prompt."""
+    return GenerationStream(generation, shape, shutdown_grace_s, (choices, n))
