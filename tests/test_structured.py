@@ -1,4 +1,4 @@
-"""response_format over real HTTP: constrained decoding makes even random weights emit valid JSON."""
+"""response_format over real HTTP: constrained decoding makes random weights emit valid JSON."""
 
 from __future__ import annotations
 
