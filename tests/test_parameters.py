@@ -3,8 +3,8 @@
 The tables below cover every field of the `openai` SDK's create() parameters (a test fails when the
 SDK grows one the table lacks). Each entry names the test that proves it:
 - HONOURED: the test shows the field's effect;
-- NO_OP: accepted and without effect, because OpenAI's own semantics make that correct here
-  (an id for abuse tracking, a caching hint for a cache that is automatic, ...): the reason is given;
+- NO_OP: accepted without effect, because OpenAI's own semantics make that correct here (an id
+  for abuse tracking, a hint for a cache that is automatic, ...): the reason is given;
 - REFUSED: a 400 naming the field in `param` (test_refused_fields_are_400_naming_them);
 - TOOLS: tool calling and reasoning, done on the issue4-tools branch (behaviour kept as it was).
 """
