@@ -22,6 +22,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
 from .constraints import GrammarProcessor, TokenVocabulary
+from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 PREFILL_BATCH = 8  # prompts prefilled together
-RATE_WINDOW_S = 10.0
 NO_STOP = StopSequences(None)
 
 
@@ -58,29 +58,6 @@ class Submission:
     deadline: float
     cancellation: CancellationFlag
     post: Callable[[Event], None]
-
-
-@dataclass
-class Counters:
-    """Written by the worker only; read (racily, which is fine for counters) by handlers."""
-
-    requests_total: int = 0
-    prompt_tokens_total: int = 0
-    completion_tokens_total: int = 0
-    failures_total: int = 0
-    active: int = 0
-    tokens_per_s: float = 0.0
-    recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
-    recent_tokens: int = 0
-
-    def record_step(self, tokens: int) -> None:
-        """Generation rate over the last RATE_WINDOW_S seconds, kept as one readable float."""
-        now = time.monotonic()
-        self.recent_steps.append((now, tokens))
-        self.recent_tokens += tokens
-        while self.recent_steps[0][0] < now - RATE_WINDOW_S:
-            self.recent_tokens -= self.recent_steps.popleft()[1]
-        self.tokens_per_s = self.recent_tokens / RATE_WINDOW_S
 
 
 @dataclass
