@@ -151,7 +151,7 @@ def test_logit_bias_forces_a_token(client: TestClient) -> None:
 
 
 def test_unknown_fields_are_ignored(client: TestClient) -> None:
-    assert chat(client, user="someone", metadata={"a": 1}, parallel_tool_calls=True)["choices"]
+    assert chat(client, user="someone", metadata={"a": "1"}, parallel_tool_calls=True)["choices"]
 
 
 def test_penalties_and_filters_are_accepted(client: TestClient) -> None:
@@ -248,7 +248,8 @@ BAD_CHAT_BODIES = [
     ({"messages": HELLO, "presence_penalty": 3}, "presence_penalty"),
     ({"messages": HELLO, "frequency_penalty": -3}, "frequency_penalty"),
     ({"messages": HELLO, "repetition_penalty": 0}, "repetition_penalty"),
-    ({"messages": HELLO, "n": 2}, "n"),
+    ({"messages": HELLO, "n": 9}, "n"),
+    ({"messages": HELLO, "n": 0}, "n"),
     ({"messages": HELLO, "stop": ["x"] * 17}, "stop"),
     ({"messages": HELLO, "stream": "yes"}, "stream"),
     ({"messages": HELLO, "logit_bias": {"1": 500}}, "logit_bias.1"),
@@ -287,12 +288,12 @@ def test_lone_surrogates_are_400_but_surrogate_pairs_are_text(client: TestClient
 
 
 def test_bad_completion_prompts_are_400(client: TestClient) -> None:
-    cases = ((["a", "b"], "prompt"), ([], "prompt"), ([-1], "prompt[0]"), (5, "prompt"))
+    cases = (([], "prompt"), ([-1], "prompt[0]"), (5, "prompt"), ([[1], [2, -1]], "prompt[1][1]"))
     for prompt, param in cases:
         response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
         assert error_of(response, 400)["param"] == param, prompt
-    huge_id = client.post("/v1/completions", json={"prompt": [10**9], "max_tokens": 2})
-    assert error_of(huge_id, 400)["param"] == "prompt"
+    huge_id = client.post("/v1/completions", json={"prompt": [1, 10**9], "max_tokens": 2})
+    assert error_of(huge_id, 400)["param"] == "prompt[1]"
 
 
 def test_context_length_exceeded(client: TestClient) -> None:

@@ -109,8 +109,17 @@ RULES = [
     (("mlx", "mlx_lm"), ("engine/", "model_manager.py", "gguf.py")),
     (
         ("starlette", "sse_starlette", "uvicorn"),
-        ("server.py", "sse.py", "http_errors.py", "http_io.py", "monitoring.py", "metrics.py"),
+        (
+            "server.py",
+            "sse.py",
+            "http_errors.py",
+            "http_io.py",
+            "monitoring.py",
+            "metrics.py",
+            "tokenizer_routes.py",
+        ),
     ),
+    (("llguidance",), ("engine/constraints.py", "chat/structured.py")),
     (("prometheus_client",), ("metrics.py",)),
     (("click",), ("main.py",)),
     (("pydantic_settings",), ("config.py",)),

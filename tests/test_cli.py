@@ -165,6 +165,8 @@ ENV_CASES = [
     ("SUMMARY_MAX_TOKENS", "40", "summary_max_tokens", 40),
     ("TOOL_CALL_PARSER", "llama3", "tool_call_parser", "llama3"),
     ("REASONING_PARSER", "none", "reasoning_parser", "none"),
+    ("MAX_N", "4", "max_n", 4),
+    ("MAX_PROMPTS", "5", "max_prompts", 5),
 ]
 
 

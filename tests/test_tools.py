@@ -363,7 +363,6 @@ WEATHER = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="grammar enforcement lands with issue4-engine")
 @pytest.mark.parametrize(
     "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
 )
@@ -375,11 +374,13 @@ def test_forced_tool_choice_gives_a_schema_valid_call_even_from_random_weights(
         messages=ASK,
         tools=[WEATHER],
         tool_choice=choice,
+        parallel_tool_calls=False,
         temperature=1.0,
         seed=3,
-        max_tokens=60,  # type: ignore[list-item,arg-type]
+        # Random weights pick among the allowed tokens at random, often one character at a time.
+        max_tokens=150,  # type: ignore[list-item,arg-type]
     )
-    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.choices[0].finish_reason == "tool_calls", completion.choices[0].message
     (call,) = completion.choices[0].message.tool_calls or []
     assert call.function.name == "get_weather"  # type: ignore[union-attr]
     assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")  # type: ignore[union-attr]

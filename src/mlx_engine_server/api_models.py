@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
@@ -17,6 +24,8 @@ FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 OverflowPolicy = Literal["error", "truncate", "summarize"]
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128  # the setting max_n is the real bound; this only keeps absurd values out early
 
 
 class WireModel(BaseModel):
@@ -89,6 +98,25 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class StreamOptions(WireModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # a side-channel padding: nothing to pad here
+
+
+class JSONSchemaSpec(WireModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+def refuse_unless(condition: bool, message: str) -> None:
+    """A field we cannot honour: a 400 naming it, never a silent drop."""
+    if not condition:
+        raise ValueError(message)
 
 
 StopField = Annotated[
@@ -114,12 +142,12 @@ class SamplingFields(WireModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         default=None, max_length=1024
     )
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Literal[False] | None = None
+    response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # extension (vLLM's name): generate max_tokens, for benchmarks
-    echo: Literal[False] | None = None
+    user: str | None = None  # an end-user id for abuse tracking: accepted, nothing to track
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -140,28 +168,158 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Accepted no-ops (see tests/test_parameters.py for why each is safe to accept).
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    # Refused unless they ask for nothing.
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    moderation: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """None: no logprobs; else how many alternatives each token lists."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @field_validator("top_logprobs", mode="after")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        refuse_unless(
+            value is None or info.data.get("logprobs") is True,
+            "top_logprobs needs logprobs set to true",
+        )
+        return value
+
+    @field_validator("store", mode="after")
+    @classmethod
+    def _no_store(cls, value: bool | None) -> bool | None:
+        refuse_unless(not value, "this server stores no completions; leave store unset or false")
+        return value
+
+    @field_validator("service_tier", mode="after")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        refuse_unless(value in (None, "auto", "default"), "this server has one tier: auto")
+        return value
+
+    @field_validator("modalities", mode="after")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        refuse_unless(value is None or set(value) <= {"text"}, "only text output is supported")
+        return value
+
+    @field_validator("audio", "web_search_options", "moderation", mode="after")
+    @classmethod
+    def _unsupported_feature(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        refuse_unless(value is None, "not supported by this server")
+        return value
+
+    @field_validator("verbosity", mode="after")
+    @classmethod
+    def _no_verbosity(cls, value: str | None) -> str | None:
+        refuse_unless(value is None, "not supported: the model's verbosity cannot be set")
+        return value
+
+    @field_validator("functions", "function_call", mode="after")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any) -> Any:
+        refuse_unless(value is None, "the deprecated functions API is not supported; use tools")
+        return value
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[Annotated[int, Field(ge=0)]] | list[str] = Field(min_length=1)
-
-    @field_validator("prompt", mode="after")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int] | list[str]:
-        if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):
-            raise ValueError("only one prompt per request is supported")
-        return prompt
+    prompt: str | TokenIds | list[str] | list[TokenIds] = Field(min_length=1)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    suffix: str | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def prompt_text_or_ids(self) -> str | list[int]:
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
         prompt: Any = self.prompt
-        if isinstance(prompt, list) and isinstance(prompt[0], str):
-            return str(prompt[0])
-        return prompt  # type: ignore[no-any-return]
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return list(prompt)
+
+    @field_validator("best_of", mode="after")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # best_of > n needs ranking candidates by likelihood: not done here, so not accepted.
+        refuse_unless(value in (None, info.data.get("n")), "best_of other than n is not supported")
+        return value
+
+    @field_validator("echo", mode="after")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        refuse_unless(
+            not (value and info.data.get("logprobs") is not None),
+            "echo with logprobs (the prompt's logprobs) is not supported",
+        )
+        return value
+
+    @field_validator("suffix", mode="after")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        refuse_unless(not value, "suffix (insertion) is not supported")
+        return value
+
+
+class TokenizeRequest(WireModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _prompt_or_messages(
+        cls, value: list[ChatMessage] | None, info: ValidationInfo
+    ) -> list[ChatMessage] | None:
+        refuse_unless(
+            (value is None) != (info.data.get("prompt") is None),
+            "give either prompt or messages, not both",
+        )
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_tokenize(self) -> TokenizeRequest:
+        if self.prompt is None and self.messages is None:
+            raise ValueError("give a prompt or messages to tokenize")
+        return self
+
+
+class DetokenizeRequest(WireModel):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]

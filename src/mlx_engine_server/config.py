@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         description="auto: text in thinking markers goes to reasoning_content; none: to content.",
     )
 
+    max_n: int = Field(
+        default=8, ge=1, le=128, description="Most choices (n) one request may ask for."
+    )
+    max_prompts: int = Field(
+        default=16, ge=1, le=1024, description="Most prompts one /v1/completions request may hold."
+    )
+
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

@@ -79,7 +79,11 @@ def _reject_constant(name: str) -> Any:
 
 def _validation_error(exc: ValidationError) -> InvalidRequestError:
     # Of a union's failed branches, the deepest error says the most ("prompt[0] must be >= 0").
-    first = max(exc.errors(include_url=False), key=lambda error: len(error["loc"]))
+    # Of equally deep ones, a wrong type most likely comes from a union branch that does not apply.
+    first = max(
+        exc.errors(include_url=False),
+        key=lambda error: (len(error["loc"]), not error["type"].endswith("_type")),
+    )
     param = _param_name(first["loc"])
     message = first["msg"]
     if first["type"] == "missing":

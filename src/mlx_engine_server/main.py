@@ -118,6 +118,12 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     metavar="MODE",
     help="auto: thinking goes to reasoning_content; none: left in content.  [default: auto]",
 )
+@click.option("--max-n", metavar="INT", help="Most choices (n) per request.  [default: 8]")
+@click.option(
+    "--max-prompts",
+    metavar="INT",
+    help="Most prompts per /v1/completions request.  [default: 16]",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .chat.output import ParsedOutput, ToolCallOut
-from .engine import Usage
+from .engine import TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,15 @@ class ResponseHeader:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
 
 
+@dataclass
+class ChoiceResult:
+    """One choice of a whole (non-streamed) answer."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+
 def usage_body(usage: Usage) -> dict[str, Any]:
     body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
@@ -36,8 +45,74 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     return body
 
 
+def token_text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """`choices[].logprobs` of chat completions: one entry per generated token."""
+    content = [
+        {
+            "token": token_text(entry.token_bytes),
+            "logprob": entry.logprob,
+            "bytes": list(entry.token_bytes),
+            "top_logprobs": [
+                {
+                    "token": token_text(top.token_bytes),
+                    "logprob": top.logprob,
+                    "bytes": list(top.token_bytes),
+                }
+                for top in entry.top
+            ],
+        }
+        for entry in logprobs
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(
+    logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy completions shape; `offset` is where the first token's text starts."""
+    tokens = [token_text(entry.token_bytes) for entry in logprobs]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry.logprob for entry in logprobs],
+        "top_logprobs": [
+            {token_text(top.token_bytes): top.logprob for top in entry.top} for entry in logprobs
+        ],
+        "text_offset": offsets,
+    }
+
+
 def chat_completion(
-    head: ResponseHeader, output: ParsedOutput, finish: str, usage: Usage
+    head: ResponseHeader,
+    choices: list[ChoiceResult],
+    outputs: list[ParsedOutput],
+    usage: Usage,
+    *,
+    with_logprobs: bool,
+) -> dict[str, Any]:
+    """`outputs[i]` is choice i's text split into content, reasoning and tool calls."""
+    return {
+        "id": head.id,
+        "object": "chat.completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": [
+            _chat_choice(index, choice, output, with_logprobs=with_logprobs)
+            for index, (choice, output) in enumerate(zip(choices, outputs, strict=True))
+        ],
+        "usage": usage_body(usage),
+    }
+
+
+def _chat_choice(
+    index: int, choice: ChoiceResult, output: ParsedOutput, *, with_logprobs: bool
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": output.content}
     if output.reasoning:
@@ -45,14 +120,13 @@ def chat_completion(
     if output.tool_calls:
         message["content"] = output.content or None  # as OpenAI: null beside tool calls
         message["tool_calls"] = [_tool_call_body(call) for call in output.tool_calls]
-    finish = chat_finish_reason(finish, made_tool_calls=bool(output.tool_calls))
     return {
-        "id": head.id,
-        "object": "chat.completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": usage_body(usage),
+        "index": index,
+        "message": message,
+        "finish_reason": chat_finish_reason(
+            choice.finish_reason, made_tool_calls=bool(output.tool_calls)
+        ),
+        "logprobs": chat_logprobs(choice.logprobs) if with_logprobs else None,
     }
 
 
@@ -85,19 +159,45 @@ def tool_call_deltas(call: ToolCallOut) -> list[dict[str, Any]]:
     return [{"tool_calls": [opening]}, {"tool_calls": [arguments]}]
 
 
+def text_completion(
+    head: ResponseHeader,
+    choices: list[ChoiceResult],
+    usage: Usage,
+    *,
+    with_logprobs: bool,
+    echoes: list[str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": head.id,
+        "object": "text_completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": [
+            {
+                "index": index,
+                "text": (echoes[index] if echoes else "") + choice.text,
+                "finish_reason": choice.finish_reason,
+                "logprobs": text_logprobs(choice.logprobs) if with_logprobs else None,
+            }
+            for index, choice in enumerate(choices)
+        ],
+        "usage": usage_body(usage),
+    }
+
+
 def chat_chunk(
     head: ResponseHeader,
-    delta: dict[str, Any],
-    finish: str | None = None,
+    choice: dict[str, Any],
     *,
     with_usage_field: bool = False,
 ) -> dict[str, Any]:
+    """`choice`: index, delta, finish_reason and logprobs of one choice."""
     chunk: dict[str, Any] = {
         "id": head.id,
         "object": "chat.completion.chunk",
         "created": head.created,
         "model": head.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        "choices": [choice],
     }
     if with_usage_field:
         chunk["usage"] = None
@@ -115,26 +215,16 @@ def chat_usage_chunk(head: ResponseHeader, usage: Usage) -> dict[str, Any]:
     }
 
 
-def text_completion(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-    return {
-        "id": head.id,
-        "object": "text_completion",
-        "created": head.created,
-        "model": head.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-        "usage": usage_body(usage),
-    }
-
-
 def text_chunk(
-    head: ResponseHeader, text: str, finish: str | None = None, *, with_usage_field: bool = False
+    head: ResponseHeader, choice: dict[str, Any], *, with_usage_field: bool = False
 ) -> dict[str, Any]:
+    """`choice`: index, text, finish_reason and logprobs of one choice."""
     chunk: dict[str, Any] = {
         "id": head.id,
         "object": "text_completion",
         "created": head.created,
         "model": head.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        "choices": [choice],
     }
     if with_usage_field:
         chunk["usage"] = None

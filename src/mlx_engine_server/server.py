@@ -40,6 +40,7 @@ from .chat.overflow import (
 from .chat.parsers import known_tool_call_parsers
 from .chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
+from .chat.structured import response_format_grammar
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
 from .errors import (
@@ -53,8 +54,9 @@ from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
-from .responses import ResponseHeader, chat_completion, text_completion
+from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
+from .tokenizer_routes import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class ServerOptions:
     summary_max_tokens: int = 512
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
+    max_n: int = 8
+    max_prompts: int = 16
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -93,6 +97,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
             Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
@@ -111,26 +117,53 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
 
 @dataclass(frozen=True)
 class Surface:
-    """What differs between chat and text completions once the prompt is tokens."""
+    """What differs between chat and text completions once the prompts are tokens."""
 
     id_prefix: str
-    shape: Callable[[ResponseHeader, bool, Usage | None], ChunkShape]
-    whole: Callable[[ResponseHeader, str, str, Usage], dict[str, Any]]
+    stream_shape: Callable[[ResponseHeader, bool, bool, list[str] | None, Usage | None], ChunkShape]
+    whole: Callable[[ResponseHeader, list[ChoiceResult], Usage, bool, list[str] | None], Any]
 
 
-TEXT = Surface("cmpl", TextShape, text_completion)
+TEXT = Surface(
+    "cmpl",
+    lambda head, usage, logprobs, echoes, _: TextShape(head, usage, logprobs, echoes),
+    lambda head, results, usage, logprobs, echoes: text_completion(
+        head, results, usage, with_logprobs=logprobs, echoes=echoes
+    ),
+)
 
 
 def chat_surface(rules: OutputRules) -> Surface:
     """Chat answers are split into reasoning, content and tool calls by this request's rules."""
 
-    def shape(head: ResponseHeader, include_usage: bool, summary: Usage | None) -> ChunkShape:
-        return ChatShape(head, include_usage, rules, summary)
+    def shape(
+        head: ResponseHeader,
+        include_usage: bool,
+        with_logprobs: bool,
+        _echoes: list[str] | None,
+        summary: Usage | None,
+    ) -> ChunkShape:
+        return ChatShape(head, include_usage, with_logprobs, rules, summary)
 
-    def whole(head: ResponseHeader, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-        return chat_completion(head, split_whole(rules, text), finish, usage)
+    def whole(
+        head: ResponseHeader,
+        results: list[ChoiceResult],
+        usage: Usage,
+        with_logprobs: bool,
+        _echoes: list[str] | None,
+    ) -> dict[str, Any]:
+        outputs = [split_whole(rules, result.text) for result in results]
+        return chat_completion(head, results, outputs, usage, with_logprobs=with_logprobs)
 
     return Surface("chatcmpl", shape, whole)
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The request's prompts as tokens, and the text `echo` repeats before each choice."""
+
+    tokens: list[list[int]]
+    echoes: list[str] | None = None
 
 
 async def chat_completions(request: Request) -> Response:
@@ -142,7 +175,7 @@ async def chat_completions(request: Request) -> Response:
     return await _generate(
         request,
         body,
-        plan.prompt_tokens,
+        Prompts([plan.prompt_tokens]),
         chat_surface(plan.rules),
         compaction=fitted.compaction,
         grammar=plan.grammar,
@@ -186,40 +219,81 @@ def _chat_formats(request: Request) -> ChatFormats:
 
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
-    engine, _ = _check_model(request, body.model)
-    prompt = completion_prompt_tokens(engine.loaded.tokenizer, body.prompt_text_or_ids())
-    return await _generate(request, body, prompt, TEXT)
+    engine, options = _check_model(request, body.model)
+    given = body.prompts()
+    if len(given) > options.max_prompts:
+        raise InvalidRequestError(
+            f"at most {options.max_prompts} prompts per request (got {len(given)})",
+            param="prompt",
+        )
+    tokenizer = engine.loaded.tokenizer
+    tokens = [
+        completion_prompt_tokens(tokenizer, prompt, _prompt_param(given, index))
+        for index, prompt in enumerate(given)
+    ]
+    echoes = [_echo_text(tokenizer, prompt) for prompt in given] if body.echo else None
+    return await _generate(request, body, Prompts(tokens, echoes), TEXT)
+
+
+def _prompt_param(given: list[str | list[int]], index: int) -> str:
+    return f"prompt[{index}]" if len(given) > 1 else "prompt"
+
+
+def _echo_text(tokenizer: Any, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else str(tokenizer.decode(prompt))
 
 
 async def _generate(
     request: Request,
     body: ChatCompletionRequest | CompletionRequest,
-    prompt: list[int],
+    prompts: Prompts,
     surface: Surface,
     *,
     compaction: Compaction | None = None,
     grammar: str | None = None,
 ) -> Response:
-    """Admit the request, then stream its answer or wait for the whole of it."""
+    """Admit every choice of the request, then stream the answers or wait for all of them."""
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
-    params = _sampling_params(engine, options, body, body.requested_max_tokens, len(prompt))
-    if grammar is not None:
-        params = replace(params, grammar=grammar)
-    generation = Generation(engine, prompt, params, request.app.state.metrics)
+    _check_choice_count(engine, options, body.n, len(prompts.tokens))
+    grammar = _request_grammar(grammar, body)
+    choices = [
+        (prompt, replace(params, seed=_choice_seed(params.seed, index)))
+        for prompt in prompts.tokens
+        for params in [_sampling_params(engine, options, body, prompt, grammar)]
+        for index in range(body.n)
+    ]
+    generation = Generation(engine, choices, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
+    with_logprobs = body.top_logprobs_count is not None
+    echoes = _per_choice(prompts.echoes, body.n)
     summary = _summary_usage(compaction)
     response: Response
     if body.stream:
-        shape = surface.shape(head, body.include_usage, summary)
-        response = stream_response(generation, shape, engine.options.shutdown_grace_s)
+        shape = surface.stream_shape(head, body.include_usage, with_logprobs, echoes, summary)
+        response = stream_response(
+            generation, shape, engine.options.shutdown_grace_s, len(choices), body.n
+        )
     else:
-        text, finished = await collect(generation, request.receive)
-        usage = finished.usage.with_summary(summary)
-        response = JSONResponse(surface.whole(head, text, finished.finish_reason, usage))
+        results, usage = await collect(generation, request.receive, len(choices), body.n)
+        usage = usage.with_summary(summary)
+        response = JSONResponse(surface.whole(head, results, usage, with_logprobs, echoes))
     if compaction is not None:
         response.headers[COMPACTION_HEADER] = compaction.header_value()
     return response
+
+
+def _request_grammar(
+    tool_grammar: str | None, body: ChatCompletionRequest | CompletionRequest
+) -> str | None:
+    """A forced tool call or a response_format: the two cannot both hold."""
+    format_grammar = response_format_grammar(body.response_format)
+    if tool_grammar is not None and format_grammar is not None:
+        raise InvalidRequestError(
+            "response_format cannot be combined with a tool_choice that forces a tool call",
+            param="response_format",
+        )
+    return tool_grammar or format_grammar
 
 
 async def _fit_conversation(
@@ -286,10 +360,31 @@ class EngineSummarizer:
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        generation = Generation(self.engine, prompt_tokens, params)
-        text, finished = await collect(generation, self.request.receive)
-        usage = finished.usage
-        return Summary(text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        generation = Generation(self.engine, [(prompt_tokens, params)])
+        (result,), usage = await collect(generation, self.request.receive, 1, 1)
+        return Summary(
+            result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        )
+
+
+def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:
+    return [text for text in per_prompt for _ in range(n)] if per_prompt is not None else None
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i: reproducible, and choice 0 is n=1."""
+    return None if seed is None else seed + index
+
+
+def _check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: int) -> None:
+    if n > options.max_n:
+        raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
+    if n * prompts > engine.capacity:
+        raise InvalidRequestError(
+            f"{n * prompts} choices ({prompts} prompts x n={n}) exceed the {engine.capacity} "
+            "sequences this server can hold at once",
+            param="n",
+        )
 
 
 async def list_models(request: Request) -> Response:
@@ -336,13 +431,13 @@ def _model_not_found(requested: str, served: str) -> ModelNotFoundError:
 def _sampling_params(
     engine: Engine,
     options: ServerOptions,
-    body: SamplingFields,
-    requested_max_tokens: int | None,
-    prompt_tokens: int,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    grammar: str | None,
 ) -> SamplingParams:
     max_tokens = resolve_max_tokens(
-        prompt_tokens,
-        requested_max_tokens,
+        len(prompt),
+        body.requested_max_tokens,
         options.max_tokens_default,
         engine.loaded.context_window,
     )
@@ -362,6 +457,8 @@ def _sampling_params(
         logit_bias=_token_bias(engine, body),
         stop=body.stop_list(),
         ignore_eos=body.ignore_eos,
+        grammar=grammar,
+        logprobs=body.top_logprobs_count,
     )
 
 
@@ -412,6 +509,8 @@ def serve(settings: Settings) -> int:
         summary_max_tokens=settings.summary_max_tokens,
         tool_call_parser=settings.tool_call_parser,
         reasoning_parser=settings.reasoning_parser,
+        max_n=settings.max_n,
+        max_prompts=settings.max_prompts,
     )
     config = uvicorn.Config(
         create_app(engine, options),

@@ -18,12 +18,15 @@ from .chat.output import Content, OutputRules, OutputSplitter, Part, Reasoning
 from .engine import Failed, Finished, Generation, TextDelta, Usage
 from .errors import APIError, GenerationTimeoutError, InternalError, ServiceUnavailableError
 from .responses import (
+    ChoiceResult,
     ResponseHeader,
     chat_chunk,
     chat_finish_reason,
+    chat_logprobs,
     chat_usage_chunk,
     reasoning_fields,
     text_chunk,
+    text_logprobs,
     text_usage_chunk,
     tool_call_deltas,
 )
@@ -35,76 +38,138 @@ SHUTDOWN_MARGIN_S = 2.0
 class ChunkShape(Protocol):
     include_usage: bool
 
-    def opening(self) -> dict[str, Any] | None: ...
-    def deltas(self, text: str) -> list[dict[str, Any]]: ...
-    def closing(self, finish: str) -> list[dict[str, Any]]: ...
+    def opening(self, index: int) -> dict[str, Any] | None: ...
+    def deltas(self, index: int, delta: TextDelta) -> list[dict[str, Any]]: ...
+    def closing(self, index: int, finish: str) -> list[dict[str, Any]]: ...
     def usage(self, usage: Usage) -> dict[str, Any]: ...
 
 
 class ChatShape:
-    """Chat chunks: the raw text split into reasoning, content and tool-call deltas."""
+    """Chat chunks: each choice's text split into reasoning, content and tool-call deltas."""
 
     def __init__(
         self,
         head: ResponseHeader,
         include_usage: bool,
+        with_logprobs: bool,
         rules: OutputRules,
         summary: Usage | None = None,
     ) -> None:
         self.head = head
         self.include_usage = include_usage
+        self.with_logprobs = with_logprobs
         self.summary = summary
-        self._splitter = OutputSplitter(rules)
+        self._rules = rules
+        self._splitters: dict[int, OutputSplitter] = {}
 
-    def opening(self) -> dict[str, Any] | None:
-        return self._chunk({"role": "assistant", "content": ""})
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return self._chunk(index, {"role": "assistant", "content": ""})
 
-    def deltas(self, text: str) -> list[dict[str, Any]]:
-        return self._part_chunks(self._splitter.feed(text))
-
-    def closing(self, finish: str) -> list[dict[str, Any]]:
-        chunks = self._part_chunks(self._splitter.finish())
-        made_calls = self._splitter.made_tool_calls
-        reason = chat_finish_reason(finish, made_tool_calls=made_calls)
-        return [*chunks, self._chunk({}, reason)]
-
-    def _part_chunks(self, parts: list[Part]) -> list[dict[str, Any]]:
-        chunks = []
-        for part in parts:
-            if isinstance(part, Reasoning):
-                chunks.append(self._chunk(reasoning_fields(part.text)))
-            elif isinstance(part, Content):
-                chunks.append(self._chunk({"content": part.text}))
-            else:
-                chunks.extend(self._chunk(delta) for delta in tool_call_deltas(part))
+    def deltas(self, index: int, delta: TextDelta) -> list[dict[str, Any]]:
+        chunks = self._part_chunks(index, self._splitter(index).feed(delta.text))
+        if self.with_logprobs and delta.logprobs:
+            # Logprobs travel with the first chunk of their text; text held back (it may be
+            # the start of a tool-call marker) leaves them on an empty content delta.
+            if not chunks:
+                chunks = [self._chunk(index, {"content": ""})]
+            chunks[0]["choices"][0]["logprobs"] = chat_logprobs(delta.logprobs)
         return chunks
+
+    def closing(self, index: int, finish: str) -> list[dict[str, Any]]:
+        splitter = self._splitter(index)
+        chunks = self._part_chunks(index, splitter.finish())
+        reason = chat_finish_reason(finish, made_tool_calls=splitter.made_tool_calls)
+        return [*chunks, self._chunk(index, {}, reason)]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         return chat_usage_chunk(self.head, usage.with_summary(self.summary))
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return chat_chunk(self.head, delta, finish, with_usage_field=self.include_usage)
+    def _splitter(self, index: int) -> OutputSplitter:
+        if index not in self._splitters:
+            self._splitters[index] = OutputSplitter(self._rules)
+        return self._splitters[index]
+
+    def _part_chunks(self, index: int, parts: list[Part]) -> list[dict[str, Any]]:
+        chunks = []
+        for part in parts:
+            if isinstance(part, Reasoning):
+                chunks.append(self._chunk(index, reasoning_fields(part.text)))
+            elif isinstance(part, Content):
+                chunks.append(self._chunk(index, {"content": part.text}))
+            else:
+                chunks.extend(self._chunk(index, delta) for delta in tool_call_deltas(part))
+        return chunks
+
+    def _chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return chat_chunk(self.head, choice, with_usage_field=self.include_usage)
 
 
 class TextShape:
     def __init__(
-        self, head: ResponseHeader, include_usage: bool, summary: Usage | None = None
+        self,
+        head: ResponseHeader,
+        include_usage: bool,
+        with_logprobs: bool,
+        echoes: list[str] | None = None,
     ) -> None:
         self.head = head
         self.include_usage = include_usage
-        self.summary = summary
+        self.with_logprobs = with_logprobs
+        self.echoes = echoes
+        self._offsets: dict[int, int] = {}
 
-    def opening(self) -> dict[str, Any] | None:
-        return None
+    def opening(self, index: int) -> dict[str, Any] | None:
+        if not self.echoes or not self.echoes[index]:
+            return None
+        return self._chunk(index, self.echoes[index])
 
-    def deltas(self, text: str) -> list[dict[str, Any]]:
-        return [text_chunk(self.head, text, with_usage_field=self.include_usage)]
+    def deltas(self, index: int, delta: TextDelta) -> list[dict[str, Any]]:
+        if not delta.text and not delta.logprobs:
+            return []
+        logprobs = None
+        if self.with_logprobs:
+            offset = self._offsets.get(index, 0)
+            logprobs = text_logprobs(delta.logprobs, offset)
+            self._offsets[index] = offset + sum(len(token) for token in logprobs["tokens"])
+        return [self._chunk(index, delta.text, logprobs=logprobs)]
 
-    def closing(self, finish: str) -> list[dict[str, Any]]:
-        return [text_chunk(self.head, "", finish, with_usage_field=self.include_usage)]
+    def closing(self, index: int, finish: str) -> list[dict[str, Any]]:
+        return [self._chunk(index, "", finish)]
 
     def usage(self, usage: Usage) -> dict[str, Any]:
-        return text_usage_chunk(self.head, usage.with_summary(self.summary))
+        return text_usage_chunk(self.head, usage)
+
+    def _chunk(
+        self,
+        index: int,
+        text: str,
+        finish: str | None = None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+        return text_chunk(self.head, choice, with_usage_field=self.include_usage)
+
+
+class UsageTotal:
+    """Usage of a request with several choices: prompts counted once, completions summed."""
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._cached_tokens = 0
+
+    def add(self, index: int, usage: Usage) -> None:
+        self._completion_tokens += usage.completion_tokens
+        if index % self._n == 0:  # the first choice of each prompt
+            self._prompt_tokens += usage.prompt_tokens
+            self._cached_tokens += usage.cached_tokens
+
+    def total(self) -> Usage:
+        return Usage(self._prompt_tokens, self._completion_tokens, self._cached_tokens)
 
 
 def failure_error(event: Failed) -> APIError:
@@ -119,26 +184,32 @@ def failure_error(event: Failed) -> APIError:
     return InternalError(f"Generation failed: {event.message}.")
 
 
-async def collect(generation: Generation, receive: Receive) -> tuple[str, Finished]:
-    """The whole answer of a non-streaming request.
+async def collect(
+    generation: Generation, receive: Receive, choices: int, n: int
+) -> tuple[list[ChoiceResult], Usage]:
+    """The whole answer of a non-streaming request: every choice, and the usage of all.
 
     The engine drops the request when the handler ends early or the client hangs up: nobody
     would read the answer, and its batch slot is worth more to the next request.
     """
     watcher = asyncio.create_task(_cancel_on_disconnect(generation, receive))
-    pieces: list[str] = []
+    results = [ChoiceResult() for _ in range(choices)]
+    usage = UsageTotal(n)
     try:
-        async for event in generation.events():
+        async for index, event in generation.events():
+            result = results[index]
             if isinstance(event, TextDelta):
-                pieces.append(event.text)
+                result.text += event.text
+                result.logprobs.extend(event.logprobs)
             elif isinstance(event, Finished):
-                return "".join(pieces), event
+                result.finish_reason = event.finish_reason
+                usage.add(index, event.usage)
             else:
                 raise failure_error(event)
     finally:
         watcher.cancel()
         generation.cancel()
-    raise InternalError("The generation ended without a result.")
+    return results, usage.total()
 
 
 async def _cancel_on_disconnect(generation: Generation, receive: Receive) -> None:
@@ -148,21 +219,29 @@ async def _cancel_on_disconnect(generation: Generation, receive: Receive) -> Non
     generation.cancel()
 
 
-async def _chunks(generation: Generation, shape: ChunkShape) -> AsyncIterator[dict[str, str]]:
-    opening = shape.opening()
-    if opening is not None:
-        yield _data(opening)
-    async for event in generation.events():
+async def _chunks(
+    generation: Generation, shape: ChunkShape, choices: int, n: int
+) -> AsyncIterator[dict[str, str]]:
+    for index in range(choices):
+        opening = shape.opening(index)
+        if opening is not None:
+            yield _data(opening)
+    usage = UsageTotal(n)
+    async for index, event in generation.events():
         if isinstance(event, TextDelta):
-            for chunk in shape.deltas(event.text):
+            for chunk in shape.deltas(index, event):
                 yield _data(chunk)
         elif isinstance(event, Finished):
-            for chunk in shape.closing(event.finish_reason):
+            for chunk in shape.closing(index, event.finish_reason):
                 yield _data(chunk)
-            if shape.include_usage:
-                yield _data(shape.usage(event.usage))
+            usage.add(index, event.usage)
         else:
+            generation.cancel()
             yield _data(failure_error(event).to_body())
+            break
+    else:
+        if shape.include_usage:
+            yield _data(shape.usage(usage.total()))
     yield {"data": DONE}
 
 
@@ -173,11 +252,17 @@ def _data(payload: dict[str, Any]) -> dict[str, str]:
 class GenerationStream(EventSourceResponse):
     """An SSE response that cancels its generation however the response ends."""
 
-    def __init__(self, generation: Generation, shape: ChunkShape, shutdown_grace_s: float) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        shape: ChunkShape,
+        shutdown_grace_s: float,
+        choices: tuple[int, int] = (1, 1),
+    ) -> None:
         # On SIGTERM the engine ends what is still running after its grace period with an
         # error event; sse-starlette must not cut the stream before that event is sent.
         super().__init__(
-            _chunks(generation, shape),
+            _chunks(generation, shape, *choices),
             sep="\n",
             ping=15,
             shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
@@ -192,6 +277,7 @@ class GenerationStream(EventSourceResponse):
 
 
 def stream_response(
-    generation: Generation, shape: ChunkShape, shutdown_grace_s: float
+    generation: Generation, shape: ChunkShape, shutdown_grace_s: float, choices: int, n: int
 ) -> GenerationStream:
-    return GenerationStream(generation, shape, shutdown_grace_s)
+    """`choices` sequences in all, `n` per prompt."""
+    return GenerationStream(generation, shape, shutdown_grace_s, (choices, n))

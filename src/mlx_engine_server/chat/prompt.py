@@ -44,17 +44,25 @@ def chat_prompt_tokens(tokenizer: Any, messages: list[ChatMessage]) -> list[int]
     return chat_prompt(tokenizer, template_messages(messages)).tokens
 
 
-def completion_prompt_tokens(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+def completion_prompt_tokens(
+    tokenizer: Any, prompt: str | list[int], param: str = "prompt"
+) -> list[int]:
     if isinstance(prompt, list):
-        vocab_size = len(tokenizer)
-        if any(token >= vocab_size for token in prompt):
-            raise InvalidRequestError(
-                f"prompt holds a token id outside the vocabulary (size {vocab_size})",
-                param="prompt",
-            )
+        check_token_ids(tokenizer, prompt, param)
         return list(prompt)
     tokens: list[int] = tokenizer.encode(prompt)
     return tokens
+
+
+def check_token_ids(tokenizer: Any, token_ids: list[int], param: str) -> None:
+    """400 naming the first id outside the vocabulary (negative ids fail pydantic already)."""
+    vocab_size = len(tokenizer)
+    for index, token in enumerate(token_ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(
+                f"{param}[{index}] = {token} is not a token id of this model (0..{vocab_size - 1})",
+                param=f"{param}[{index}]",
+            )
 
 
 def _render_template(

@@ -14,11 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import LLMatcher
-
-from ..errors import InvalidRequestError
 from .parsers import ToolCallFormat
 from .parsers import hermes as hermes_format
+from .structured import check_json_schema
 from .tools import ToolPolicy, ToolSpec
 
 # The compact JSON these families' templates render, so a forced call looks like a natural one.
@@ -110,13 +108,10 @@ def check_tool_schemas(policy: ToolPolicy, tool_indexes: Mapping[str, int]) -> N
     for tool in policy.offered:
         if policy.forced_name not in (None, tool.name):
             continue
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(call_schema(tool, "arguments")))
-        error = LLMatcher.validate_grammar(grammar)
-        if error:
-            raise InvalidRequestError(
-                f"The parameters schema of function {tool.name!r} cannot be enforced: {error}",
-                param=f"tools[{tool_indexes[tool.name]}].function.parameters",
-            )
+        check_json_schema(
+            call_schema(tool, "arguments"),
+            param=f"tools[{tool_indexes[tool.name]}].function.parameters",
+        )
 
 
 def _thinking_prefix(thinking: ThinkingShape | None, specials: Mapping[str, int]) -> str:

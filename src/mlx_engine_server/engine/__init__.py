@@ -9,6 +9,8 @@ from .types import (
     Finished,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -22,5 +24,7 @@ __all__ = [
     "Generation",
     "SamplingParams",
     "TextDelta",
+    "TokenLogprob",
+    "TopLogprob",
     "Usage",
 ]

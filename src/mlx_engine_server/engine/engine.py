@@ -29,6 +29,8 @@ from .worker import STOP, Drain, Submission, Worker, run_worker_thread
 
 RETRY_AFTER_S = 1
 
+SequenceRequest = tuple[list[int], SamplingParams, Callable[[Event], None]]
+
 
 class Engine:
     def __init__(self, load: Callable[[], LoadedModel], options: EngineOptions) -> None:
@@ -105,6 +107,11 @@ class Engine:
         self, prompt_tokens: list[int], params: SamplingParams, post: Callable[[Event], None]
     ) -> Cancellation:
         """Queue a request for the worker; full → OverloadedError (429) without queueing it."""
+        (cancellation,) = self.submit_all([(prompt_tokens, params, post)])
+        return cancellation
+
+    def submit_all(self, sequences: list[SequenceRequest]) -> list[Cancellation]:
+        """Queue sequences that belong together (n choices, several prompts): all or none."""
         if self._draining:
             raise ServiceUnavailableError(
                 "the server is shutting down", retry_after_s=RETRY_AFTER_S
@@ -112,16 +119,19 @@ class Engine:
         if not self.alive:
             raise ServiceUnavailableError("the generation engine is not running")
         with self._lock:
-            if self._in_flight >= self.capacity:
+            if self._in_flight + len(sequences) > self.capacity:
                 raise OverloadedError(
                     f"the server is busy ({self._in_flight} requests in flight); retry shortly",
                     retry_after_s=RETRY_AFTER_S,
                 )
-            self._in_flight += 1
-        cancellation = Cancellation()
+            self._in_flight += len(sequences)
         deadline = time.monotonic() + self.options.request_timeout_s
-        self._inbox.put(Submission(tuple(prompt_tokens), params, deadline, cancellation, post))
-        return cancellation
+        cancellations = []
+        for prompt_tokens, params, post in sequences:
+            cancellation = Cancellation()
+            self._inbox.put(Submission(tuple(prompt_tokens), params, deadline, cancellation, post))
+            cancellations.append(cancellation)
+        return cancellations
 
     def _request_done(self) -> None:
         with self._lock:
@@ -168,34 +178,43 @@ class TimingObserver(Protocol):
 class Generation:
     """One request's events, read by the handler that made it; cancel() when the client is gone.
 
-    Made inside the request's coroutine: its asyncio.Queue belongs to that loop, and the worker
-    reaches it only through call_soon_threadsafe.
+    A request may generate several sequences (`n` choices, several prompts): each is a row of the
+    batch, and its events arrive tagged with its choice index. Made inside the request's coroutine:
+    its asyncio.Queue belongs to that loop, and the worker reaches it only through
+    call_soon_threadsafe.
     """
 
     def __init__(
         self,
         engine: Engine,
-        prompt_tokens: list[int],
-        params: SamplingParams,
+        choices: list[tuple[list[int], SamplingParams]],
         timing: TimingObserver | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._done = False
+        self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._running = len(choices)
         self._timing = timing
         self._last_text_at = time.monotonic()
         self._seen_text = False
-        self._cancellation = engine.submit(prompt_tokens, params, self._post)
+        self._cancellations = engine.submit_all(
+            [
+                (prompt, params, self._poster(index))
+                for index, (prompt, params) in enumerate(choices)
+            ]
+        )
 
-    def _post(self, event: Event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            self._cancellation.cancel()
+    def _poster(self, index: int) -> Callable[[Event], None]:
+        def post(event: Event) -> None:
+            try:
+                self._loop.call_soon_threadsafe(self._events.put_nowait, (index, event))
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                self.cancel()
+
+        return post
 
     def cancel(self) -> None:
-        if not self._done:
-            self._cancellation.cancel()
+        for cancellation in self._cancellations:
+            cancellation.cancel()
 
     def _observe_text(self, timing: TimingObserver) -> None:
         now = time.monotonic()
@@ -206,14 +225,12 @@ class Generation:
             self._seen_text = True
         self._last_text_at = now
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Text deltas, then exactly one Finished or Failed."""
-        while True:
-            event = await self._events.get()
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event): text deltas, then one Finished or Failed for every choice."""
+        while self._running:
+            index, event = await self._events.get()
             if isinstance(event, Finished | Failed):
-                self._done = True
+                self._running -= 1
             elif self._timing is not None:
                 self._observe_text(self._timing)
-            yield event
-            if self._done:
-                return
+            yield index, event

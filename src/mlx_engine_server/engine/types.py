@@ -26,8 +26,11 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    # An llguidance Lark grammar (JSON schemas inline as `%json {...}`) the output must follow.
+    # A llguidance grammar in Lark syntax (JSON schemas embedded with `%json { ... }`): the row's
+    # tokens are masked to what the grammar allows; end-of-sequence only once it accepts.
     grammar: str | None = None
+    # None: no logprobs; k >= 0: each token's logprob and its k most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,27 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token_bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's logprob and the most likely alternatives at that step."""
+
+    token_id: int
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids`, if asked for
 
 
 @dataclass(frozen=True)

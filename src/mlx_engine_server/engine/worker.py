@@ -21,7 +21,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
+from .constraints import GrammarProcessor, TokenVocabulary
+from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
+from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .prefix_cache import PrefixCache
 from .sampling import make_request_processors, make_request_sampler
@@ -35,6 +38,7 @@ from .types import (
     FinishReason,
     SamplingParams,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 
@@ -42,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 PREFILL_BATCH = 8  # prompts prefilled together
-RATE_WINDOW_S = 10.0
 NO_STOP = StopSequences(None)
 
 
@@ -58,29 +61,6 @@ class Submission:
 
 
 @dataclass
-class Counters:
-    """Written by the worker only; read (racily, which is fine for counters) by handlers."""
-
-    requests_total: int = 0
-    prompt_tokens_total: int = 0
-    completion_tokens_total: int = 0
-    failures_total: int = 0
-    active: int = 0
-    tokens_per_s: float = 0.0
-    recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
-    recent_tokens: int = 0
-
-    def record_step(self, tokens: int) -> None:
-        """Generation rate over the last RATE_WINDOW_S seconds, kept as one readable float."""
-        now = time.monotonic()
-        self.recent_steps.append((now, tokens))
-        self.recent_tokens += tokens
-        while self.recent_steps[0][0] < now - RATE_WINDOW_S:
-            self.recent_tokens -= self.recent_steps.popleft()[1]
-        self.tokens_per_s = self.recent_tokens / RATE_WINDOW_S
-
-
-@dataclass
 class LiveSequence:
     """The worker's state for one request in the batch."""
 
@@ -91,6 +71,8 @@ class LiveSequence:
     reserved_bytes: int = 0
     completion_tokens: int = 0
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    grammar: GrammarProcessor | None = None
 
 
 STOP = object()
@@ -129,6 +111,9 @@ class Worker:
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
             )
         self._waiting: deque[Submission] = deque()
+        self.vocabulary = TokenVocabulary(
+            loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
+        )
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -196,6 +181,10 @@ class Worker:
         prompt = list(submission.prompt_tokens)
         sampler = make_request_sampler(params)
         try:
+            processors, grammar = self._processors(params)
+            if grammar is not None and grammar.error is not None:
+                self._end(submission, Failed(f"the grammar is invalid: {grammar.error}"))
+                return
             hit = self.prefix_cache.lookup(prompt)
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
@@ -204,8 +193,8 @@ class Worker:
                     caches=[hit.cache] if hit.cache else None,
                     all_tokens=[prompt[: hit.cached_tokens]],
                     samplers=[sampler] if sampler else None,
-                    logits_processors=[make_request_processors(params)],
-                    stop_sequences=[NO_STOP] if params.ignore_eos else None,
+                    logits_processors=[processors],
+                    stop_sequences=[NO_STOP] if params.ignore_eos and not grammar else None,
                 )
         except Exception as exc:
             logger.exception("could not admit a request")
@@ -219,9 +208,20 @@ class Worker:
             stop_filter=StopTextFilter(params.stop),
             cached_tokens=hit.cached_tokens,
             reserved_bytes=need_bytes,
+            grammar=grammar,
         )
         self.memory.reserve(need_bytes)
         self.counters.active = len(self._live)
+
+    def _processors(self, params: SamplingParams) -> tuple[list[Any], GrammarProcessor | None]:
+        processors = make_request_processors(params)
+        if params.grammar is None:
+            return processors, None
+        # ignore_eos on a constrained row: the grammar decides the end, the model's wish does not.
+        grammar = GrammarProcessor(
+            self.vocabulary, params.grammar, eos_only_when_forced=params.ignore_eos
+        )
+        return [*processors, grammar], grammar
 
     def _step(self) -> None:
         try:
@@ -232,21 +232,46 @@ class Worker:
             self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
             return
         self.counters.record_step(len(responses))
+        logprobs = self._logprobs(responses)
         for response in responses:
             sequence = self._live.get(response.uid)
             if sequence is None:
                 continue
+            if sequence.grammar is not None and sequence.grammar.error is not None:
+                self._fail_one(
+                    response.uid, f"constrained decoding failed: {sequence.grammar.error}"
+                )
+                continue
             try:
-                self._on_token(response.uid, sequence, response)
+                self._on_token(response.uid, sequence, response, logprobs.get(response.uid))
             except Exception as exc:
                 logger.exception("handling a generated token failed")
                 self._fail_one(response.uid, f"internal error: {type(exc).__name__}")
 
-    def _on_token(self, uid: int, sequence: LiveSequence, response: Any) -> None:
+    def _logprobs(self, responses: list[Any]) -> dict[int, TokenLogprob]:
+        """Only rows that asked for logprobs cost anything; an end-of-sequence token has none."""
+        asking = []
+        for response in responses:
+            sequence = self._live.get(response.uid)
+            top = sequence.submission.params.logprobs if sequence is not None else None
+            if top is not None and response.finish_reason != "stop":
+                asking.append(
+                    (response.uid, LogprobRequest(response.logprobs, response.token, top))
+                )
+        if not asking:
+            return {}
+        gathered = gather_logprobs([row for _, row in asking], self.vocabulary.token_bytes)
+        return {uid: logprob for (uid, _), logprob in zip(asking, gathered, strict=True)}
+
+    def _on_token(
+        self, uid: int, sequence: LiveSequence, response: Any, logprob: TokenLogprob | None
+    ) -> None:
         token: int = response.token
         finish: FinishReason | None = response.finish_reason
         sequence.completion_tokens += 1
         sequence.pending_ids.append(token)
+        if logprob is not None:
+            sequence.pending_logprobs.append(logprob)
         if finish != "stop":  # an end-of-sequence token is not text
             sequence.detokenizer.add_token(token)
         if finish is not None:
@@ -254,7 +279,7 @@ class Worker:
         text, stopped = sequence.stop_filter.feed(sequence.detokenizer.last_segment)
         if finish is not None and not stopped:
             text += sequence.stop_filter.flush()
-        self._post_text(sequence, text)
+        self._post_text(sequence, text, last=finish is not None or stopped)
         if stopped and finish is None:
             removed = self._generator.remove([uid], return_prompt_caches=True)
             self._keep_cache(*removed[uid])
@@ -269,11 +294,13 @@ class Worker:
         if cache and tokens:
             self.prefix_cache.store(list(tokens), cache)
 
-    def _post_text(self, sequence: LiveSequence, text: str) -> None:
-        if not text:
+    def _post_text(self, sequence: LiveSequence, text: str, *, last: bool = False) -> None:
+        """Text with the tokens that made it; at the end, also tokens that made no text."""
+        if not text and not (last and sequence.pending_logprobs):
             return
         ids, sequence.pending_ids = tuple(sequence.pending_ids), []
-        sequence.submission.post(TextDelta(text=text, token_ids=ids))
+        logprobs, sequence.pending_logprobs = tuple(sequence.pending_logprobs), []
+        sequence.submission.post(TextDelta(text=text, token_ids=ids, logprobs=logprobs))
 
     def _finish(self, uid: int, reason: FinishReason) -> None:
         sequence = self._retire(uid)
