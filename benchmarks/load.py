@@ -165,8 +165,9 @@ def run_raw(plan: Plan) -> list[Measurement]:
     def one_run(n: int, repeat: int) -> Measurement:
         prompts = [encode(tokenizer, m) for m in batch_messages(n, repeat, plan)]
         # The servers had a warm-up request; on CUDA every new batch shape compiles kernels first.
-        warm_up = [encode(tokenizer, m) for m in batch_messages(n, -1 - repeat, plan)]
-        raw_batch(model, tokenizer, warm_up, plan, max_tokens=4) if n > 1 else None
+        if repeat == 0:  # the servers get the same warm-up (see run_server)
+            warm_up = [encode(tokenizer, m) for m in batch_messages(n, -1, plan)]
+            raw_batch(model, tokenizer, warm_up, plan, max_tokens=4) if n > 1 else None
         if n == 1:
             return raw_single(model, tokenizer, prompts[0], plan.max_tokens)
         return raw_batch(model, tokenizer, prompts, plan)
@@ -328,6 +329,8 @@ def run_server(system: str, plan: Plan) -> list[Measurement]:
         server.chat(make_messages("warm-up", 0, plan.prompt_words), 8)
 
         def one_run(n: int, repeat: int) -> Measurement:
+            if repeat == 0:  # as for raw: the first batch of n compiles its kernels (CUDA)
+                measure(server, batch_messages(n, -1, plan), 4)
             return measure(server, batch_messages(n, repeat, plan), plan.max_tokens)
 
         return [median_run(system, n, plan, one_run) for n in plan.clients]
