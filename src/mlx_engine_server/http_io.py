@@ -16,7 +16,11 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
-    data = await read_json_object(request)
+    return validate_model(model, await read_json_object(request))
+
+
+def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """`data` as `model`, or a 400 naming the first parameter at fault."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
