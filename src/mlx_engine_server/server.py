@@ -44,7 +44,7 @@ from .pipeline import (
     sampling_params,
     summary_usage,
 )
-from .protocols import anthropic_routes
+from .protocols import anthropic_routes, openai_responses_routes
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
@@ -80,6 +80,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
             *anthropic_routes.ROUTES,
+            Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
