@@ -55,6 +55,9 @@ def chat_fields(body: ResponsesRequest) -> dict[str, Any]:
         "response_format": _response_format(body),
     }
     fields.update({name: value for name, value in optional.items() if value is not None})
+    effort = body.reasoning.effort if body.reasoning else None
+    if effort is not None:  # asking for an effort asks for thinking (Qwen3's enable_thinking)
+        fields["chat_template_kwargs"] = {"enable_thinking": effort != "none"}
     return fields
 
 
@@ -124,7 +127,13 @@ class Conversation:
         if item.role == "assistant":
             self._assistant()["content"] = text
         else:
+            self._end_reasoning_turn()
             self.messages.append({"role": item.role, "content": text})
+
+    def _end_reasoning_turn(self) -> None:
+        """Reasoning with nothing after it in its turn is an assistant turn of its own."""
+        if self._reasoning:
+            self._assistant()
 
     def _function_call(self, item: FunctionCallItem) -> None:
         turn = self._assistant(continuing=True)
@@ -144,6 +153,7 @@ class Conversation:
                 param=f"{where}.call_id",
             )
         output = _text(item.output, f"{where}.output")
+        self._end_reasoning_turn()
         self.messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
 
     def _assistant(self, *, continuing: bool = False) -> dict[str, Any]:
