@@ -8,6 +8,7 @@ whose greedy answer is a Hermes-style call of `lookup`, whatever the prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -42,8 +43,21 @@ GREEDY = {"temperature": 0}  # the SDK no longer types sampling fields; the API 
 STREAM_EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 
 
+_clients: list[Anthropic] = []
+
+
 def sdk(live: LiveServer) -> Anthropic:
-    return Anthropic(base_url=live.base_url, api_key="unused", max_retries=0)
+    client = Anthropic(base_url=live.base_url, api_key="unused", max_retries=0)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each client's pooled connections are closed with it, not left to the garbage collector."""
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def chat(live: LiveServer, **fields: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ conversation; tool calls come from the scripted Hermes-style model (tests/confte
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx2 as httpx
@@ -43,8 +44,21 @@ LOOKUP_FOR_CHAT = {
 STREAM_EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 
+_clients: list[OpenAI] = []
+
+
 def sdk(live: LiveServer) -> OpenAI:
-    return OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0)
+    client = OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each client's pooled connections are closed with it, not left to the garbage collector."""
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def chat(live: LiveServer, **fields: Any) -> dict[str, Any]:
