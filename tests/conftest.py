@@ -20,7 +20,7 @@ from mlx_engine_server.gguf import convert_gguf
 from mlx_engine_server.model_manager import ModelSource, load_model
 from mlx_engine_server.server import ServerOptions, create_app
 
-from .model_factory import build_tiny_llama, smollm_gguf_path
+from .model_factory import build_tiny_llama, scripted_model, smollm_gguf_path, use_chat_template
 
 TINY_CONTEXT_WINDOW = 256
 
@@ -118,5 +118,32 @@ def tiny_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
 def smollm_server(smollm_dir: Path) -> Iterator[LiveServer]:
     """The real SmolLM2-135M weights behind real HTTP: end-to-end truth."""
     live = run_live_server(start_engine(smollm_dir))
+    yield live
+    live.stop()
+
+
+HERMES_ANSWER = '<tool_call>{"name":"lookup","arguments":{}}'
+
+
+@pytest.fixture(scope="session")
+def hermes_agent_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Iterator[LiveServer]:
+    """A scripted model whose greedy answer is HERMES_ANSWER (a call of `lookup`), behind a
+    Hermes-style template: for the Anthropic and Responses protocol tests."""
+    root = tmp_path_factory.mktemp("agent") / "scripted-hermes"
+    model = scripted_model(root, smollm_dir, HERMES_ANSWER, "hermes_tools.jinja")
+    live = run_live_server(start_engine(model))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def random_hermes_agent_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Iterator[LiveServer]:
+    """Random weights behind a tool template: a forced call must still match its schema."""
+    model = build_tiny_llama(tmp_path_factory.mktemp("agent-rnd") / "random-hermes", smollm_dir)
+    live = run_live_server(start_engine(use_chat_template(model, "hermes_tools.jinja")))
     yield live
     live.stop()

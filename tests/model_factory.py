@@ -168,3 +168,15 @@ def _bigram_weights(config: dict[str, object], successors: dict[int, int]) -> di
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             weights[name] = mx.zeros_like(weights[name])
     return weights
+
+
+def scripted_model(root: Path, smollm_dir: Path, answer: str, template: str) -> Path:
+    """A scripted llama (see build_scripted_llama) answering `answer` behind a fixture template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    script = tokenizer.encode(answer, add_special_tokens=False)
+    # Prompts from both templates end in "\n" or "\n\n" (one token each in SmolLM2's vocabulary).
+    last_tokens = [tokenizer.encode(ending)[-1] for ending in ("\n", ">\n", "\n\n")]
+    dest = build_scripted_llama(root, smollm_dir, script, last_tokens, tokenizer.eos_token_id)
+    return use_chat_template(dest, template)

@@ -24,7 +24,7 @@ from mlx_engine_server.chat.prompt import chat_prompt
 from mlx_engine_server.chat.tools import template_messages, template_tools
 
 from .conftest import LiveServer, run_live_server, start_engine
-from .model_factory import build_scripted_llama, build_tiny_llama, use_chat_template
+from .model_factory import build_tiny_llama, scripted_model, use_chat_template
 
 HERMES_ANSWER = '<tool_call>{"name":"lookup","arguments":{}}'
 LLAMA3_ANSWER = '{"name":"lookup","parameters":{}}'
@@ -37,15 +37,6 @@ LOOKUP = {
     },
 }
 ASK = [{"role": "user", "content": "Look it up"}]
-
-
-def scripted_model(root: Path, smollm_dir: Path, answer: str, template: str) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
-    script = tokenizer.encode(answer, add_special_tokens=False)
-    # Prompts from both templates end in "\n" or "\n\n" (one token each in SmolLM2's vocabulary).
-    last_tokens = [tokenizer.encode(ending)[-1] for ending in ("\n", ">\n", "\n\n")]
-    dest = build_scripted_llama(root, smollm_dir, script, last_tokens, tokenizer.eos_token_id)
-    return use_chat_template(dest, template)
 
 
 @pytest.fixture(scope="module")

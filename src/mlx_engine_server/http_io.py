@@ -16,11 +16,15 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
-    data = await read_json_object(request)
+    return validate_model(model, await read_json_object(request))
+
+
+def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """`data` as `model`, or a 400 naming the first parameter at fault."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, data) from None
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -77,14 +81,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _validation_error(exc: ValidationError) -> InvalidRequestError:
+def _validation_error(exc: ValidationError, data: dict[str, Any]) -> InvalidRequestError:
     # Of a union's failed branches, the deepest error says the most ("prompt[0] must be >= 0").
     # Of equally deep ones, a wrong type most likely comes from a union branch that does not apply.
     first = max(
         exc.errors(include_url=False),
         key=lambda error: (len(error["loc"]), not error["type"].endswith("_type")),
     )
-    param = _param_name(first["loc"])
+    param = _param_name(first["loc"], data)
     message = first["msg"]
     if first["type"] == "missing":
         message = "Missing required parameter"
@@ -93,17 +97,27 @@ def _validation_error(exc: ValidationError) -> InvalidRequestError:
     return InvalidRequestError(detail + extra, param=param or None)
 
 
-def _param_name(loc: tuple[int | str, ...]) -> str:
-    """pydantic's ('messages', 0, 'role') as OpenAI spells it: messages[0].role."""
+def _param_name(loc: tuple[int | str, ...], data: Any) -> str:
+    """pydantic's ('messages', 0, 'role') as OpenAI spells it: messages[0].role.
+
+    `data` is followed along: a step that is the tag of a tagged union (`input[0].message`, the
+    item's `type`) is pydantic's, not the client's, and is left out.
+    """
     name = ""
     for part in loc:
         if isinstance(part, int):
             name += f"[{part}]"
-        elif _is_union_branch(part):
+            data = data[part] if isinstance(data, list) and 0 <= part < len(data) else None
+        elif _is_union_branch(part) or _is_tag(data, part):
             continue
         else:
             name += f".{part}" if name else part
+            data = data.get(part) if isinstance(data, dict) else None
     return name
+
+
+def _is_tag(data: Any, part: str) -> bool:
+    return isinstance(data, dict) and part not in data and part == data.get("type", "message")
 
 
 def _is_union_branch(part: str) -> bool:
@@ -114,4 +128,5 @@ def _is_union_branch(part: str) -> bool:
         "bool",
         "TextPart",
         "NamedToolChoice",
+        "FunctionChoice",
     }

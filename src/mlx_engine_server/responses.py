@@ -31,6 +31,7 @@ class ChoiceResult:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = "stop"
+    stop_sequence: str | None = None  # the `stop` string that ended it, if one did
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:

@@ -20,64 +20,40 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api_models import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    OverflowPolicy,
-    SamplingFields,
-)
+from .api_models import ChatCompletionRequest, CompletionRequest
 from .chat.output import OutputRules, split_whole
-from .chat.overflow import (
-    Compaction,
-    CompactionCounters,
-    Fitted,
-    Limits,
-    Summary,
-    SummaryOptions,
-    fit_conversation,
-)
+from .chat.overflow import Compaction, CompactionCounters
 from .chat.parsers import known_tool_call_parsers
-from .chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
-from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
-from .chat.structured import response_format_grammar
+from .chat.prompt import completion_prompt_tokens
 from .config import Settings
-from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
-from .errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    StartupError,
-)
+from .engine import Engine, EngineOptions, Generation, Usage
+from .errors import InvalidRequestError, StartupError
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
 from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
+from .pipeline import (
+    COMPACTION_HEADER,
+    ServerOptions,
+    check_choice_count,
+    check_model,
+    model_not_found,
+    plan_request,
+    request_grammar,
+    sampling_params,
+    summary_usage,
+)
+from .protocols import anthropic_routes, openai_responses_routes
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
 
+__all__ = ["ServerOptions", "create_app", "serve"]
+
 logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-COMPACTION_HEADER = "x-context-compacted"
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """The part of Settings the HTTP layer needs, built once in serve()."""
-
-    strict_model_name: bool = False
-    max_tokens_default: int | None = None
-    context_overflow: OverflowPolicy = "error"
-    allow_request_overflow_policy: bool = False
-    summary_keep_messages: int = 6
-    summary_max_tokens: int = 512
-    tool_call_parser: str = "auto"
-    reasoning_parser: str = "auto"
-    max_n: int = 8
-    max_prompts: int = 16
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -103,6 +79,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
+            *anthropic_routes.ROUTES,
+            Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -168,58 +146,20 @@ class Prompts:
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
-    engine, options = _check_model(request, body.model)
-    planner = ChatPlanner(engine, _chat_formats(request), body)
-    fitted = await _fit_conversation(request, engine, options, body, planner.prompt_tokens)
-    plan = planner.plan(fitted.messages)
+    plan, compaction = await plan_request(request, body)
     return await _generate(
         request,
         body,
         Prompts([plan.prompt_tokens]),
         chat_surface(plan.rules),
-        compaction=fitted.compaction,
+        compaction=compaction,
         grammar=plan.grammar,
     )
 
 
-class ChatPlanner:
-    """Prompts built exactly as the engine will see them (messages, tools, template arguments);
-    the overflow policy measures with it, and its last plan is reused when nothing was dropped."""
-
-    def __init__(self, engine: Engine, formats: ChatFormats, body: ChatCompletionRequest) -> None:
-        self.tokenizer = engine.loaded.tokenizer
-        self.formats = formats
-        self.body = body
-        self._last: tuple[list[ChatMessage], ChatPlan] | None = None
-
-    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        return self.plan(messages).prompt_tokens
-
-    def plan(self, messages: list[ChatMessage]) -> ChatPlan:
-        if self._last is not None and self._last[0] == messages:
-            return self._last[1]
-        body = self.body
-        if messages != list(body.messages):
-            body = body.model_copy(update={"messages": messages})
-        plan = plan_chat(self.tokenizer, self.formats, body)
-        self._last = (messages, plan)
-        return plan
-
-
-def _chat_formats(request: Request) -> ChatFormats:
-    state = request.app.state
-    if state.chat_formats is None:
-        options: ServerOptions = state.options
-        state.chat_formats = chat_formats(
-            state.engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
-        )
-    formats: ChatFormats = state.chat_formats
-    return formats
-
-
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
-    engine, options = _check_model(request, body.model)
+    engine, options = check_model(request, body.model)
     given = body.prompts()
     if len(given) > options.max_prompts:
         raise InvalidRequestError(
@@ -255,19 +195,19 @@ async def _generate(
     """Admit every choice of the request, then stream the answers or wait for all of them."""
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
-    _check_choice_count(engine, options, body.n, len(prompts.tokens))
-    grammar = _request_grammar(grammar, body)
+    check_choice_count(engine, options, body.n, len(prompts.tokens))
+    grammar = request_grammar(grammar, body)
     choices = [
         (prompt, replace(params, seed=_choice_seed(params.seed, index)))
         for prompt in prompts.tokens
-        for params in [_sampling_params(engine, options, body, prompt, grammar)]
+        for params in [sampling_params(engine, options, body, prompt, grammar)]
         for index in range(body.n)
     ]
     generation = Generation(engine, choices, request.app.state.metrics)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
-    summary = _summary_usage(compaction)
+    summary = summary_usage(compaction)
     response: Response
     if body.stream:
         shape = surface.stream_shape(head, body.include_usage, with_logprobs, echoes, summary)
@@ -283,90 +223,6 @@ async def _generate(
     return response
 
 
-def _request_grammar(
-    tool_grammar: str | None, body: ChatCompletionRequest | CompletionRequest
-) -> str | None:
-    """A forced tool call or a response_format: the two cannot both hold."""
-    format_grammar = response_format_grammar(body.response_format)
-    if tool_grammar is not None and format_grammar is not None:
-        raise InvalidRequestError(
-            "response_format cannot be combined with a tool_choice that forces a tool call",
-            param="response_format",
-        )
-    return tool_grammar or format_grammar
-
-
-async def _fit_conversation(
-    request: Request,
-    engine: Engine,
-    options: ServerOptions,
-    body: ChatCompletionRequest,
-    render: Callable[[list[ChatMessage]], list[int]],
-) -> Fitted:
-    """Apply the context-overflow policy to the messages, and count what it did."""
-    policy = _overflow_policy(options, body)
-    window = engine.loaded.context_window
-    requested = body.requested_max_tokens
-    limits = Limits(window, requested or _answer_reserve(options, window), requested is not None)
-    summary = SummaryOptions(
-        options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
-    )
-    counters: CompactionCounters = request.app.state.compactions
-    try:
-        fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
-    except ContextLengthExceededError:
-        counters.refusals += 1
-        raise
-    counters.record(fitted.compaction)
-    return fitted
-
-
-def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
-    if body.context_overflow is None:
-        return options.context_overflow
-    if not options.allow_request_overflow_policy:
-        raise InvalidRequestError(
-            "context_overflow is not enabled on this server "
-            "(the operator can allow it with --allow-request-overflow-policy)",
-            param="context_overflow",
-            code="unsupported_parameter",
-        )
-    return body.context_overflow
-
-
-def _answer_reserve(options: ServerOptions, context_window: int) -> int:
-    """Room compaction keeps for an answer when max_tokens is absent: not the last few tokens."""
-    quarter = max(1, context_window // 4)
-    default = options.max_tokens_default
-    return quarter if default is None else min(default, quarter)
-
-
-def _summary_usage(compaction: Compaction | None) -> Usage | None:
-    if compaction is None or compaction.summary is None:
-        return None
-    summary = compaction.summary
-    return Usage(summary.prompt_tokens, summary.completion_tokens, summary.cached_tokens)
-
-
-class EngineSummarizer:
-    """Summaries of old turns written by the served model: one more request to the same engine."""
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.engine: Engine = request.app.state.engine
-
-    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        return chat_prompt_tokens(self.engine.loaded.tokenizer, messages)
-
-    async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        generation = Generation(self.engine, [(prompt_tokens, params)])
-        (result,), usage = await collect(generation, self.request.receive, 1, 1)
-        return Summary(
-            result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        )
-
-
 def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:
     return [text for text in per_prompt for _ in range(n)] if per_prompt is not None else None
 
@@ -374,17 +230,6 @@ def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:
 def _choice_seed(seed: int | None, index: int) -> int | None:
     """Choice i of a seeded request samples with seed + i: reproducible, and choice 0 is n=1."""
     return None if seed is None else seed + index
-
-
-def _check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: int) -> None:
-    if n > options.max_n:
-        raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
-    if n * prompts > engine.capacity:
-        raise InvalidRequestError(
-            f"{n * prompts} choices ({prompts} prompts x n={n}) exceed the {engine.capacity} "
-            "sequences this server can hold at once",
-            param="n",
-        )
 
 
 async def list_models(request: Request) -> Response:
@@ -396,7 +241,7 @@ async def get_model(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     model_id = request.path_params["model_id"]
     if model_id != engine.loaded.model_id:
-        raise _model_not_found(model_id, engine.loaded.model_id)
+        raise model_not_found(model_id, engine.loaded.model_id)
     return JSONResponse(_model_card(engine))
 
 
@@ -410,71 +255,6 @@ def _model_card(engine: Engine) -> dict[str, Any]:
         "context_window": loaded.context_window,
         "kind": loaded.kind,
     }
-
-
-def _check_model(request: Request, requested: str | None) -> tuple[Engine, ServerOptions]:
-    """Any model name is accepted unless --strict-model-name: clients always send one."""
-    engine: Engine = request.app.state.engine
-    options: ServerOptions = request.app.state.options
-    served = engine.loaded.model_id
-    if options.strict_model_name and requested is not None and requested != served:
-        raise _model_not_found(requested, served)
-    return engine, options
-
-
-def _model_not_found(requested: str, served: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"The model '{requested}' does not exist; this server serves '{served}'.", param="model"
-    )
-
-
-def _sampling_params(
-    engine: Engine,
-    options: ServerOptions,
-    body: ChatCompletionRequest | CompletionRequest,
-    prompt: list[int],
-    grammar: str | None,
-) -> SamplingParams:
-    max_tokens = resolve_max_tokens(
-        len(prompt),
-        body.requested_max_tokens,
-        options.max_tokens_default,
-        engine.loaded.context_window,
-    )
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if body.top_p == 0.0:  # nothing but the single most likely token survives
-        temperature = 0.0
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
-        min_p=body.min_p or 0.0,
-        seed=body.seed,
-        repetition_penalty=body.repetition_penalty or 1.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        logit_bias=_token_bias(engine, body),
-        stop=body.stop_list(),
-        ignore_eos=body.ignore_eos,
-        grammar=grammar,
-        logprobs=body.top_logprobs_count,
-    )
-
-
-def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
-    if not body.logit_bias:
-        return ()
-    vocab_size = len(engine.loaded.tokenizer)
-    bias = []
-    for key, value in body.logit_bias.items():
-        if not key.isdigit() or int(key) >= vocab_size:
-            raise InvalidRequestError(
-                f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
-                param="logit_bias",
-            )
-        bias.append((int(key), value))
-    return tuple(bias)
 
 
 def serve(settings: Settings) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from .chat.output import Content, OutputRules, OutputSplitter, Part, Reasoning
@@ -33,6 +33,7 @@ from .responses import (
 
 DONE = "[DONE]"
 SHUTDOWN_MARGIN_S = 2.0
+PING_INTERVAL_S = 15
 
 
 class ChunkShape(Protocol):
@@ -203,6 +204,7 @@ async def collect(
                 result.logprobs.extend(event.logprobs)
             elif isinstance(event, Finished):
                 result.finish_reason = event.finish_reason
+                result.stop_sequence = event.stop_sequence
                 usage.add(index, event.usage)
             else:
                 raise failure_error(event)
@@ -250,21 +252,26 @@ def _data(payload: dict[str, Any]) -> dict[str, str]:
 
 
 class GenerationStream(EventSourceResponse):
-    """An SSE response that cancels its generation however the response ends."""
+    """An SSE response that cancels its generation however the response ends.
+
+    `events` are sse-starlette's dicts (`data`, and `event` for protocols that name their events);
+    `ping` makes the keep-alive a protocol's own event rather than an SSE comment.
+    """
 
     def __init__(
         self,
         generation: Generation,
-        shape: ChunkShape,
+        events: AsyncIterator[dict[str, str]],
         shutdown_grace_s: float,
-        choices: tuple[int, int] = (1, 1),
+        ping: Callable[[], ServerSentEvent] | None = None,
     ) -> None:
         # On SIGTERM the engine ends what is still running after its grace period with an
         # error event; sse-starlette must not cut the stream before that event is sent.
         super().__init__(
-            _chunks(generation, shape, *choices),
+            events,
             sep="\n",
-            ping=15,
+            ping=PING_INTERVAL_S,
+            ping_message_factory=ping,
             shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
         )
         self._generation = generation
@@ -280,4 +287,38 @@ def stream_response(
     generation: Generation, shape: ChunkShape, shutdown_grace_s: float, choices: int, n: int
 ) -> GenerationStream:
     """`choices` sequences in all, `n` per prompt."""
-    return GenerationStream(generation, shape, shutdown_grace_s, (choices, n))
+    return GenerationStream(generation, _chunks(generation, shape, choices, n), shutdown_grace_s)
+
+
+class EventShape(Protocol):
+    """A protocol's stream (Anthropic Messages, OpenAI Responses) for one choice: the engine's
+    text arrives already split into reasoning, content and tool calls."""
+
+    def opening(self) -> list[dict[str, Any]]: ...
+    def parts(self, parts: list[Part]) -> list[dict[str, Any]]: ...
+    def closing(self, finished: Finished, made_tool_calls: bool) -> list[dict[str, Any]]: ...
+    def failure(self, error: APIError) -> list[dict[str, Any]]: ...
+
+
+async def named_events(
+    generation: Generation, shape: EventShape, rules: OutputRules
+) -> AsyncIterator[dict[str, str]]:
+    """One choice's events as `event: <type>` / `data: {...}` pairs, the type taken from data."""
+    splitter = OutputSplitter(rules)
+    for payload in shape.opening():
+        yield _named(payload)
+    async for _, event in generation.events():
+        if isinstance(event, TextDelta):
+            payloads = shape.parts(splitter.feed(event.text))
+        elif isinstance(event, Finished):
+            parts = shape.parts(splitter.finish())
+            payloads = [*parts, *shape.closing(event, splitter.made_tool_calls)]
+        else:
+            generation.cancel()
+            payloads = shape.failure(failure_error(event))
+        for payload in payloads:
+            yield _named(payload)
+
+
+def _named(payload: dict[str, Any]) -> dict[str, str]:
+    return {"event": str(payload["type"]), **_data(payload)}

@@ -13,6 +13,7 @@ class StopTextFilter:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self._stops:
@@ -21,6 +22,9 @@ class StopTextFilter:
         cut = self._earliest_stop(buffer)
         if cut is not None:
             self._held = ""
+            self.matched = min(
+                (stop for stop in self._stops if buffer.find(stop) == cut), key=len, default=None
+            )
             return buffer[:cut], True
         keep = self._longest_partial_stop(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""

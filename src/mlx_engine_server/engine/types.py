@@ -97,6 +97,7 @@ class Usage:
 class Finished:
     finish_reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # the `stop` string that ended the text, if one did
 
 
 @dataclass(frozen=True)

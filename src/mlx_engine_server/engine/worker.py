@@ -287,7 +287,7 @@ class Worker:
         elif finish is not None:
             self._keep_cache(response.prompt_cache, response.all_tokens)
         if finish is not None:
-            self._finish(uid, finish)
+            self._finish(uid, finish, sequence.stop_filter.matched)
 
     def _keep_cache(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
         """A finished request's cache serves the next turn of its conversation."""
@@ -302,7 +302,7 @@ class Worker:
         logprobs, sequence.pending_logprobs = tuple(sequence.pending_logprobs), []
         sequence.submission.post(TextDelta(text=text, token_ids=ids, logprobs=logprobs))
 
-    def _finish(self, uid: int, reason: FinishReason) -> None:
+    def _finish(self, uid: int, reason: FinishReason, stop_sequence: str | None = None) -> None:
         sequence = self._retire(uid)
         submission = sequence.submission
         usage = Usage(
@@ -311,7 +311,7 @@ class Worker:
             cached_tokens=sequence.cached_tokens,
         )
         self.counters.completion_tokens_total += sequence.completion_tokens
-        self._end(submission, Finished(finish_reason=reason, usage=usage))
+        self._end(submission, Finished(reason, usage, stop_sequence))
 
     def _retire(self, uid: int) -> LiveSequence:
         sequence = self._live.pop(uid)

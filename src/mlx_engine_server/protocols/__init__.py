@@ -1,0 +1,1 @@
+"""Other protocols served on the same pipeline: Anthropic Messages, OpenAI Responses."""
