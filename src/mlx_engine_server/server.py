@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
-from types import FrameType
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -37,31 +31,27 @@ from .chat.overflow import (
     SummaryOptions,
     fit_conversation,
 )
-from .chat.parsers import known_tool_call_parsers
 from .chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_max_tokens
 from .chat.structured import response_format_grammar
-from .config import Settings
-from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
-from .errors import (
-    ContextLengthExceededError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    StartupError,
-)
+from .engine import Engine, Generation, SamplingParams, Usage
+from .errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from .guard import ApiKeyGuard, HeaderLimit, HostGuard, HostPolicy
 from .http_errors import EXCEPTION_HANDLERS
-from .http_io import read_model
+from .http_io import read_model, request_limits
+from .limits import RequestLimits, check_request_limits
 from .metrics import RequestCounter, ServerMetrics
-from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
+from .openapi import openapi_json
+from .request_log import REQUEST_ID_HEADER, RequestLog, request_record
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
-from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
+from .sse import ChatShape, ChunkShape, TextShape, admit, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
 
-logger = logging.getLogger(__name__)
-
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COMPACTION_HEADER = "x-context-compacted"
+CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
+# What a browser page may read of a cross-origin response besides the safelisted headers.
+EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
 
 
 @dataclass(frozen=True)
@@ -78,6 +68,12 @@ class ServerOptions:
     reasoning_parser: str = "auto"
     max_n: int = 8
     max_prompts: int = 16
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    api_keys: tuple[str, ...] = ()
+    host_policy: HostPolicy | None = None  # None: any Host header (not bound to loopback)
+    cors_origins: tuple[str, ...] = ()
+    log_prompts: bool = False
+    max_header_bytes: int = 32 * 1024
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -92,7 +88,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     compactions = CompactionCounters(options.context_overflow)
     metrics = ServerMetrics(engine, compactions)
     app = Starlette(
-        middleware=[Middleware(RequestCounter, metrics=metrics)],
+        middleware=_middleware(options, metrics),
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
@@ -103,6 +99,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -112,7 +109,34 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     app.state.options = options
     app.state.compactions = compactions
     app.state.chat_formats = None  # worked out from the model's tokenizer on first use
+    app.state.limits = options.limits
     return app
+
+
+def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middleware]:
+    """Outermost first: log everything; then Host, CORS (preflights need no key), API key."""
+    stack = [
+        Middleware(RequestLog),
+        Middleware(HeaderLimit, max_header_bytes=options.max_header_bytes),
+    ]
+    if options.host_policy is not None:
+        stack.append(Middleware(HostGuard, policy=options.host_policy))
+    if options.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(options.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                allow_credentials=False,  # keys travel in a header, never as cookies
+                expose_headers=list(EXPOSED_HEADERS),
+                max_age=600,
+            )
+        )
+    if options.api_keys:
+        stack.append(Middleware(ApiKeyGuard, api_keys=options.api_keys))
+    stack.append(Middleware(RequestCounter, metrics=metrics))
+    return stack
 
 
 @dataclass(frozen=True)
@@ -168,7 +192,9 @@ class Prompts:
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
+    check_request_limits(body, request_limits(request))
     engine, options = _check_model(request, body.model)
+    _note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
     planner = ChatPlanner(engine, _chat_formats(request), body)
     fitted = await _fit_conversation(request, engine, options, body, planner.prompt_tokens)
     plan = planner.plan(fitted.messages)
@@ -219,8 +245,10 @@ def _chat_formats(request: Request) -> ChatFormats:
 
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
+    check_request_limits(body, request_limits(request))
     engine, options = _check_model(request, body.model)
     given = body.prompts()
+    _note_prompt(request, lambda: "\n".join(str(prompt) for prompt in given))
     if len(given) > options.max_prompts:
         raise InvalidRequestError(
             f"at most {options.max_prompts} prompts per request (got {len(given)})",
@@ -233,6 +261,14 @@ async def completions(request: Request) -> Response:
     ]
     echoes = [_echo_text(tokenizer, prompt) for prompt in given] if body.echo else None
     return await _generate(request, body, Prompts(tokens, echoes), TEXT)
+
+
+def _note_prompt(request: Request, prompt_text: Callable[[], str]) -> None:
+    """The prompt's text reaches the log only with --log-prompts."""
+    options: ServerOptions = request.app.state.options
+    record = request_record(request)
+    if record is not None and options.log_prompts:
+        record.prompt = prompt_text()
 
 
 def _prompt_param(given: list[str | list[int]], index: int) -> str:
@@ -264,6 +300,8 @@ async def _generate(
         for index in range(body.n)
     ]
     generation = Generation(engine, choices, request.app.state.metrics)
+    cached_tokens = _cached_tokens(await admit(generation, request.receive), body.n)
+    _log_generation(request, prompts, cached_tokens, generation)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
@@ -278,9 +316,26 @@ async def _generate(
         results, usage = await collect(generation, request.receive, len(choices), body.n)
         usage = usage.with_summary(summary)
         response = JSONResponse(surface.whole(head, results, usage, with_logprobs, echoes))
+    response.headers[CACHED_TOKENS_HEADER] = str(cached_tokens)
     if compaction is not None:
         response.headers[COMPACTION_HEADER] = compaction.header_value()
     return response
+
+
+def _cached_tokens(admitted: dict[int, int], n: int) -> int:
+    """As usage counts them: each prompt once (its first choice), not once per choice."""
+    return sum(cached for index, cached in admitted.items() if index % n == 0)
+
+
+def _log_generation(
+    request: Request, prompts: Prompts, cached_tokens: int, generation: Generation
+) -> None:
+    """The request's log line reports its tokens and time to first token."""
+    record = request_record(request)
+    if record is not None:
+        record.prompt_tokens = sum(len(tokens) for tokens in prompts.tokens)
+        record.cached_tokens = cached_tokens
+        record.generation = generation
 
 
 def _request_grammar(
@@ -448,7 +503,7 @@ def _sampling_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
+        top_k=_top_k(body.top_k, len(engine.loaded.tokenizer)),
         min_p=body.min_p or 0.0,
         seed=body.seed,
         repetition_penalty=body.repetition_penalty or 1.0,
@@ -460,6 +515,13 @@ def _sampling_params(
         grammar=grammar,
         logprobs=body.top_logprobs_count,
     )
+
+
+def _top_k(requested: int | None, vocab_size: int) -> int:
+    """0 (off) when absent, -1, or not smaller than the vocabulary: all tokens stay anyway."""
+    if requested is None or requested <= 0 or requested >= vocab_size:
+        return 0
+    return requested
 
 
 def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
@@ -475,94 +537,3 @@ def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float]
             )
         bias.append((int(key), value))
     return tuple(bias)
-
-
-def serve(settings: Settings) -> int:
-    """Load the model, then serve until SIGINT/SIGTERM; the port opens once the model is ready."""
-    source = ModelSource(
-        model_path=settings.model_path,
-        adapter_path=settings.adapter_path,
-        model_id=settings.model_id,
-        cache_dir=settings.cache_dir,
-        trust_remote_code=settings.trust_remote_code,
-    )
-    if settings.tool_call_parser not in known_tool_call_parsers():
-        raise StartupError(
-            f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
-            f"choose one of {', '.join(known_tool_call_parsers())}"
-        )
-    engine = Engine(lambda: load_model(source), _engine_options(settings))
-    loaded = engine.start()
-    logger.info(
-        "serving %s (%s, context window %d tokens) from %s",
-        loaded.model_id,
-        loaded.kind,
-        loaded.context_window,
-        loaded.model_path,
-    )
-    options = ServerOptions(
-        strict_model_name=settings.strict_model_name,
-        max_tokens_default=settings.max_tokens_default,
-        context_overflow=settings.context_overflow,
-        allow_request_overflow_policy=settings.allow_request_overflow_policy,
-        summary_keep_messages=settings.summary_keep_messages,
-        summary_max_tokens=settings.summary_max_tokens,
-        tool_call_parser=settings.tool_call_parser,
-        reasoning_parser=settings.reasoning_parser,
-        max_n=settings.max_n,
-        max_prompts=settings.max_prompts,
-    )
-    config = uvicorn.Config(
-        create_app(engine, options),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S * 2),
-    )
-    server = GracefulServer(config, engine)
-    try:
-        server.run()
-    finally:
-        engine.stop()
-    return 0 if server.started else 1
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
-
-    Running requests get the shutdown grace period to finish; the engine ends the rest with an
-    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
-    "killed by SIGTERM" even though every request was answered and the model was released.
-    """
-
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
-        super().__init__(config)
-        self.engine = engine
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.engine.drain()
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _engine_options(settings: Settings) -> EngineOptions:
-    return EngineOptions(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        prefill_step_size=settings.prefill_step_size,
-        request_timeout_s=settings.request_timeout_s,
-        prefix_cache_bytes=settings.prefix_cache_bytes,
-        shutdown_grace_s=settings.shutdown_grace_s,
-        memory_budget_bytes=settings.memory_budget_bytes,
-    )
