@@ -296,6 +296,18 @@ def test_cors_is_closed_by_default(client: TestClient) -> None:
 # --- limits -----------------------------------------------------------------------------------
 
 
+def read_one_response(sock: socket.socket) -> str:
+    """Head and body of one response (its body may come in a later packet than its head)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_oversized_body_is_413_before_it_is_sent(keyed_server: LiveServer) -> None:
     """Content-Length says 1 GB: the answer comes without the server waiting for the body."""
     host, port = keyed_server.base_url.removeprefix("http://").split(":")
@@ -307,7 +319,7 @@ def test_oversized_body_is_413_before_it_is_sent(keyed_server: LiveServer) -> No
         )
         started = time.monotonic()
         sock.sendall(head.encode())
-        reply = sock.recv(65536).decode()
+        reply = read_one_response(sock)
     assert reply.startswith("HTTP/1.1 413"), reply
     assert '"code":"request_too_large"' in reply.replace(" ", "")
     assert time.monotonic() - started < 5
@@ -432,10 +444,14 @@ def test_special_token_text_in_a_message_is_plain_text(client: TestClient) -> No
 
 def test_a_request_cannot_supply_a_chat_template(client: TestClient) -> None:
     plain = {"messages": [{"role": "user", "content": "{{ 7 * 7 }}"}], "max_tokens": 1}
-    hostile = {**plain, "chat_template": "{{ 'x' * 100000 }}", "chat_template_kwargs": {"a": 1}}
+    hostile = {**plain, "chat_template": "{{ 'x' * 100000 }}", "chat_template_kwargs": {"a": "b"}}
     first = client.post("/v1/chat/completions", json=plain).json()
     second = client.post("/v1/chat/completions", json=hostile).json()
     assert first["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"] < 100
+    smuggled = {**plain, "chat_template_kwargs": {"chat_template": "{{ 'x' * 100000 }}"}}
+    refused = client.post("/v1/chat/completions", json=smuggled)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "chat_template_kwargs.chat_template"
     tokenizer = client.app.state.engine.loaded.tokenizer  # type: ignore[attr-defined]
     prompt = chat_prompt_tokens(tokenizer, [ChatMessage(role="user", content="{{ 7 * 7 }}")])
     assert "{{ 7 * 7 }}" in tokenizer.decode(prompt)
