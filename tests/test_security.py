@@ -374,7 +374,7 @@ def test_too_many_messages_is_400(keyed_server: LiveServer) -> None:
         ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", "object_above_max_size"),
         ({"top_logprobs": 21}, "top_logprobs", "invalid_value"),
         ({"temperature": float("inf")}, "temperature", "invalid_value"),
-        ({"n": 3}, "n", "invalid_value"),
+        ({"n": 9}, "n", "invalid_value"),
     ],
 )
 def test_default_limits_refuse_with_the_parameter_named(

@@ -23,6 +23,12 @@ from .api_models import (
 )
 
 REF = "#/components/schemas/{model}"
+# One server-sent event: its `data` is a JSON chunk or `[DONE]` (`: ping` comments are no events).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
 
 
 class OpenModel(BaseModel):
@@ -161,7 +167,7 @@ def _generation(request_model: str, answer: str, description: str) -> dict[str, 
                     "description": f"the {answer}, or with `stream: true` server-sent events",
                     "content": {
                         **_json(answer),
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": SSE_EVENT},
                     },
                 },
                 "default": {"description": "an error", "content": _json("ErrorBody")},
