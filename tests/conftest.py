@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -87,15 +88,18 @@ class LiveServer:
         self.sock.close()
 
 
-def run_live_server(engine: Engine, options: ServerOptions | None = None) -> LiveServer:
+def run_live_server(
+    engine: Engine, options: ServerOptions | None = None, **config: Any
+) -> LiveServer:
+    """`config`: more uvicorn.Config arguments (root_path, h11_max_incomplete_event_size...)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(engine, options), log_level="warning", timeout_graceful_shutdown=2
+    uvicorn_config = uvicorn.Config(
+        create_app(engine, options), log_level="warning", timeout_graceful_shutdown=2, **config
     )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

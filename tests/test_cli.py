@@ -17,9 +17,10 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 from click.testing import CliRunner
+from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from mlx_engine_server.config import DEFAULT_CACHE_DIR, SettingsError, load_settings
+from mlx_engine_server.config import DEFAULT_CACHE_DIR, SettingsError, api_keys, load_settings
 from mlx_engine_server.main import EXIT_BAD_SETTINGS, cli
 from mlx_engine_server.server import ServerOptions, create_app
 
@@ -167,7 +168,37 @@ ENV_CASES = [
     ("REASONING_PARSER", "none", "reasoning_parser", "none"),
     ("MAX_N", "4", "max_n", 4),
     ("MAX_PROMPTS", "5", "max_prompts", 5),
+    ("API_KEYS", "key-one, key-two", "api_keys", [SecretStr("key-one"), SecretStr("key-two")]),
+    ("ALLOWED_HOSTS", "llm.lan,box", "allowed_hosts", ["llm.lan", "box"]),
+    ("CORS_ORIGINS", "https://a.example", "cors_origins", ["https://a.example"]),
+    ("MAX_BODY_BYTES", "4096", "max_body_bytes", 4096),
+    ("MAX_HEADER_BYTES", "2048", "max_header_bytes", 2048),
+    ("MAX_JSON_DEPTH", "8", "max_json_depth", 8),
+    ("MAX_MESSAGES", "3", "max_messages", 3),
+    ("MAX_STOP_SEQUENCES", "2", "max_stop_sequences", 2),
+    ("MAX_STOP_CHARS", "5", "max_stop_chars", 5),
+    ("MAX_LOGIT_BIAS", "7", "max_logit_bias", 7),
+    ("LOG_FORMAT", "json", "log_format", "json"),
+    ("LOG_PROMPTS", "true", "log_prompts", True),
+    ("ROOT_PATH", "/llm/v2", "root_path", "/llm/v2"),
+    ("READY_FILE", "/run/app/ready.json", "ready_file", Path("/run/app/ready.json")),
+    ("UDS", "/run/app/mlx.sock", "uds", Path("/run/app/mlx.sock")),
+    ("PARENT_PID", "4242", "parent_pid", 4242),
+    ("EXIT_ON_STDIN_CLOSE", "1", "exit_on_stdin_close", True),
 ]
+
+
+def test_api_key_file_env_var_reaches_its_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Kept apart from ENV_CASES: the file must exist to be a valid setting."""
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nfile-key-1\n\n  file-key-2  \n", encoding="utf-8")
+    monkeypatch.setenv("MLX_SERVER_API_KEY_FILE", str(keys))
+    monkeypatch.setenv("MLX_SERVER_API_KEYS", "env-key")
+    settings = load_settings({"api_keys": ("cli-key",)})
+    assert settings.api_key_file == keys
+    assert api_keys(settings) == ("cli-key", "file-key-1", "file-key-2")
 
 
 @pytest.mark.parametrize(("env_suffix", "raw", "field", "expected"), ENV_CASES)
@@ -182,7 +213,7 @@ def test_env_cases_cover_every_documented_env_var() -> None:
     documented = {
         row.env.removeprefix("MLX_SERVER_") for row in readme_settings_rows() if row.field
     }
-    assert documented == {case[0] for case in ENV_CASES}
+    assert documented == {case[0] for case in ENV_CASES} | {"API_KEY_FILE"}
 
 
 def test_cache_dir_expands_home(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,14 +62,25 @@ def unquote(cell: str) -> str:
     return cell.strip().strip("`")
 
 
+def option_names() -> dict[str, str]:
+    """Each flag's setting: `--max-queue` -> max_queue, the repeatable `--api-key` -> api_keys."""
+    return {
+        opt: param.name
+        for param in cli.params
+        if isinstance(param, click.Option) and param.name
+        for opt in param.opts
+    }
+
+
 def readme_settings_rows() -> list[SettingsRow]:
     rows = []
+    names = option_names()
     for cells in table_rows(readme_section("Settings")):
         flag, env = unquote(cells[0]), unquote(cells[1])
         if flag == CONFIG_FLAG:
             field = None
         elif flag.startswith("--"):
-            field = flag.removeprefix("--").replace("-", "_")
+            field = names.get(flag, flag.removeprefix("--").replace("-", "_"))
         else:
             field = flag.lower()
         rows.append(SettingsRow(flag, env, cells[2], field))
@@ -146,6 +157,8 @@ def test_negative_forms_exist_for_the_boolean_flags() -> None:
         "--no-strict-model-name",
         "--no-trust-remote-code",
         "--no-allow-request-overflow-policy",
+        "--no-log-prompts",
+        "--no-exit-on-stdin-close",
     }
     assert "`--no-...` forms" in readme_section("Settings")
 
@@ -165,18 +178,20 @@ def test_every_settings_field_is_in_the_readme_table() -> None:
 
 
 def test_one_name_per_setting_across_flag_env_and_option() -> None:
-    """`--max-queue` <-> MLX_SERVER_MAX_QUEUE <-> "max_queue" <-> click's parameter name."""
-    by_flag = {
-        opt: param.name
-        for param in cli.params
-        if isinstance(param, click.Option)
-        for opt in param.opts
+    """`--max-queue` <-> MLX_SERVER_MAX_QUEUE <-> "max_queue" <-> click's parameter name.
+
+    A repeatable flag names one value of a plural setting: `--api-key` <-> "api_keys".
+    """
+    options = {
+        opt: param for param in cli.params if isinstance(param, click.Option) for opt in param.opts
     }
     for row in readme_settings_rows():
         if row.field is None or not row.flag.startswith("--"):
             continue
-        assert row.flag == "--" + row.field.replace("_", "-")
-        assert by_flag[row.flag] == row.field
+        option = options[row.flag]
+        spelled = "--" + row.field.replace("_", "-")
+        assert row.flag == spelled or (option.multiple and row.flag + "s" == spelled), row
+        assert option.name == row.field
 
 
 def test_config_flag_and_env_var_match_readme() -> None:

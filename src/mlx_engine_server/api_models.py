@@ -17,8 +17,6 @@ from pydantic import (
     model_validator,
 )
 
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 256
 MAX_TOOLS = 128  # OpenAI's limit
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -119,10 +117,8 @@ def refuse_unless(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-StopField = Annotated[
-    str | list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None,
-    Field(max_length=MAX_STOP_SEQUENCES),
-]
+# Their sizes are limits (settings), checked in limits.py.
+StopField = str | list[str] | None
 
 
 class SamplingFields(WireModel):
@@ -139,9 +135,7 @@ class SamplingFields(WireModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
-        default=None, max_length=1024
-    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     JsonConfigSettingsSource,
+    NoDecode,
     SettingsConfigDict,
 )
 
 from .api_models import OverflowPolicy
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
+# Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
+StrList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+SECRET_FIELDS = frozenset({"api_keys"})
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
+PRINTABLE_ASCII_FIRST, PRINTABLE_ASCII_LAST = 0x21, 0x7E
 
 
 class SettingsError(Exception):
@@ -103,6 +110,65 @@ class Settings(BaseSettings):
         default="auto",
         description="auto: text in thinking markers goes to reasoning_content; none: to content.",
     )
+    # --- security -----------------------------------------------------------------------------
+    api_keys: SecretList = Field(
+        default_factory=list,
+        description="Keys accepted as `Authorization: Bearer KEY` (or `x-api-key`); none: no auth.",
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="A file with more API keys, one a line ('#' starts a comment)."
+    )
+    allowed_hosts: StrList = Field(
+        default_factory=list,
+        description="Host header names accepted besides localhost and loopback addresses.",
+    )
+    cors_origins: StrList = Field(
+        default_factory=list, description="Origins a browser page may call from; none: CORS off."
+    )
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    max_json_depth: int = Field(default=64, ge=4, le=512)
+    max_messages: int = Field(default=2048, ge=1)
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_chars: int = Field(default=256, ge=1)
+    max_logit_bias: int = Field(default=1024, ge=0)
+    # --- operations ---------------------------------------------------------------------------
+    log_format: LogFormat = "text"
+    log_prompts: bool = Field(default=False, description="Log prompt text (off: never logged).")
+    root_path: str = Field(
+        default="", pattern=r"^(/[^/\s]+)*$", description="Prefix a proxy mounts the server under."
+    )
+    # --- embedding in a desktop application ---------------------------------------------------
+    ready_file: Path | None = Field(
+        default=None, description="Where to write the ready line once requests are accepted."
+    )
+    uds: Path | None = Field(default=None, description="Serve on this Unix socket, not TCP.")
+    parent_pid: int | None = Field(
+        default=None, ge=1, description="Exit when the process with this id has ended."
+    )
+    exit_on_stdin_close: bool = Field(default=False, description="Exit when stdin closes.")
+
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _keys_are_tokens(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            check_api_key(key.get_secret_value())
+        return keys
+
+    @field_validator("api_key_file", mode="after")
+    @classmethod
+    def _key_file_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            read_api_key_file(path.expanduser())
+            return path.expanduser()
+        return path
 
     max_n: int = Field(
         default=8, ge=1, le=128, description="Most choices (n) one request may ask for."
@@ -120,6 +186,35 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """Every accepted key: the ones given directly and the ones in the key file."""
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    if settings.api_key_file is not None:
+        keys += read_api_key_file(settings.api_key_file)
+    return tuple(dict.fromkeys(keys))
+
+
+def read_api_key_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file: {type(exc).__name__}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError("the API key file holds no key")
+    for key in keys:
+        check_api_key(key)
+    return keys
+
+
+def check_api_key(key: str) -> None:
+    """A key travels in an HTTP header: printable ASCII, no spaces (the message names no key)."""
+    if not key or not all(
+        PRINTABLE_ASCII_FIRST <= ord(char) <= PRINTABLE_ASCII_LAST for char in key
+    ):
+        raise ValueError("an API key must be printable ASCII characters without spaces")
 
 
 def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
@@ -153,6 +248,8 @@ def _describe(exc: ValidationError) -> str:
         name = ".".join(str(part) for part in error["loc"]) or "settings"
         if error["type"] == "extra_forbidden":
             problems.append(f"{name}: unknown setting")
+        elif error["loc"] and error["loc"][0] in SECRET_FIELDS:
+            problems.append(f"{name}: {error['msg']}")  # never echo a key
         else:
             problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
     return "invalid settings: " + "; ".join(problems)

@@ -83,6 +83,12 @@ class PayloadTooLargeError(APIError):
     default_code = "request_too_large"
 
 
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "headers_too_large"
+
+
 class UnsupportedMediaTypeError(APIError):
     status_code = 415
     error_type = "invalid_request_error"

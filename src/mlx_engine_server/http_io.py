@@ -9,8 +9,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from .errors import InvalidRequestError, PayloadTooLargeError
-
-MAX_BODY_BYTES = 32 * 1024 * 1024
+from .limits import RequestLimits, check_json_depth
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -27,18 +26,27 @@ def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
         raise _validation_error(exc, data) from None
 
 
+def request_limits(request: Request) -> RequestLimits:
+    limits: RequestLimits = request.app.state.limits
+    return limits
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
-    raw = await _read_body(request)
+    limits = request_limits(request)
+    raw = await _read_body(request, limits.max_body_bytes)
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
-        raise InvalidRequestError("The JSON body is nested too deeply.") from None
+        raise InvalidRequestError(
+            "The JSON body is nested too deeply.", code="nesting_too_deep"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(
             f"The body is not valid JSON: {exc}", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.", code="invalid_json")
+    check_json_depth(data, limits.max_json_depth, raw)
     if _may_hold_surrogates(raw):
         _reject_lone_surrogates(data)
     return data
@@ -59,22 +67,23 @@ def _reject_lone_surrogates(data: dict[str, Any]) -> None:
         ) from None
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """Refuse by Content-Length before reading; count a chunked body as it arrives."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large()
+        if size > max_bytes:
+            raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large() -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+def _too_large(max_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than {max_bytes} bytes.")
 
 
 def _reject_constant(name: str) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from click.core import ParameterSource
 
 from .config import SettingsError, load_settings
 from .errors import StartupError
+from .logs import configure_logging
 
 EXIT_STARTUP_FAILED = 1
 EXIT_BAD_SETTINGS = 2
@@ -124,6 +124,54 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     metavar="INT",
     help="Most prompts per /v1/completions request.  [default: 16]",
 )
+@click.option(
+    "--api-key",
+    "api_keys",
+    metavar="KEY",
+    multiple=True,
+    help="Require 'Authorization: Bearer KEY' (or 'x-api-key'); repeat for more keys.",
+)
+@click.option("--api-key-file", metavar="FILE", help="More API keys, one a line.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    metavar="NAME",
+    multiple=True,
+    help="Host header name accepted besides localhost; repeatable.",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    metavar="ORIGIN",
+    multiple=True,
+    help="Origin a browser page may call from; repeatable.  [default: none]",
+)
+@click.option(
+    "--max-body-bytes", metavar="BYTES", help="Largest request body.  [default: 33554432]"
+)
+@click.option(
+    "--max-header-bytes", metavar="BYTES", help="Largest request header block.  [default: 32768]"
+)
+@click.option("--max-json-depth", metavar="INT", help="Deepest JSON nesting.  [default: 64]")
+@click.option("--max-messages", metavar="INT", help="Messages in one request.  [default: 2048]")
+@click.option("--max-stop-sequences", metavar="INT", help="Entries of 'stop'.  [default: 16]")
+@click.option(
+    "--max-stop-chars", metavar="INT", help="Characters of one stop sequence.  [default: 256]"
+)
+@click.option("--max-logit-bias", metavar="INT", help="Entries of 'logit_bias'.  [default: 1024]")
+@click.option("--log-format", metavar="FORMAT", help="text or json (JSON lines).  [default: text]")
+@click.option(
+    "--log-prompts/--no-log-prompts", default=None, help="Log prompt text.  [default: off]"
+)
+@click.option("--root-path", metavar="PREFIX", help="Path prefix a proxy mounts the server under.")
+@click.option("--ready-file", metavar="FILE", help="Write the ready line (JSON) here once serving.")
+@click.option("--uds", metavar="PATH", help="Serve on this Unix socket instead of TCP.")
+@click.option("--parent-pid", metavar="PID", help="Exit when the process PID has ended.")
+@click.option(
+    "--exit-on-stdin-close/--no-exit-on-stdin-close",
+    default=None,
+    help="Exit when standard input closes.",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:
@@ -142,11 +190,8 @@ def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:
     except SettingsError as exc:
         click.echo(f"mlx-server: {exc}", err=True)
         sys.exit(EXIT_BAD_SETTINGS)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    from .server import serve  # noqa: PLC0415 - imports MLX: only once the settings are good
+    configure_logging(settings.log_level, settings.log_format)
+    from .serving import serve  # noqa: PLC0415 - imports MLX: only once the settings are good
 
     try:
         code = serve(settings)

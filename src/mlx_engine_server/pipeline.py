@@ -6,7 +6,7 @@ admission to the engine. OpenAI chat, Anthropic Messages and OpenAI Responses al
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
@@ -32,7 +32,11 @@ from .chat.prompt import chat_prompt_tokens, resolve_max_tokens
 from .chat.structured import response_format_grammar
 from .engine import Engine, Generation, SamplingParams, Usage
 from .errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
-from .sse import collect
+from .guard import HostPolicy
+from .http_io import request_limits
+from .limits import RequestLimits, check_request_limits
+from .request_log import request_record
+from .sse import admit, collect
 
 COMPACTION_HEADER = "x-context-compacted"
 
@@ -51,6 +55,12 @@ class ServerOptions:
     reasoning_parser: str = "auto"
     max_n: int = 8
     max_prompts: int = 16
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    api_keys: tuple[str, ...] = ()
+    host_policy: HostPolicy | None = None  # None: any Host header (not bound to loopback)
+    cors_origins: tuple[str, ...] = ()
+    log_prompts: bool = False
+    max_header_bytes: int = 32 * 1024
 
 
 class ChatPlanner:
@@ -219,7 +229,7 @@ def sampling_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
+        top_k=_top_k(body.top_k, len(engine.loaded.tokenizer)),
         min_p=body.min_p or 0.0,
         seed=body.seed,
         repetition_penalty=body.repetition_penalty or 1.0,
@@ -231,6 +241,21 @@ def sampling_params(
         grammar=grammar,
         logprobs=body.top_logprobs_count,
     )
+
+
+def _top_k(requested: int | None, vocab_size: int) -> int:
+    """0 (off) when absent, -1, or not smaller than the vocabulary: all tokens stay anyway."""
+    if requested is None or requested <= 0 or requested >= vocab_size:
+        return 0
+    return requested
+
+
+def note_prompt(request: Request, prompt_text: Callable[[], str]) -> None:
+    """The prompt's text reaches the log only with --log-prompts."""
+    options: ServerOptions = request.app.state.options
+    record = request_record(request)
+    if record is not None and options.log_prompts:
+        record.prompt = prompt_text()
 
 
 def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
@@ -264,7 +289,9 @@ async def plan_request(
     request: Request, body: ChatCompletionRequest
 ) -> tuple[ChatPlan, Compaction | None]:
     """The prompt as the engine will see it, after the overflow policy had its say."""
+    check_request_limits(body, request_limits(request))
     engine, options = check_model(request, body.model)
+    note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
     planner = ChatPlanner(engine, chat_formats_of(request), body)
     fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
     return planner.plan(fitted.messages), fitted.compaction
@@ -278,6 +305,7 @@ async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
     grammar = request_grammar(plan.grammar, body)
     params = sampling_params(engine, options, body, plan.prompt_tokens, grammar)
     generation = Generation(engine, [(plan.prompt_tokens, params)], request.app.state.metrics)
+    await admit(generation, request.receive)  # a request that cannot start is an HTTP error
     return ChatRun(
         generation,
         plan.rules,

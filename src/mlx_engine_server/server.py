@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from types import FrameType
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,37 +17,39 @@ from starlette.routing import Route
 from .api_models import ChatCompletionRequest, CompletionRequest
 from .chat.output import OutputRules, split_whole
 from .chat.overflow import Compaction, CompactionCounters
-from .chat.parsers import known_tool_call_parsers
 from .chat.prompt import completion_prompt_tokens
-from .config import Settings
-from .engine import Engine, EngineOptions, Generation, Usage
-from .errors import InvalidRequestError, StartupError
+from .engine import Engine, Generation, Usage
+from .errors import InvalidRequestError
+from .guard import ApiKeyGuard, HeaderLimit, HostGuard
 from .http_errors import EXCEPTION_HANDLERS
-from .http_io import read_model
+from .http_io import read_model, request_limits
+from .limits import check_request_limits
 from .metrics import RequestCounter, ServerMetrics
-from .model_manager import ModelSource, load_model
 from .monitoring import health, metrics_text, status
+from .openapi import openapi_json
 from .pipeline import (
     COMPACTION_HEADER,
     ServerOptions,
     check_choice_count,
     check_model,
     model_not_found,
+    note_prompt,
     plan_request,
     request_grammar,
     sampling_params,
     summary_usage,
 )
 from .protocols import anthropic_routes, openai_responses_routes
+from .request_log import REQUEST_ID_HEADER, RequestLog, request_record
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
-from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
+from .sse import ChatShape, ChunkShape, TextShape, admit, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
 
-__all__ = ["ServerOptions", "create_app", "serve"]
+__all__ = ["ServerOptions", "create_app"]
 
-logger = logging.getLogger(__name__)
-
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
+# What a browser page may read of a cross-origin response besides the safelisted headers.
+EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -68,7 +64,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     compactions = CompactionCounters(options.context_overflow)
     metrics = ServerMetrics(engine, compactions)
     app = Starlette(
-        middleware=[Middleware(RequestCounter, metrics=metrics)],
+        middleware=_middleware(options, metrics),
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
@@ -81,6 +77,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
             Route("/metrics", metrics_text, methods=["GET"]),
             *anthropic_routes.ROUTES,
             Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -90,7 +87,34 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlett
     app.state.options = options
     app.state.compactions = compactions
     app.state.chat_formats = None  # worked out from the model's tokenizer on first use
+    app.state.limits = options.limits
     return app
+
+
+def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middleware]:
+    """Outermost first: log everything; then Host, CORS (preflights need no key), API key."""
+    stack = [
+        Middleware(RequestLog),
+        Middleware(HeaderLimit, max_header_bytes=options.max_header_bytes),
+    ]
+    if options.host_policy is not None:
+        stack.append(Middleware(HostGuard, policy=options.host_policy))
+    if options.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(options.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                allow_credentials=False,  # keys travel in a header, never as cookies
+                expose_headers=list(EXPOSED_HEADERS),
+                max_age=600,
+            )
+        )
+    if options.api_keys:
+        stack.append(Middleware(ApiKeyGuard, api_keys=options.api_keys))
+    stack.append(Middleware(RequestCounter, metrics=metrics))
+    return stack
 
 
 @dataclass(frozen=True)
@@ -159,8 +183,10 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
+    check_request_limits(body, request_limits(request))
     engine, options = check_model(request, body.model)
     given = body.prompts()
+    note_prompt(request, lambda: "\n".join(str(prompt) for prompt in given))
     if len(given) > options.max_prompts:
         raise InvalidRequestError(
             f"at most {options.max_prompts} prompts per request (got {len(given)})",
@@ -204,6 +230,8 @@ async def _generate(
         for index in range(body.n)
     ]
     generation = Generation(engine, choices, request.app.state.metrics)
+    cached_tokens = _cached_tokens(await admit(generation, request.receive), body.n)
+    _log_generation(request, prompts, cached_tokens, generation)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
@@ -218,9 +246,26 @@ async def _generate(
         results, usage = await collect(generation, request.receive, len(choices), body.n)
         usage = usage.with_summary(summary)
         response = JSONResponse(surface.whole(head, results, usage, with_logprobs, echoes))
+    response.headers[CACHED_TOKENS_HEADER] = str(cached_tokens)
     if compaction is not None:
         response.headers[COMPACTION_HEADER] = compaction.header_value()
     return response
+
+
+def _cached_tokens(admitted: dict[int, int], n: int) -> int:
+    """As usage counts them: each prompt once (its first choice), not once per choice."""
+    return sum(cached for index, cached in admitted.items() if index % n == 0)
+
+
+def _log_generation(
+    request: Request, prompts: Prompts, cached_tokens: int, generation: Generation
+) -> None:
+    """The request's log line reports its tokens and time to first token."""
+    record = request_record(request)
+    if record is not None:
+        record.prompt_tokens = sum(len(tokens) for tokens in prompts.tokens)
+        record.cached_tokens = cached_tokens
+        record.generation = generation
 
 
 def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:
@@ -255,94 +300,3 @@ def _model_card(engine: Engine) -> dict[str, Any]:
         "context_window": loaded.context_window,
         "kind": loaded.kind,
     }
-
-
-def serve(settings: Settings) -> int:
-    """Load the model, then serve until SIGINT/SIGTERM; the port opens once the model is ready."""
-    source = ModelSource(
-        model_path=settings.model_path,
-        adapter_path=settings.adapter_path,
-        model_id=settings.model_id,
-        cache_dir=settings.cache_dir,
-        trust_remote_code=settings.trust_remote_code,
-    )
-    if settings.tool_call_parser not in known_tool_call_parsers():
-        raise StartupError(
-            f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
-            f"choose one of {', '.join(known_tool_call_parsers())}"
-        )
-    engine = Engine(lambda: load_model(source), _engine_options(settings))
-    loaded = engine.start()
-    logger.info(
-        "serving %s (%s, context window %d tokens) from %s",
-        loaded.model_id,
-        loaded.kind,
-        loaded.context_window,
-        loaded.model_path,
-    )
-    options = ServerOptions(
-        strict_model_name=settings.strict_model_name,
-        max_tokens_default=settings.max_tokens_default,
-        context_overflow=settings.context_overflow,
-        allow_request_overflow_policy=settings.allow_request_overflow_policy,
-        summary_keep_messages=settings.summary_keep_messages,
-        summary_max_tokens=settings.summary_max_tokens,
-        tool_call_parser=settings.tool_call_parser,
-        reasoning_parser=settings.reasoning_parser,
-        max_n=settings.max_n,
-        max_prompts=settings.max_prompts,
-    )
-    config = uvicorn.Config(
-        create_app(engine, options),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S * 2),
-    )
-    server = GracefulServer(config, engine)
-    try:
-        server.run()
-    finally:
-        engine.stop()
-    return 0 if server.started else 1
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
-
-    Running requests get the shutdown grace period to finish; the engine ends the rest with an
-    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
-    "killed by SIGTERM" even though every request was answered and the model was released.
-    """
-
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
-        super().__init__(config)
-        self.engine = engine
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.engine.drain()
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-def _engine_options(settings: Settings) -> EngineOptions:
-    return EngineOptions(
-        max_batch_size=settings.max_batch_size,
-        max_queue=settings.max_queue,
-        prefill_step_size=settings.prefill_step_size,
-        request_timeout_s=settings.request_timeout_s,
-        prefix_cache_bytes=settings.prefix_cache_bytes,
-        shutdown_grace_s=settings.shutdown_grace_s,
-        memory_budget_bytes=settings.memory_budget_bytes,
-    )

@@ -185,6 +185,26 @@ def failure_error(event: Failed) -> APIError:
     return InternalError(f"Generation failed: {event.message}.")
 
 
+async def admit(generation: Generation, receive: Receive) -> dict[int, int]:
+    """Wait until the worker has started every choice; each one's cached prompt tokens.
+
+    Admission comes before the response's first byte, so a request that can never start is a
+    real HTTP error status, not a 200 whose stream then fails.
+    """
+    watcher = asyncio.create_task(_cancel_on_disconnect(generation, receive))
+    try:
+        event = await generation.admission()
+    except BaseException:
+        generation.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if isinstance(event, Failed):
+        generation.cancel()
+        raise failure_error(event)
+    return event
+
+
 async def collect(
     generation: Generation, receive: Receive, choices: int, n: int
 ) -> tuple[list[ChoiceResult], Usage]:
@@ -265,6 +285,7 @@ class GenerationStream(EventSourceResponse):
         shutdown_grace_s: float,
         ping: Callable[[], ServerSentEvent] | None = None,
     ) -> None:
+        # sse-starlette also sends `X-Accel-Buffering: no`, so nginx passes events at once.
         # On SIGTERM the engine ends what is still running after its grace period with an
         # error event; sse-starlette must not cut the stream before that event is sent.
         super().__init__(

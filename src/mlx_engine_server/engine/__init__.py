@@ -2,6 +2,7 @@
 
 from .engine import Engine, Generation
 from .types import (
+    Admitted,
     EngineOptions,
     EngineStats,
     Event,
@@ -15,6 +16,7 @@ from .types import (
 )
 
 __all__ = [
+    "Admitted",
     "Engine",
     "EngineOptions",
     "EngineStats",

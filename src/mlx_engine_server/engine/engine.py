@@ -9,6 +9,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ from ..model_manager import LoadedModel
 from .device import apply_backend_defaults
 from .prefix_cache import PrefixCacheStats
 from .types import (
+    Admitted,
     Cancellation,
     EngineOptions,
     EngineStats,
@@ -24,6 +26,7 @@ from .types import (
     Failed,
     Finished,
     SamplingParams,
+    TextDelta,
 )
 from .worker import STOP, Drain, Submission, Worker, run_worker_thread
 
@@ -194,8 +197,12 @@ class Generation:
         self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._running = len(choices)
         self._timing = timing
-        self._last_text_at = time.monotonic()
+        self._submitted_at = self._last_text_at = time.monotonic()
         self._seen_text = False
+        self._admitted: dict[int, int] = {}  # choice index -> prompt tokens found in the cache
+        self._early: deque[tuple[int, Event]] = deque()  # read while waiting for admission
+        self.ttft_s: float | None = None
+        self.completion_tokens = 0
         self._cancellations = engine.submit_all(
             [
                 (prompt, params, self._poster(index))
@@ -216,21 +223,44 @@ class Generation:
         for cancellation in self._cancellations:
             cancellation.cancel()
 
-    def _observe_text(self, timing: TimingObserver) -> None:
+    def _observe_text(self) -> None:
         now = time.monotonic()
         if self._seen_text:
-            timing.next_token(now - self._last_text_at)
+            if self._timing is not None:
+                self._timing.next_token(now - self._last_text_at)
         else:
-            timing.first_token(now - self._last_text_at)
+            self.ttft_s = now - self._submitted_at
+            if self._timing is not None:
+                self._timing.first_token(self.ttft_s)
             self._seen_text = True
         self._last_text_at = now
 
-    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+    async def admission(self) -> dict[int, int] | Failed:
+        """Wait until the worker has started every choice: each one's cached prompt tokens.
+
+        Other events that arrive meanwhile are kept for events(); a failure ends the wait.
+        """
+        while len(self._admitted) < len(self._cancellations):
+            index, event = await self._events.get()
+            if isinstance(event, Admitted):
+                self._admitted[index] = event.cached_tokens
+                continue
+            self._early.append((index, event))
+            if isinstance(event, Failed):
+                return event
+        return dict(self._admitted)
+
+    async def events(self) -> AsyncIterator[tuple[int, TextDelta | Finished | Failed]]:
         """(choice index, event): text deltas, then one Finished or Failed for every choice."""
         while self._running:
-            index, event = await self._events.get()
+            index, event = self._early.popleft() if self._early else await self._events.get()
+            if isinstance(event, Admitted):
+                self._admitted[index] = event.cached_tokens
+                continue
+            if isinstance(event, Finished):
+                self.completion_tokens += event.usage.completion_tokens
             if isinstance(event, Finished | Failed):
                 self._running -= 1
-            elif self._timing is not None:
-                self._observe_text(self._timing)
+            else:
+                self._observe_text()
             yield index, event

@@ -65,6 +65,13 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """The worker has started this request; `cached_tokens` of its prompt came from the cache."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
     token_ids: tuple[int, ...]
@@ -108,7 +115,7 @@ class Failed:
     kind: Literal["internal", "timeout", "shutdown", "memory"] = "internal"
 
 
-Event = TextDelta | Finished | Failed
+Event = Admitted | TextDelta | Finished | Failed
 
 
 @dataclass

@@ -29,8 +29,8 @@ from .memory import MemoryLedger, measure_memory
 from .prefix_cache import PrefixCache
 from .sampling import make_request_processors, make_request_sampler
 from .stop_text import StopTextFilter
-from .types import Cancellation as CancellationFlag
 from .types import (
+    Admitted,
     EngineOptions,
     Event,
     Failed,
@@ -41,6 +41,7 @@ from .types import (
     TokenLogprob,
     Usage,
 )
+from .types import Cancellation as CancellationFlag
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ class Worker:
         )
         self.memory.reserve(need_bytes)
         self.counters.active = len(self._live)
+        submission.post(Admitted(cached_tokens=hit.cached_tokens))
 
     def _processors(self, params: SamplingParams) -> tuple[list[Any], GrammarProcessor | None]:
         processors = make_request_processors(params)

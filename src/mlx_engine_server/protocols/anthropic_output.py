@@ -7,12 +7,21 @@ a whole answer is the blocks after every part was added, a stream is the events 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
 from ..chat.output import Content, Part, Reasoning, ToolCallOut
 from ..engine import Finished, Usage
 from ..errors import APIError
+
+# Our parameter names, as the Anthropic request spells them, for error messages.
+ANTHROPIC_PARAMS = {
+    "response_format": "output_config.format",
+    "stop": "stop_sequences",
+    "chat_template_kwargs": "thinking",
+    "reasoning_effort": "output_config.effort",
+}
 
 # Anthropic's type for each status we send; a full queue is Anthropic's 529 "overloaded".
 ERROR_TYPES = {
@@ -36,9 +45,19 @@ def error_status(error: APIError) -> int:
     return OVERLOADED if error.error_type == "rate_limit_error" else error.status_code
 
 
+def _message_naming_param(error: APIError) -> str:
+    if not error.param:
+        return error.message
+    head = re.match(r"[A-Za-z_]*", error.param).group()  # type: ignore[union-attr]
+    param = ANTHROPIC_PARAMS.get(head, head) + error.param[len(head) :]
+    if error.param in error.message:
+        return error.message.replace(f"'{error.param}'", f"'{param}'")
+    return f"{param}: {error.message}"
+
+
 def error_body(error: APIError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(error_status(error), "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
+    return {"type": "error", "error": {"type": kind, "message": _message_naming_param(error)}}
 
 
 def new_message_id() -> str:

@@ -36,14 +36,6 @@ from .anthropic_types import CountTokensRequest, MessagesRequest
 
 logger = logging.getLogger(__name__)
 
-# Our parameter names, as the Anthropic request spells them, for error messages.
-ANTHROPIC_PARAMS = {
-    "response_format": "output_config.format",
-    "stop": "stop_sequences",
-    "chat_template_kwargs": "thinking",
-    "reasoning_effort": "output_config.effort",
-}
-
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
@@ -53,17 +45,7 @@ def error_response(error: APIError) -> JSONResponse:
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, InternalError):
         headers["x-should-retry"] = "false"
-    body = error_body(error)
-    body["error"]["message"] = _message_naming_param(error)
-    return JSONResponse(body, status_code=error_status(error), headers=headers)
-
-
-def _message_naming_param(error: APIError) -> str:
-    if not error.param or error.param in error.message:
-        return error.message
-    head, dot, rest = error.param.partition(".")
-    param = ANTHROPIC_PARAMS.get(head, head) + dot + rest
-    return f"{param}: {error.message}"
+    return JSONResponse(error_body(error), status_code=error_status(error), headers=headers)
 
 
 def anthropic_errors(endpoint: Endpoint) -> Endpoint:

@@ -12,8 +12,6 @@ from pydantic import Field, model_validator
 
 from ..api_models import (
     FUNCTION_NAME_PATTERN,
-    MAX_STOP_CHARS,
-    MAX_STOP_SEQUENCES,
     MAX_TOOLS,
     WireModel,
     refuse_unless,
@@ -160,10 +158,8 @@ class CountTokensRequest(WireModel):
         return self.output_format
 
 
-StopSequences = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-    Field(max_length=MAX_STOP_SEQUENCES),
-]
+# How many and how long: the server's stop limits (settings), checked once the request is a chat.
+StopSequences = list[Annotated[str, Field(min_length=1)]]
 
 
 class MessagesRequest(CountTokensRequest):

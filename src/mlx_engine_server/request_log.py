@@ -1,0 +1,111 @@
+"""One log line per request, with a request id the client sees in `X-Request-ID`.
+
+A sane incoming `X-Request-ID` (a proxy's) is kept, so one id follows a request through every
+hop; anything else is replaced by a fresh one. Prompt text is logged only with --log-prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("mlx_engine_server.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
+RECORD_KEY = "mlx_engine_server.record"
+
+
+class GenerationFacts(Protocol):
+    """What a finished (or ended) generation tells the log: engine.Generation has these."""
+
+    completion_tokens: int
+    ttft_s: float | None
+
+
+@dataclass
+class RequestRecord:
+    """Filled in by the handler, written by the middleware once the response has been sent."""
+
+    request_id: str
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    generation: GenerationFacts | None = None
+    prompt: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        generation = self.generation
+        fields: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": generation.completion_tokens if generation else None,
+            "cached_tokens": self.cached_tokens,
+            "ttft_s": _rounded(generation.ttft_s if generation else None),
+        }
+        if self.prompt is not None:
+            fields["prompt"] = self.prompt
+        return fields
+
+
+def request_record(request: Request) -> RequestRecord | None:
+    record = request.scope.get(RECORD_KEY)
+    return record if isinstance(record, RequestRecord) else None
+
+
+class RequestLog:
+    """Pure ASGI middleware: the outermost one, so refusals by the others are logged too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = RequestRecord(request_id=_request_id(scope))
+        scope[RECORD_KEY] = record
+        started = time.monotonic()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            fields = {
+                "request_id": record.request_id,
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                **record.fields(),
+                "duration_s": _rounded(time.monotonic() - started),
+            }
+            logger.info(
+                "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields}
+            )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER.encode():
+            candidate: str = value.decode("latin-1")
+            if SANE_REQUEST_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 4)
