@@ -167,6 +167,13 @@ ENV_CASES = [
     ("REASONING_PARSER", "none", "reasoning_parser", "none"),
     ("MAX_N", "4", "max_n", 4),
     ("MAX_PROMPTS", "5", "max_prompts", 5),
+    ("ALLOWED_MEDIA_DIR", "/", "allowed_media_dir", (Path("/"),)),
+    ("ALLOW_REMOTE_MEDIA", "true", "allow_remote_media", True),
+    ("MAX_IMAGE_BYTES", "1000", "max_image_bytes", 1000),
+    ("MAX_IMAGE_PIXELS", "4096", "max_image_pixels", 4096),
+    ("MAX_IMAGES_PER_REQUEST", "2", "max_images_per_request", 2),
+    ("IMAGE_FORMATS", "PNG,gif", "image_formats", ("png", "gif")),
+    ("REMOTE_MEDIA_TIMEOUT_S", "2.5", "remote_media_timeout_s", 2.5),
 ]
 
 

@@ -146,6 +146,7 @@ def test_negative_forms_exist_for_the_boolean_flags() -> None:
         "--no-strict-model-name",
         "--no-trust-remote-code",
         "--no-allow-request-overflow-policy",
+        "--no-allow-remote-media",
     }
     assert "`--no-...` forms" in readme_section("Settings")
 

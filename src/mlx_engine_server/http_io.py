@@ -107,11 +107,14 @@ def _param_name(loc: tuple[int | str, ...]) -> str:
 
 
 def _is_union_branch(part: str) -> bool:
-    return part.startswith(("list[", "dict[", "function-", "constrained-", "literal[")) or part in {
+    return part.startswith(
+        ("list[", "dict[", "function-", "constrained-", "literal[", "tagged-union[")
+    ) or part in {
         "str",
         "int",
         "float",
         "bool",
         "TextPart",
+        "ImagePart",
         "NamedToolChoice",
     }

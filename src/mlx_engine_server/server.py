@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -9,7 +10,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any
 
@@ -27,6 +28,8 @@ from .api_models import (
     OverflowPolicy,
     SamplingFields,
 )
+from .chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
+from .chat.media import LoadedImage, MediaPolicy
 from .chat.output import OutputRules, split_whole
 from .chat.overflow import (
     Compaction,
@@ -57,6 +60,7 @@ from .monitoring import health, metrics_text, status
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
+from .vision_model import VisionPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,7 @@ class ServerOptions:
     reasoning_parser: str = "auto"
     max_n: int = 8
     max_prompts: int = 16
+    media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
 def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
@@ -169,16 +174,34 @@ class Prompts:
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     engine, options = _check_model(request, body.model)
+    messages = list(body.messages)
+    refs = image_refs(messages)
+    check_image_refs(refs, messages, engine.loaded.kind == "vision", options.media)
+    images = await load_images(refs, options.media)
     planner = ChatPlanner(engine, _chat_formats(request), body)
     fitted = await _fit_conversation(request, engine, options, body, planner.prompt_tokens)
     plan = planner.plan(fitted.messages)
+    vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
     return await _generate(
         request,
         body,
-        Prompts([plan.prompt_tokens]),
+        Prompts([list(vision.token_ids) if vision else plan.prompt_tokens]),
         chat_surface(plan.rules),
         compaction=fitted.compaction,
         grammar=plan.grammar,
+        vision=vision,
+    )
+
+
+async def _vision_prompt(
+    engine: Engine, plan: ChatPlan, images: list[LoadedImage]
+) -> VisionPrompt | None:
+    """The prompt with its images through the model's processor; None without images."""
+    if not images:
+        return None
+    pictures = [image.image for image in images]
+    return await asyncio.to_thread(
+        engine.vision_prompt, plan.prompt_text, pictures, images_digest(images)
     )
 
 
@@ -210,8 +233,12 @@ def _chat_formats(request: Request) -> ChatFormats:
     state = request.app.state
     if state.chat_formats is None:
         options: ServerOptions = state.options
+        loaded = state.engine.loaded
         state.chat_formats = chat_formats(
-            state.engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
+            loaded.tokenizer,
+            options.tool_call_parser,
+            options.reasoning_parser,
+            multimodal=loaded.kind == "vision",
         )
     formats: ChatFormats = state.chat_formats
     return formats
@@ -251,6 +278,7 @@ async def _generate(
     *,
     compaction: Compaction | None = None,
     grammar: str | None = None,
+    vision: VisionPrompt | None = None,
 ) -> Response:
     """Admit every choice of the request, then stream the answers or wait for all of them."""
     engine: Engine = request.app.state.engine
@@ -263,7 +291,7 @@ async def _generate(
         for params in [_sampling_params(engine, options, body, prompt, grammar)]
         for index in range(body.n)
     ]
-    generation = Generation(engine, choices, request.app.state.metrics)
+    generation = Generation(engine, choices, request.app.state.metrics, vision)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
@@ -356,7 +384,8 @@ class EngineSummarizer:
         self.engine: Engine = request.app.state.engine
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        return chat_prompt_tokens(self.engine.loaded.tokenizer, messages)
+        loaded = self.engine.loaded
+        return chat_prompt_tokens(loaded.tokenizer, messages, multimodal=loaded.kind == "vision")
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -511,6 +540,7 @@ def serve(settings: Settings) -> int:
         reasoning_parser=settings.reasoning_parser,
         max_n=settings.max_n,
         max_prompts=settings.max_prompts,
+        media=media_policy(settings),
     )
     config = uvicorn.Config(
         create_app(engine, options),
@@ -554,6 +584,18 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def media_policy(settings: Settings) -> MediaPolicy:
+    return MediaPolicy(
+        allowed_dirs=tuple(settings.allowed_media_dir),
+        allow_remote=settings.allow_remote_media,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_images=settings.max_images_per_request,
+        formats=tuple(settings.image_formats),
+        remote_timeout_s=settings.remote_media_timeout_s,
+    )
 
 
 def _engine_options(settings: Settings) -> EngineOptions:
