@@ -47,6 +47,7 @@ def build_tiny_smolvlm(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Pat
     dest.mkdir(parents=True, exist_ok=True)
     image_token_ids = _write_tokenizer(dest, tokenizer_dir)
     config = _config(_vocab_size(dest), image_token_ids["<image>"])
+    config["eos_token_id"] = image_token_ids["<end_of_utterance>"]
     (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     model_config = smolvlm.ModelConfig.from_dict(config)
     model_config.text_config = smolvlm.TextConfig.from_dict(config["text_config"])

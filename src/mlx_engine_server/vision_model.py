@@ -85,8 +85,13 @@ class VisionPrompt:
 def load_vision_model(
     path: Path, config: dict[str, Any], adapter_path: str | None, trust_remote_code: bool
 ) -> tuple[VisionParts, TokenizerWrapper]:
-    from mlx_vlm.utils import load as mlx_vlm_load  # noqa: PLC0415 - a second or so to import
-
+    try:
+        from mlx_vlm.utils import load as mlx_vlm_load  # noqa: PLC0415 - only for vision models
+    except ImportError:
+        raise StartupError(
+            f"{path} is a vision-language model, which needs mlx-vlm: "
+            "pip install 'mlx-engine-server[vision]' (./run_server.sh installs it)"
+        ) from None
     try:
         vlm, processor = mlx_vlm_load(
             str(path), adapter_path=adapter_path, trust_remote_code=trust_remote_code

@@ -199,13 +199,15 @@ def _fetch_remote(url: str, param: str, policy: MediaPolicy) -> bytes:
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    return _http_get(RemoteTarget(parts.scheme.lower(), host, address, port, target), param, policy)
+    remote = RemoteTarget(parts.scheme.lower(), host, parts.netloc, address, port, target)
+    return _http_get(remote, param, policy)
 
 
 @dataclass(frozen=True)
 class RemoteTarget:
     scheme: str
-    host: str  # as named in the URL: the Host header and the TLS server name
+    host: str  # as named in the URL: the TLS server name
+    netloc: str  # host[:port] as the URL spells it: the Host header
     address: str  # the checked address connected to
     port: int
     path: str  # with the query
@@ -243,7 +245,7 @@ def _http_get(target: RemoteTarget, param: str, policy: MediaPolicy) -> bytes:
     """GET from the checked address itself (no second DNS lookup); redirects are refused."""
     connection = _connection(target, policy.remote_timeout_s)
     try:
-        headers = {"Host": target.host, "Accept": "image/*"}
+        headers = {"Host": target.netloc, "Accept": "image/*"}
         connection.request("GET", target.path, headers=headers)
         response = connection.getresponse()
         if response.status != http.client.OK:
