@@ -168,9 +168,10 @@ def _read_regular_file(real: str, param: str, policy: MediaPolicy) -> bytes:
         fd = os.open(real, flags)
     except OSError:
         raise _refuse("the image file cannot be read", param) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _refuse("the image path is not a regular file", param)
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise _refuse("the image path is not a regular file", param)
         data = handle.read(policy.max_image_bytes + 1)
     if len(data) > policy.max_image_bytes:
         raise _too_big(param, policy)
