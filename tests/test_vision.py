@@ -440,3 +440,43 @@ def test_families_with_per_request_image_state_are_refused_at_start() -> None:
     with pytest.raises(StartupError, match="mllama"):
         _check_family(SimpleNamespace(language_model=object()), "mllama")  # type: ignore[arg-type]
     _check_family(SimpleNamespace(language_model=object()), "smolvlm")  # type: ignore[arg-type]
+
+
+class Redirector(Recorder):
+    def do_GET(self) -> None:
+        if self.path.startswith("/redirect"):
+            Recorder.requests.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1/elsewhere.png")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+def test_the_fetch_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address check is the only thing loosened (to let the fetch reach a local server):
+    the GET, the refused redirect and the byte cap are the real code."""
+    from mlx_engine_server.chat import media
+
+    monkeypatch.setattr(media, "is_public_address", lambda address: address == "127.0.0.1")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    Recorder.requests.clear()
+    try:
+        base = f"http://localhost:{server.server_address[1]}"
+        policy = MediaPolicy(allow_remote=True)
+        loaded = media.load_image(f"{base}/ok.png?x=1", "p", policy)
+        assert loaded.image.size == (20, 10)
+        with pytest.raises(media.InvalidRequestError, match="HTTP 302"):
+            media.load_image(f"{base}/redirect.png", "p", policy)
+        with pytest.raises(media.InvalidRequestError, match="larger than"):
+            media.load_image(
+                f"{base}/ok.png", "p", MediaPolicy(allow_remote=True, max_image_bytes=10)
+            )
+        assert Recorder.requests == ["/ok.png?x=1", "/redirect.png", "/ok.png"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
