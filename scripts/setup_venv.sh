@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
+# vision: mlx-vlm, for vision-language models (no torch; see pyproject.toml).
+extras="[vision]"
 stamp_name="installed"
 if [[ "${1:-}" == "--test" ]]; then
-    extras="[test]"
+    extras="[test,vision]"
     stamp_name="installed-test"
 fi
 

@@ -106,7 +106,9 @@ def allowed(relative: str, homes: tuple[str, ...]) -> bool:
 
 
 RULES = [
-    (("mlx", "mlx_lm"), ("engine/", "model_manager.py", "gguf.py")),
+    (("mlx", "mlx_lm"), ("engine/", "model_manager.py", "gguf.py", "vision_model.py")),
+    (("mlx_vlm",), ("vision_model.py",)),
+    (("PIL",), ("chat/media.py",)),
     (
         ("starlette", "sse_starlette", "uvicorn"),
         (
@@ -146,6 +148,8 @@ def test_the_walk_sees_the_imports_that_exist() -> None:
     assert "serving.py" in importers(("uvicorn",))
     assert "sse.py" in importers(("sse_starlette",))
     assert "main.py" in importers(("click",))
+    assert "vision_model.py" in importers(("mlx_vlm",))  # inside a function
+    assert "chat/media.py" in importers(("PIL",))
     assert "config.py" in importers(("pydantic_settings",))
     (mistral,) = [source for source in source_files() if source.relative.endswith("s/mistral.py")]
     assert "mlx_lm.tool_parsers" in mistral.imports  # seen, and allowed by EXTRA_HOMES

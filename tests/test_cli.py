@@ -185,6 +185,13 @@ ENV_CASES = [
     ("UDS", "/run/app/mlx.sock", "uds", Path("/run/app/mlx.sock")),
     ("PARENT_PID", "4242", "parent_pid", 4242),
     ("EXIT_ON_STDIN_CLOSE", "1", "exit_on_stdin_close", True),
+    ("ALLOWED_MEDIA_DIR", "/", "allowed_media_dir", (Path("/"),)),
+    ("ALLOW_REMOTE_MEDIA", "true", "allow_remote_media", True),
+    ("MAX_IMAGE_BYTES", "1000", "max_image_bytes", 1000),
+    ("MAX_IMAGE_PIXELS", "4096", "max_image_pixels", 4096),
+    ("MAX_IMAGES_PER_REQUEST", "2", "max_images_per_request", 2),
+    ("IMAGE_FORMATS", "PNG,gif", "image_formats", ("png", "gif")),
+    ("REMOTE_MEDIA_TIMEOUT_S", "2.5", "remote_media_timeout_s", 2.5),
 ]
 
 

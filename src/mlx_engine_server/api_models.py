@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -35,6 +37,36 @@ class TextPart(WireModel):
     text: str
 
 
+class ImageURL(WireModel):
+    url: str = Field(min_length=1)
+    # The model's processor decides the resolution: every detail is served the same way.
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(WireModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+PART_CLASS_BY_TYPE = {"text": "TextPart", "image_url": "ImagePart"}
+
+
+def _content_part_class(value: Any) -> str | None:
+    """The part's class by its `type` (the class name keeps error locations free of the tag)."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return PART_CLASS_BY_TYPE.get(kind) if isinstance(kind, str) else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(
+        _content_part_class,
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part must have type 'text' or 'image_url'",
+    ),
+]
+
+
 class FunctionCall(WireModel):
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     arguments: str
@@ -48,7 +80,7 @@ class ToolCall(WireModel):
 
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -67,7 +99,13 @@ class ChatMessage(WireModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_parts(self) -> list[tuple[int, ImagePart]]:
+        """(index in content, part) of every image of this message."""
+        if not isinstance(self.content, list):
+            return []
+        return [(i, part) for i, part in enumerate(self.content) if isinstance(part, ImagePart)]
 
 
 class FunctionDefinition(WireModel):

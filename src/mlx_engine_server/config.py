@@ -20,6 +20,12 @@ from pydantic_settings import (
 )
 
 from .api_models import OverflowPolicy
+from .chat.media import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_FORMATS,
+    ImageFormat,
+)
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
@@ -151,9 +157,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return _split_list(value)
 
     @field_validator("api_keys", mode="after")
     @classmethod
@@ -176,6 +180,54 @@ class Settings(BaseSettings):
     max_prompts: int = Field(
         default=16, ge=1, le=1024, description="Most prompts one /v1/completions request may hold."
     )
+
+    allowed_media_dir: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(),
+        description="Directories image files may be read from (file:// URLs or paths); "
+        "none: local files are refused.",
+    )
+    allow_remote_media: bool = Field(
+        default=False,
+        description="Fetch http(s) image URLs (public addresses only, no redirects).",
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, ge=1, description="Largest image accepted, in bytes."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Most pixels (width x height) of one image, checked before decoding.",
+    )
+    max_images_per_request: int = Field(
+        default=8, ge=1, le=1024, description="Most images one request may hold."
+    )
+    image_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = Field(
+        default=IMAGE_FORMATS, min_length=1, description="Image formats accepted."
+    )
+    remote_media_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Time limit of fetching one image URL."
+    )
+
+    @field_validator("allowed_media_dir", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _lowercase_formats(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list | tuple):
+            return tuple(item.lower() if isinstance(item, str) else item for item in items)
+        return items
+
+    @field_validator("allowed_media_dir", mode="after")
+    @classmethod
+    def _existing_dirs(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for directory in value:
+            if not directory.expanduser().is_dir():
+                raise ValueError(f"{directory} is not a directory")
+        return tuple(directory.expanduser().resolve() for directory in value)
 
     @field_validator("cache_dir", mode="after")
     @classmethod
@@ -215,6 +267,18 @@ def check_api_key(key: str) -> None:
         PRINTABLE_ASCII_FIRST <= ord(char) <= PRINTABLE_ASCII_LAST for char in key
     ):
         raise ValueError("an API key must be printable ASCII characters without spaces")
+
+
+def _split_list(value: Any) -> Any:
+    """A list setting given as text (environment, flag): a JSON list or comma-separated items."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:

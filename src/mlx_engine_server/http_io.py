@@ -130,12 +130,15 @@ def _is_tag(data: Any, part: str) -> bool:
 
 
 def _is_union_branch(part: str) -> bool:
-    return part.startswith(("list[", "dict[", "function-", "constrained-", "literal[")) or part in {
+    return part.startswith(
+        ("list[", "dict[", "function-", "constrained-", "literal[", "tagged-union[")
+    ) or part in {
         "str",
         "int",
         "float",
         "bool",
         "TextPart",
+        "ImagePart",
         "NamedToolChoice",
         "FunctionChoice",
     }

@@ -172,6 +172,38 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     default=None,
     help="Exit when standard input closes.",
 )
+@click.option(
+    "--allowed-media-dir",
+    metavar="DIR",
+    multiple=True,
+    help="Directory image files may be read from (repeatable).  [default: none, files refused]",
+)
+@click.option(
+    "--allow-remote-media/--no-allow-remote-media",
+    default=None,
+    help="Fetch http(s) image URLs (public addresses only, redirects not followed).",
+)
+@click.option(
+    "--max-image-bytes", metavar="BYTES", help="Largest image accepted.  [default: 20971520]"
+)
+@click.option(
+    "--max-image-pixels",
+    metavar="INT",
+    help="Most pixels of one image, checked before decoding.  [default: 25000000]",
+)
+@click.option(
+    "--max-images-per-request", metavar="INT", help="Most images per request.  [default: 8]"
+)
+@click.option(
+    "--image-formats",
+    metavar="LIST",
+    help="Accepted image formats, comma-separated.  [default: png,jpeg,webp,gif]",
+)
+@click.option(
+    "--remote-media-timeout-s",
+    metavar="SECONDS",
+    help="Time limit of fetching one image URL.  [default: 10]",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:

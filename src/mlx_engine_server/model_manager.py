@@ -19,6 +19,7 @@ from mlx_lm.utils import load as mlx_lm_load
 
 from .errors import StartupError
 from .gguf import convert_gguf, is_gguf_file
+from .vision_model import VisionParts, is_vision_config, load_vision_model
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: Module
+    model: Module  # what generates text from tokens; for a vision model, its language model
     tokenizer: TokenizerWrapper
     model_id: str
     model_path: str
@@ -51,6 +52,7 @@ class LoadedModel:
     context_window: int
     quantization: str | None
     created: int
+    vision: VisionParts | None = None  # the vision-language model and its processor
 
 
 def bundled_model_path() -> Path:
@@ -71,9 +73,12 @@ def load_model(source: ModelSource) -> LoadedModel:
     """Load the model named by `source`. Call on the worker thread: it owns every MLX array."""
     path = resolve_model_path(source)
     config = read_model_config(path)
-    if "vision_config" in config:
-        raise StartupError(f"{path} is a vision-language model; vision support is not built yet")
-    model, tokenizer = _load_weights(path, source)
+    vision = None
+    if is_vision_config(config):
+        vision, tokenizer = _load_vision_weights(path, config, source)
+        model: Module = vision.decoder
+    else:
+        model, tokenizer = _load_weights(path, source)
     shown_path = source.model_path or str(bundled_model_path())
     return LoadedModel(
         model=model,
@@ -82,10 +87,11 @@ def load_model(source: ModelSource) -> LoadedModel:
         model_path=shown_path,
         resolved_path=path,
         adapter_path=source.adapter_path,
-        kind="text",
+        kind="vision" if vision else "text",
         context_window=context_window_of(config),
         quantization=describe_quantization(config),
         created=int(path.stat().st_mtime),
+        vision=vision,
     )
 
 
@@ -131,7 +137,7 @@ def _resolve_hf_repo(repo_id: str) -> Path:
 def _load_weights(path: Path, source: ModelSource) -> tuple[Module, TokenizerWrapper]:
     adapter = source.adapter_path
     if adapter is not None:
-        _check_adapter_dir(Path(adapter))
+        check_adapter_dir(Path(adapter))
     try:
         loaded = mlx_lm_load(
             str(path), adapter_path=adapter, trust_remote_code=source.trust_remote_code
@@ -140,11 +146,23 @@ def _load_weights(path: Path, source: ModelSource) -> tuple[Module, TokenizerWra
         what = f"adapter {adapter} for {path}" if adapter else f"model {path}"
         raise StartupError(f"could not load {what}: {exc}") from None
     model, tokenizer = loaded[0], loaded[1]
-    _prefer_float32_on_cpu(model)
+    prefer_float32_on_cpu(model)
     return model, tokenizer
 
 
-def _prefer_float32_on_cpu(model: Module) -> None:
+def _load_vision_weights(
+    path: Path, config: dict[str, Any], source: ModelSource
+) -> tuple[VisionParts, TokenizerWrapper]:
+    if source.adapter_path is not None:
+        check_adapter_dir(Path(source.adapter_path))
+    vision, tokenizer = load_vision_model(
+        path, config, source.adapter_path, source.trust_remote_code
+    )
+    prefer_float32_on_cpu(vision.model)
+    return vision, tokenizer
+
+
+def prefer_float32_on_cpu(model: Module) -> None:
     """MLX's CPU kernels are far slower in float16 (a 4-bit matmul measured 40x slower here);
     Metal and CUDA keep the model's own dtype."""
     if mx.default_device().type == mx.DeviceType.cpu:
@@ -152,7 +170,7 @@ def _prefer_float32_on_cpu(model: Module) -> None:
         mx.eval(model.parameters())  # type: ignore[no-untyped-call]
 
 
-def _check_adapter_dir(adapter: Path) -> None:
+def check_adapter_dir(adapter: Path) -> None:
     if not adapter.is_dir():
         raise StartupError(f"adapter path {adapter} is not a directory")
     for needed in ("adapter_config.json", "adapters.safetensors"):

@@ -5,6 +5,7 @@ admission to the engine. OpenAI chat, Anthropic Messages and OpenAI Responses al
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from .api_models import (
     OverflowPolicy,
     SamplingFields,
 )
+from .chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
+from .chat.media import LoadedImage, MediaPolicy
 from .chat.output import OutputRules
 from .chat.overflow import (
     Compaction,
@@ -37,6 +40,7 @@ from .http_io import request_limits
 from .limits import RequestLimits, check_request_limits
 from .request_log import request_record
 from .sse import admit, collect
+from .vision_model import VisionPrompt
 
 COMPACTION_HEADER = "x-context-compacted"
 
@@ -61,6 +65,7 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = False
     max_header_bytes: int = 32 * 1024
+    media: MediaPolicy = field(default_factory=MediaPolicy)
 
 
 class ChatPlanner:
@@ -91,8 +96,12 @@ def chat_formats_of(request: Request) -> ChatFormats:
     state = request.app.state
     if state.chat_formats is None:
         options: ServerOptions = state.options
+        loaded = state.engine.loaded
         state.chat_formats = chat_formats(
-            state.engine.loaded.tokenizer, options.tool_call_parser, options.reasoning_parser
+            loaded.tokenizer,
+            options.tool_call_parser,
+            options.reasoning_parser,
+            multimodal=loaded.kind == "vision",
         )
     formats: ChatFormats = state.chat_formats
     return formats
@@ -171,7 +180,8 @@ class EngineSummarizer:
         self.engine: Engine = request.app.state.engine
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        return chat_prompt_tokens(self.engine.loaded.tokenizer, messages)
+        loaded = self.engine.loaded
+        return chat_prompt_tokens(loaded.tokenizer, messages, multimodal=loaded.kind == "vision")
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -285,31 +295,61 @@ class ChatRun:
     compaction: Compaction | None
 
 
-async def plan_request(
-    request: Request, body: ChatCompletionRequest
-) -> tuple[ChatPlan, Compaction | None]:
+@dataclass(frozen=True)
+class PlannedChat:
+    """A chat request's prompt as the engine will see it, with its images when it has any."""
+
+    plan: ChatPlan
+    compaction: Compaction | None
+    vision: VisionPrompt | None
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return list(self.vision.token_ids) if self.vision else self.plan.prompt_tokens
+
+
+async def plan_request(request: Request, body: ChatCompletionRequest) -> PlannedChat:
     """The prompt as the engine will see it, after the overflow policy had its say."""
     check_request_limits(body, request_limits(request))
     engine, options = check_model(request, body.model)
     note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
+    messages = list(body.messages)
+    refs = image_refs(messages)
+    check_image_refs(refs, messages, engine.loaded.kind == "vision", options.media)
+    images = await load_images(refs, options.media)
     planner = ChatPlanner(engine, chat_formats_of(request), body)
     fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
-    return planner.plan(fitted.messages), fitted.compaction
+    plan = planner.plan(fitted.messages)
+    vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
+    return PlannedChat(plan, fitted.compaction, vision)
+
+
+async def _vision_prompt(
+    engine: Engine, plan: ChatPlan, images: list[LoadedImage]
+) -> VisionPrompt | None:
+    """The prompt with its images through the model's processor; None without images."""
+    if not images:
+        return None
+    pictures = [image.image for image in images]
+    return await asyncio.to_thread(
+        engine.vision_prompt, plan.prompt_text, pictures, images_digest(images)
+    )
 
 
 async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
     """Plan one chat request and admit it to the engine (a full queue is a 429 here)."""
-    plan, compaction = await plan_request(request, body)
+    planned = await plan_request(request, body)
+    plan, compaction, prompt = planned.plan, planned.compaction, planned.prompt_tokens
     engine: Engine = request.app.state.engine
     options: ServerOptions = request.app.state.options
     grammar = request_grammar(plan.grammar, body)
-    params = sampling_params(engine, options, body, plan.prompt_tokens, grammar)
-    generation = Generation(engine, [(plan.prompt_tokens, params)], request.app.state.metrics)
+    params = sampling_params(engine, options, body, prompt, grammar)
+    generation = Generation(engine, [(prompt, params)], request.app.state.metrics, planned.vision)
     await admit(generation, request.receive)  # a request that cannot start is an HTTP error
     return ChatRun(
         generation,
         plan.rules,
-        len(plan.prompt_tokens),
+        len(prompt),
         engine.loaded.model_id,
         engine.options.shutdown_grace_s,
         compaction,

@@ -44,6 +44,7 @@ from .request_log import REQUEST_ID_HEADER, RequestLog, request_record
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import ChatShape, ChunkShape, TextShape, admit, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
+from .vision_model import VisionPrompt
 
 __all__ = ["ServerOptions", "create_app"]
 
@@ -170,14 +171,15 @@ class Prompts:
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
-    plan, compaction = await plan_request(request, body)
+    planned = await plan_request(request, body)
     return await _generate(
         request,
         body,
-        Prompts([plan.prompt_tokens]),
-        chat_surface(plan.rules),
-        compaction=compaction,
-        grammar=plan.grammar,
+        Prompts([planned.prompt_tokens]),
+        chat_surface(planned.plan.rules),
+        compaction=planned.compaction,
+        grammar=planned.plan.grammar,
+        vision=planned.vision,
     )
 
 
@@ -217,6 +219,7 @@ async def _generate(
     *,
     compaction: Compaction | None = None,
     grammar: str | None = None,
+    vision: VisionPrompt | None = None,
 ) -> Response:
     """Admit every choice of the request, then stream the answers or wait for all of them."""
     engine: Engine = request.app.state.engine
@@ -229,7 +232,7 @@ async def _generate(
         for params in [sampling_params(engine, options, body, prompt, grammar)]
         for index in range(body.n)
     ]
-    generation = Generation(engine, choices, request.app.state.metrics)
+    generation = Generation(engine, choices, request.app.state.metrics, vision)
     cached_tokens = _cached_tokens(await admit(generation, request.receive), body.n)
     _log_generation(request, prompts, cached_tokens, generation)
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)

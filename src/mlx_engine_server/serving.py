@@ -24,6 +24,7 @@ from typing import Any
 
 import uvicorn
 
+from .chat.media import MediaPolicy
 from .chat.parsers import known_tool_call_parsers
 from .config import Settings, api_keys
 from .engine import Engine, EngineOptions
@@ -107,6 +108,19 @@ def server_options(settings: Settings) -> ServerOptions:
         cors_origins=tuple(settings.cors_origins),
         log_prompts=settings.log_prompts,
         max_header_bytes=settings.max_header_bytes,
+        media=media_policy(settings),
+    )
+
+
+def media_policy(settings: Settings) -> MediaPolicy:
+    return MediaPolicy(
+        allowed_dirs=tuple(settings.allowed_media_dir),
+        allow_remote=settings.allow_remote_media,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_images=settings.max_images_per_request,
+        formats=tuple(settings.image_formats),
+        remote_timeout_s=settings.remote_media_timeout_s,
     )
 
 

@@ -7,8 +7,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api_models import DetokenizeRequest, TokenizeRequest
+from .api_models import ChatMessage, DetokenizeRequest, TokenizeRequest
 from .chat.prompt import chat_prompt_tokens, check_token_ids
+from .errors import InvalidRequestError
 from .http_io import read_model
 
 
@@ -17,7 +18,10 @@ async def tokenize(request: Request) -> Response:
     loaded = request.app.state.engine.loaded
     tokenizer = loaded.tokenizer
     if body.messages is not None:
-        tokens = chat_prompt_tokens(tokenizer, list(body.messages))
+        _refuse_images(list(body.messages))
+        tokens = chat_prompt_tokens(
+            tokenizer, list(body.messages), multimodal=loaded.kind == "vision"
+        )
     else:
         tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
     answer: dict[str, Any] = {
@@ -28,6 +32,16 @@ async def tokenize(request: Request) -> Response:
     if body.return_token_strs:
         answer["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
     return JSONResponse(answer)
+
+
+def _refuse_images(messages: list[ChatMessage]) -> None:
+    """Counting image tokens needs the images processed: /tokenize does not load them."""
+    for index, message in enumerate(messages):
+        for position, _ in message.image_parts():
+            raise InvalidRequestError(
+                "/tokenize counts text only; image parts are not loaded here.",
+                param=f"messages[{index}].content[{position}]",
+            )
 
 
 async def detokenize(request: Request) -> Response:

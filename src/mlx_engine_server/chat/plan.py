@@ -34,6 +34,7 @@ class ChatFormats:
     split_reasoning: bool
     model_thinks: bool  # the tokenizer has thinking markers of its own
     special_ids: Mapping[str, int] = field(default_factory=dict)
+    multimodal: bool = False  # a vision model: its template takes content as parts
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class ChatPlan:
     prompt_tokens: list[int]
     rules: OutputRules
     grammar: str | None
+    prompt_text: str = ""  # as rendered: a vision model's processor expands its image markers
 
 
-def chat_formats(tokenizer: Any, tool_call_parser: str, reasoning_parser: str) -> ChatFormats:
+def chat_formats(
+    tokenizer: Any, tool_call_parser: str, reasoning_parser: str, *, multimodal: bool = False
+) -> ChatFormats:
     tools = resolve_tool_call_format(tool_call_parser, tokenizer)
     model_thinks = bool(getattr(tokenizer, "has_thinking", False))
     thinking = (
@@ -58,6 +62,7 @@ def chat_formats(tokenizer: Any, tool_call_parser: str, reasoning_parser: str) -
         split_reasoning=reasoning_parser != "none",
         model_thinks=model_thinks,
         special_ids=_special_token_ids(tokenizer, markers),
+        multimodal=multimodal,
     )
 
 
@@ -66,7 +71,7 @@ def plan_chat(tokenizer: Any, formats: ChatFormats, body: ChatCompletionRequest)
     check_conversation(list(body.messages))
     prompt = chat_prompt(
         tokenizer,
-        template_messages(list(body.messages)),
+        template_messages(list(body.messages), multimodal=formats.multimodal),
         template_tools(body),
         template_kwargs(body),
     )
@@ -83,7 +88,7 @@ def plan_chat(tokenizer: Any, formats: ChatFormats, body: ChatCompletionRequest)
         offered=policy.offered_names,
         parallel=policy.parallel,
     )
-    return ChatPlan(prompt.tokens, rules, grammar)
+    return ChatPlan(prompt.tokens, rules, grammar, prompt.text)
 
 
 def _forcing_grammar(

@@ -51,9 +51,11 @@ def chat_prompt(
     return ChatPrompt(tokens, text)
 
 
-def chat_prompt_tokens(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt_tokens(
+    tokenizer: Any, messages: list[ChatMessage], *, multimodal: bool = False
+) -> list[int]:
     """The prompt of a conversation without tools (the tokenizer endpoints count with it)."""
-    return chat_prompt(tokenizer, template_messages(messages)).tokens
+    return chat_prompt(tokenizer, template_messages(messages, multimodal=multimodal)).tokens
 
 
 def special_tokens(tokenizer: Any) -> list[str]:

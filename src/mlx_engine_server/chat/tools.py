@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..api_models import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from ..api_models import ChatCompletionRequest, ChatMessage, NamedToolChoice, TextPart
 from ..errors import InvalidRequestError
 
 # Templates know system, user, assistant and tool; OpenAI's newer "developer" role is a system one.
@@ -156,14 +156,20 @@ def _json_object_or_none(text: str) -> Any:
         return None
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as Hugging Face chat templates read them (arguments as objects, not strings)."""
+def template_messages(
+    messages: list[ChatMessage], *, multimodal: bool = False
+) -> list[dict[str, Any]]:
+    """Messages as Hugging Face chat templates read them (arguments as objects, not strings).
+
+    `multimodal`: content as a list of parts, `{"type": "image"}` where an image goes, which is
+    what vision-language models' templates iterate over (for text-only messages too).
+    """
     names_by_id: dict[str, str] = {}
     conversation = []
     for message in messages:
         entry: dict[str, Any] = {
             "role": ROLE_FOR_TEMPLATE.get(message.role, message.role),
-            "content": message.text(),
+            "content": template_parts(message) if multimodal else message.text(),
         }
         if message.name is not None:
             entry["name"] = message.name
@@ -178,6 +184,18 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry.setdefault("name", names_by_id.get(message.tool_call_id, ""))
         conversation.append(entry)
     return conversation
+
+
+def template_parts(message: ChatMessage) -> list[dict[str, Any]]:
+    """Text and image parts in order; never empty (templates read the first part's type)."""
+    content = message.content
+    if not isinstance(content, list):
+        return [{"type": "text", "text": content or ""}]
+    parts = [
+        {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+        for part in content
+    ]
+    return parts or [{"type": "text", "text": ""}]
 
 
 def _template_call(call: Any) -> dict[str, Any]:

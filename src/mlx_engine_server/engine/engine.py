@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from ..errors import OverloadedError, ServiceUnavailableError, StartupError
+from ..errors import InvalidRequestError, OverloadedError, ServiceUnavailableError, StartupError
 from ..model_manager import LoadedModel
+from ..vision_model import VisionPrompt, prepare_vision_prompt
 from .device import apply_backend_defaults
 from .prefix_cache import PrefixCacheStats
 from .types import (
@@ -106,6 +107,21 @@ class Engine:
             raise ServiceUnavailableError("the model is not loaded")
         return self._worker.loaded
 
+    def vision_prompt(self, prompt_text: str, images: list[Any], image_digest: str) -> VisionPrompt:
+        """A rendered prompt and its images through the model's processor (image tokens placed).
+        Blocking: call it from a worker thread."""
+        vision = self.loaded.vision
+        if vision is None:
+            raise InvalidRequestError(
+                "This model does not read images.", param="messages", code="model_not_multimodal"
+            )
+        try:
+            return prepare_vision_prompt(vision, prompt_text, images, image_digest)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequestError(
+                f"The model's processor could not take these images: {exc}", param="messages"
+            ) from None
+
     def submit(
         self, prompt_tokens: list[int], params: SamplingParams, post: Callable[[Event], None]
     ) -> Cancellation:
@@ -113,8 +129,13 @@ class Engine:
         (cancellation,) = self.submit_all([(prompt_tokens, params, post)])
         return cancellation
 
-    def submit_all(self, sequences: list[SequenceRequest]) -> list[Cancellation]:
-        """Queue sequences that belong together (n choices, several prompts): all or none."""
+    def submit_all(
+        self, sequences: list[SequenceRequest], vision: VisionPrompt | None = None
+    ) -> list[Cancellation]:
+        """Queue sequences that belong together (n choices, several prompts): all or none.
+
+        `vision`: the images of the (one) prompt, processed; their tokens are the prompt's.
+        """
         if self._draining:
             raise ServiceUnavailableError(
                 "the server is shutting down", retry_after_s=RETRY_AFTER_S
@@ -132,7 +153,10 @@ class Engine:
         cancellations = []
         for prompt_tokens, params, post in sequences:
             cancellation = Cancellation()
-            self._inbox.put(Submission(tuple(prompt_tokens), params, deadline, cancellation, post))
+            submission = Submission(
+                tuple(prompt_tokens), params, deadline, cancellation, post, vision
+            )
+            self._inbox.put(submission)
             cancellations.append(cancellation)
         return cancellations
 
@@ -192,6 +216,7 @@ class Generation:
         engine: Engine,
         choices: list[tuple[list[int], SamplingParams]],
         timing: TimingObserver | None = None,
+        vision: VisionPrompt | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -207,7 +232,8 @@ class Generation:
             [
                 (prompt, params, self._poster(index))
                 for index, (prompt, params) in enumerate(choices)
-            ]
+            ],
+            vision,
         )
 
     def _poster(self, index: int) -> Callable[[Event], None]:

@@ -5,7 +5,9 @@ Entries live in an LRU bounded in bytes, enforced on every insert. A hit shares 
 instead of deep-copying them: MLX arrays are values, and each hit gets fresh cache objects whose
 first write allocates new arrays, so a stored entry is never changed by the request that reuses it.
 Caches that cannot be trimmed (recurrent layers) are reused only when a stored prompt is an exact
-prefix of the new one. Used only from the worker thread.
+prefix of the new one. Prompts with images live in a partition named by the digest of their
+images: equal tokens (image placeholders look alike) with other images never match. Used only from
+the worker thread.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from mlx_lm.models.cache import KVCache, PromptTrie, can_trim_prompt_cache
 
-TRIE_KEY = "model"
+TEXT_PARTITION = "text"  # prompts without images; others use their images' digest
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class CacheHit:
 
 
 MISS = CacheHit(cache=None, cached_tokens=0)
+EntryKey = tuple[str, tuple[int, ...]]  # (partition, tokens)
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,16 @@ class PrefixCacheStats:
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._trie = PromptTrie()
-        self._entries: OrderedDict[tuple[int, ...], tuple[list[Any], int]] = OrderedDict()
+        self._tries: dict[str, PromptTrie] = {}  # one per partition, gone when it empties
+        self._entries: OrderedDict[EntryKey, tuple[list[Any], int]] = OrderedDict()
         self._bytes = 0
         self._hits = 0
         self._misses = 0
         self._cached_tokens_total = 0
 
-    def lookup(self, prompt: list[int]) -> CacheHit:
+    def lookup(self, prompt: list[int], partition: str = TEXT_PARTITION) -> CacheHit:
         """The longest stored prefix of `prompt`, leaving at least one token to process."""
-        hit = self._find(prompt) if self.max_bytes > 0 and len(prompt) > 1 else MISS
+        hit = self._find(partition, prompt) if self.max_bytes > 0 and len(prompt) > 1 else MISS
         if hit.cached_tokens:
             self._hits += 1
             self._cached_tokens_total += hit.cached_tokens
@@ -61,16 +64,16 @@ class PrefixCache:
             self._misses += 1
         return hit
 
-    def store(self, tokens: list[int], cache: list[Any]) -> None:
+    def store(self, tokens: list[int], cache: list[Any], partition: str = TEXT_PARTITION) -> None:
         size = sum(layer.nbytes for layer in cache)
         if not tokens or size > self.max_bytes:
             return
-        key = tuple(tokens)
+        key = (partition, tuple(tokens))
         if key in self._entries:
             self._drop(key)
-        self._trie.add(TRIE_KEY, tokens, key)
+        self._tries.setdefault(partition, PromptTrie()).add(partition, tokens, key)
         if can_trim_prompt_cache(cache):
-            self._drop_prefixes_of(tokens)  # a longer trimmable entry serves every prefix
+            self._drop_prefixes_of(partition, tokens)  # a longer trimmable entry serves prefixes
         self._entries[key] = (cache, size)
         self._bytes += size
         while self._bytes > self.max_bytes:
@@ -95,35 +98,40 @@ class PrefixCache:
             cached_tokens_total=self._cached_tokens_total,
         )
 
-    def _find(self, prompt: list[int]) -> CacheHit:
-        result = self._trie.search(TRIE_KEY, prompt)
+    def _find(self, partition: str, prompt: list[int]) -> CacheHit:
+        if partition not in self._tries:
+            return MISS
+        result = self._tries[partition].search(partition, prompt)
         if result.exact is not None:
-            return self._reuse(tuple(result.exact), len(prompt) - 1)
+            return self._reuse((partition, tuple(result.exact)), len(prompt) - 1)
         shorter = len(result.shorter) if result.shorter is not None else 0
         if result.longer is not None and result.common_prefix > shorter:
-            longer = tuple(result.longer)
+            longer = (partition, tuple(result.longer))
             if can_trim_prompt_cache(self._entries[longer][0]):
                 return self._reuse(longer, min(result.common_prefix, len(prompt) - 1))
         if shorter:
-            return self._reuse(tuple(result.shorter or ()), shorter)
+            return self._reuse((partition, tuple(result.shorter or ())), shorter)
         return MISS
 
-    def _reuse(self, key: tuple[int, ...], length: int) -> CacheHit:
+    def _reuse(self, key: EntryKey, length: int) -> CacheHit:
         cache, _ = self._entries[key]
         self._entries.move_to_end(key)
-        if length < len(key) and not can_trim_prompt_cache(cache):
+        if length < len(key[1]) and not can_trim_prompt_cache(cache):
             return MISS
         return CacheHit(
             cache=[_share_prefix(layer, length) for layer in cache], cached_tokens=length
         )
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: EntryKey) -> None:
         _, size = self._entries.pop(key)
-        self._trie.pop(TRIE_KEY, list(key))
+        partition = key[0]
+        self._tries[partition].pop(partition, list(key[1]))
         self._bytes -= size
+        if not any(entry[0] == partition for entry in self._entries):
+            del self._tries[partition]
 
-    def _drop_prefixes_of(self, tokens: list[int]) -> None:
-        for _, prefix in self._trie.pop_prefixes(TRIE_KEY, tokens):
+    def _drop_prefixes_of(self, partition: str, tokens: list[int]) -> None:
+        for _, prefix in self._tries[partition].pop_prefixes(partition, tokens):
             _, size = self._entries.pop(prefix)
             self._bytes -= size
 

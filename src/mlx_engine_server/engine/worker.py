@@ -21,12 +21,13 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..model_manager import LoadedModel
+from ..vision_model import VisionPrompt
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
-from .prefix_cache import PrefixCache
+from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
 from .sampling import make_request_processors, make_request_sampler
 from .stop_text import StopTextFilter
 from .types import (
@@ -42,6 +43,7 @@ from .types import (
     Usage,
 )
 from .types import Cancellation as CancellationFlag
+from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ class Submission:
     deadline: float
     cancellation: CancellationFlag
     post: Callable[[Event], None]
+    vision: VisionPrompt | None = None  # the prompt's images, processed
+
+    @property
+    def cache_partition(self) -> str:
+        return self.vision.image_digest if self.vision is not None else TEXT_PARTITION
 
 
 @dataclass
@@ -112,6 +119,7 @@ class Worker:
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
             )
         self._waiting: deque[Submission] = deque()
+        self._prefilling: deque[VisionPrefill] = deque()
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
@@ -121,9 +129,11 @@ class Worker:
         """The thread's main loop; returns after stop() once the inbox drains."""
         while not self._stopping or self._live:
             try:
-                self._admit(block=not self._live and not self._waiting)
+                self._admit(block=not self._live and not self._waiting and not self._prefilling)
                 self._drop_abandoned()
                 self._admit_waiting()
+                if self._prefilling:
+                    self._advance_prefill()
                 if self._live:
                     self._step()
             except Exception:
@@ -178,15 +188,56 @@ class Worker:
             self._insert(submission, need)
 
     def _insert(self, submission: Submission, need_bytes: int) -> None:
+        prompt = list(submission.prompt_tokens)
+        hit = self.prefix_cache.lookup(prompt, submission.cache_partition)
+        self.memory.reserve(need_bytes)
+        if submission.vision is None:
+            self._join_batch(submission, need_bytes, hit)
+            return
+        vision = self.loaded.vision
+        if vision is None:  # the HTTP side refuses images for a text model: a bug if seen
+            self._end_unstarted(submission, need_bytes, "this model does not read images")
+            return
+        self._prefilling.append(begin_vision_prefill(vision, submission, need_bytes, hit))
+
+    def _advance_prefill(self) -> None:
+        """One step of the oldest prompt with images; once prefilled, it joins the batch."""
+        prefill = self._prefilling[0]
+        vision = self.loaded.vision
+        try:
+            if not prefill.finished and vision is not None:
+                with mx.stream(self._generator.stream):
+                    advance_vision_prefill(vision, prefill, self.options.prefill_step_size)
+        except Exception as exc:
+            logger.exception("the prefill of a prompt with images failed")
+            self._prefilling.popleft()
+            message = f"could not process the images: {type(exc).__name__}: {exc}"
+            self._end_unstarted(prefill.submission, prefill.reserved_bytes, message)
+            return
+        if prefill.finished:
+            self._prefilling.popleft()
+            done = CacheHit(prefill.cache, len(prefill.prompt.token_ids) - 1)
+            self._join_batch(
+                prefill.submission, prefill.reserved_bytes, done, prefill.cached_tokens
+            )
+
+    def _join_batch(
+        self,
+        submission: Submission,
+        need_bytes: int,
+        hit: CacheHit,
+        cached_tokens: int | None = None,
+    ) -> None:
+        """Into the batch, the first `hit.cached_tokens` positions already in `hit.cache`."""
         params = submission.params
         prompt = list(submission.prompt_tokens)
         sampler = make_request_sampler(params)
         try:
             processors, grammar = self._processors(params)
             if grammar is not None and grammar.error is not None:
-                self._end(submission, Failed(f"the grammar is invalid: {grammar.error}"))
+                message = f"the grammar is invalid: {grammar.error}"
+                self._end_unstarted(submission, need_bytes, message)
                 return
-            hit = self.prefix_cache.lookup(prompt)
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
                     [prompt[hit.cached_tokens :]],
@@ -199,21 +250,27 @@ class Worker:
                 )
         except Exception as exc:
             logger.exception("could not admit a request")
-            self._end(submission, Failed(f"could not start generation: {type(exc).__name__}"))
+            message = f"could not start generation: {type(exc).__name__}"
+            self._end_unstarted(submission, need_bytes, message)
             return
         self.counters.requests_total += 1
         self.counters.prompt_tokens_total += len(submission.prompt_tokens)
-        self._live[uid] = LiveSequence(
+        live = LiveSequence(
             submission=submission,
             detokenizer=self.loaded.tokenizer.detokenizer,
             stop_filter=StopTextFilter(params.stop),
-            cached_tokens=hit.cached_tokens,
+            cached_tokens=hit.cached_tokens if cached_tokens is None else cached_tokens,
             reserved_bytes=need_bytes,
             grammar=grammar,
         )
-        self.memory.reserve(need_bytes)
+        self._live[uid] = live
         self.counters.active = len(self._live)
-        submission.post(Admitted(cached_tokens=hit.cached_tokens))
+        submission.post(Admitted(cached_tokens=live.cached_tokens))
+
+    def _end_unstarted(self, submission: Submission, need_bytes: int, event: Failed | str) -> None:
+        """A request that ended before joining the batch gives back its memory."""
+        self.memory.release(need_bytes)
+        self._end(submission, Failed(event) if isinstance(event, str) else event)
 
     def _processors(self, params: SamplingParams) -> tuple[list[Any], GrammarProcessor | None]:
         processors = make_request_processors(params)
@@ -284,17 +341,19 @@ class Worker:
         self._post_text(sequence, text, last=finish is not None or stopped)
         if stopped and finish is None:
             removed = self._generator.remove([uid], return_prompt_caches=True)
-            self._keep_cache(*removed[uid])
+            self._keep_cache(sequence, *removed[uid])
             finish = "stop"
         elif finish is not None:
-            self._keep_cache(response.prompt_cache, response.all_tokens)
+            self._keep_cache(sequence, response.prompt_cache, response.all_tokens)
         if finish is not None:
             self._finish(uid, finish, sequence.stop_filter.matched)
 
-    def _keep_cache(self, cache: list[Any] | None, tokens: list[int] | None) -> None:
+    def _keep_cache(
+        self, sequence: LiveSequence, cache: list[Any] | None, tokens: list[int] | None
+    ) -> None:
         """A finished request's cache serves the next turn of its conversation."""
         if cache and tokens:
-            self.prefix_cache.store(list(tokens), cache)
+            self.prefix_cache.store(list(tokens), cache, sequence.submission.cache_partition)
 
     def _post_text(self, sequence: LiveSequence, text: str, *, last: bool = False) -> None:
         """Text with the tokens that made it; at the end, also tokens that made no text."""
@@ -339,6 +398,11 @@ class Worker:
             if reason is not None:
                 self._waiting.remove(submission)
                 self._end(submission, reason)
+        for prefill in list(self._prefilling):
+            reason = self._abandon_reason(prefill.submission, now)
+            if reason is not None:
+                self._prefilling.remove(prefill)
+                self._end_unstarted(prefill.submission, prefill.reserved_bytes, reason)
 
     def _abandon_reason(self, submission: Submission, now: float) -> Failed | None:
         if submission.cancellation.cancelled:
@@ -372,11 +436,18 @@ class Worker:
             self._end(
                 self._waiting.popleft(), Failed("the server is shutting down", kind="shutdown")
             )
+        self._end_prefills(Failed("the server is shutting down", kind="shutdown"))
+
+    def _end_prefills(self, event: Failed) -> None:
+        while self._prefilling:
+            prefill = self._prefilling.popleft()
+            self._end_unstarted(prefill.submission, prefill.reserved_bytes, event)
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._live):
             sequence = self._retire(uid)
             self._end(sequence.submission, Failed(message))
+        self._end_prefills(Failed(message))
         self._generator.close()
         self._generator = self._new_generator()
 
