@@ -167,6 +167,8 @@ ENV_CASES = [
     ("REASONING_PARSER", "none", "reasoning_parser", "none"),
     ("MAX_N", "4", "max_n", 4),
     ("MAX_PROMPTS", "5", "max_prompts", 5),
+    ("DISTRIBUTED_MODE", "pipeline", "distributed_mode", "pipeline"),
+    ("DISTRIBUTED_TIMEOUT_S", "7.5", "distributed_timeout_s", 7.5),
 ]
 
 

@@ -124,6 +124,16 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     metavar="INT",
     help="Most prompts per /v1/completions request.  [default: 16]",
 )
+@click.option(
+    "--distributed-mode",
+    type=click.Choice(["tensor", "pipeline"]),
+    help="Under mlx.launch: split the model by heads or by layers.  [default: tensor]",
+)
+@click.option(
+    "--distributed-timeout-s",
+    metavar="SECONDS",
+    help="Under mlx.launch: longest step before the group is declared failed.  [default: 120]",
+)
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context
 def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:

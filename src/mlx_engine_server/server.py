@@ -7,6 +7,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -43,6 +44,7 @@ from .chat.prompt import chat_prompt_tokens, completion_prompt_tokens, resolve_m
 from .chat.structured import response_format_grammar
 from .config import Settings
 from .engine import Engine, EngineOptions, Generation, SamplingParams, Usage
+from .engine.group import EXIT_GROUP_FAILED, end_process, join_group
 from .errors import (
     ContextLengthExceededError,
     InvalidRequestError,
@@ -52,7 +54,7 @@ from .errors import (
 from .http_errors import EXCEPTION_HANDLERS
 from .http_io import read_model
 from .metrics import RequestCounter, ServerMetrics
-from .model_manager import ModelSource, load_model
+from .model_manager import ModelSource, Sharding, load_model
 from .monitoring import health, metrics_text, status
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import SHUTDOWN_MARGIN_S, ChatShape, ChunkShape, TextShape, collect, stream_response
@@ -62,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 COMPACTION_HEADER = "x-context-compacted"
+FOLLOWER_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -491,8 +494,12 @@ def serve(settings: Settings) -> int:
             f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
             f"choose one of {', '.join(known_tool_call_parsers())}"
         )
-    engine = Engine(lambda: load_model(source), _engine_options(settings))
+    group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
+    sharding = Sharding(group.handle, group.info.mode) if group is not None else None
+    engine = Engine(lambda: load_model(source, sharding), _engine_options(settings), group)
     loaded = engine.start()
+    if group is not None and not group.info.leads:
+        return follow_rank_zero(engine, settings.shutdown_grace_s)
     logger.info(
         "serving %s (%s, context window %d tokens) from %s",
         loaded.model_id,
@@ -524,7 +531,32 @@ def serve(settings: Settings) -> int:
         server.run()
     finally:
         engine.stop()
+    if engine.failure is not None:
+        return EXIT_GROUP_FAILED
     return 0 if server.started else 1
+
+
+def follow_rank_zero(engine: Engine, shutdown_grace_s: float) -> int:
+    """Ranks 1..N-1 of a group serve no HTTP: they step rank 0's batches until it ends the group.
+
+    A signal does not end a follower at once (launchers signal every rank, and rank 0 first
+    drains its requests, which needs every rank); one that rank 0 does not follow with the end
+    of the group within the grace period ends this process, and so the group.
+    """
+    signalled: list[float] = []
+    previous = {
+        sig: signal.signal(sig, lambda *_: signalled.append(time.monotonic()))
+        for sig in HANDLED_SIGNALS
+    }
+    try:
+        while not engine.wait(timeout_s=0.5):
+            if signalled and time.monotonic() - signalled[0] > shutdown_grace_s + FOLLOWER_MARGIN_S:
+                logger.error("rank 0 did not end the group after a signal; leaving it")
+                end_process(after_s=0.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 class GracefulServer(uvicorn.Server):

@@ -24,6 +24,7 @@ from ..model_manager import LoadedModel
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
+from .group import GroupError
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .prefix_cache import PrefixCache
@@ -123,13 +124,19 @@ class Worker:
                 self._admit(block=not self._live and not self._waiting)
                 self._drop_abandoned()
                 self._admit_waiting()
+                self._share_plan()
                 if self._live:
                     self._step()
+            except GroupError:
+                raise  # the group is gone: nothing this rank does can recover it
             except Exception:
                 # Whatever went wrong ends the requests in flight, never the thread.
                 logger.exception("the generation loop failed")
                 self._fail_all("internal error in the generation engine")
         self._generator.close()
+
+    def _share_plan(self) -> None:
+        """Before each step, rank 0 of a group sends its decisions; a process alone has none."""
 
     def _new_generator(self) -> BatchGenerator:
         eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
@@ -170,13 +177,17 @@ class Worker:
             if not self.memory.fits(need, self.prefix_cache.bytes):
                 # Cached prefixes are a luxury: running requests come first.
                 room = self.memory.model.room_bytes - self.memory.reserved_bytes - need
-                self.prefix_cache.shrink_to(max(0, room))
+                self._shrink_prefix_cache(max(0, room))
             if not self.memory.fits(need, self.prefix_cache.bytes):
                 return  # wait for running requests to finish
             self._waiting.popleft()
             self._insert(submission, need)
 
-    def _insert(self, submission: Submission, need_bytes: int) -> None:
+    def _shrink_prefix_cache(self, max_bytes: int) -> None:
+        self.prefix_cache.shrink_to(max_bytes)
+
+    def _insert(self, submission: Submission, need_bytes: int) -> int | None:
+        """Start generating `submission`; its generator row, or None if it ended instead."""
         params = submission.params
         prompt = list(submission.prompt_tokens)
         sampler = make_request_sampler(params)
@@ -184,7 +195,7 @@ class Worker:
             processors, grammar = self._processors(params)
             if grammar is not None and grammar.error is not None:
                 self._end(submission, Failed(f"the grammar is invalid: {grammar.error}"))
-                return
+                return None
             hit = self.prefix_cache.lookup(prompt)
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
@@ -199,7 +210,7 @@ class Worker:
         except Exception as exc:
             logger.exception("could not admit a request")
             self._end(submission, Failed(f"could not start generation: {type(exc).__name__}"))
-            return
+            return None
         self.counters.requests_total += 1
         self.counters.prompt_tokens_total += len(submission.prompt_tokens)
         self._live[uid] = LiveSequence(
@@ -212,6 +223,7 @@ class Worker:
         )
         self.memory.reserve(need_bytes)
         self.counters.active = len(self._live)
+        return int(uid)
 
     def _processors(self, params: SamplingParams) -> tuple[list[Any], GrammarProcessor | None]:
         processors = make_request_processors(params)
@@ -371,6 +383,24 @@ class Worker:
                 self._waiting.popleft(), Failed("the server is shutting down", kind="shutdown")
             )
 
+    def fail_in_flight(self, message: str) -> None:
+        """End every request held or not yet read: the group failed and this process ends.
+
+        Called from another thread while the worker is blocked in a collective, so it only reads
+        (copies of) the worker's state and posts events.
+        """
+        failed = Failed(message)
+        held = [sequence.submission for sequence in list(self._live.values())]
+        for submission in [*held, *list(self._waiting)]:
+            submission.post(failed)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Submission):
+                item.post(failed)
+
     def _fail_all(self, message: str) -> None:
         for uid in list(self._live):
             sequence = self._retire(uid)
@@ -389,16 +419,14 @@ def _too_big(need_bytes: int, memory: MemoryLedger) -> str:
 
 def run_worker_thread(
     load: Callable[[], LoadedModel],
-    options: EngineOptions,
-    inbox: queue.Queue[Any],
-    on_request_done: Callable[[], None],
+    make_worker: Callable[[LoadedModel], Worker],
     ready: Callable[[Worker | BaseException], None],
 ) -> threading.Thread:
     """Start the MLX thread: it loads the model, reports through `ready`, then serves the inbox."""
 
     def main() -> None:
         try:
-            worker = Worker(load(), options, inbox, on_request_done)
+            worker = make_worker(load())
         except BaseException as exc:  # reported to the starting thread
             mx.clear_streams()
             ready(exc)
