@@ -168,7 +168,7 @@ def _load_sharded(
             "fuse it into the model first (mlx_lm.fuse)"
         )
     if sharding.mode == "tensor":
-        _check_heads_divide(config, size)
+        check_heads_divide(config, size)
     tensor = sharding.group if sharding.mode == "tensor" else None
     pipeline = sharding.group if sharding.mode == "pipeline" else None
     try:
@@ -187,7 +187,7 @@ def _load_sharded(
     return model, tokenizer
 
 
-def _check_heads_divide(config: dict[str, Any], size: int) -> None:
+def check_heads_divide(config: dict[str, Any], size: int) -> None:
     """Tensor parallelism gives each process whole attention heads: their counts must divide."""
     section = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     for key in HEAD_COUNT_KEYS:
