@@ -1,4 +1,8 @@
-"""The `mlx-server` command: parse flags, merge settings, serve; exit 2 on bad settings."""
+"""The `mlx-server` command: parse flags, merge settings, serve.
+
+Exit status: 0 after a clean shutdown, 1 when start-up fails, 2 on bad settings, 3 when a
+distributed group (mlx.launch) fails: a process died or hung, and the whole group ends.
+"""
 
 from __future__ import annotations
 

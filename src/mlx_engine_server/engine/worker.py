@@ -389,7 +389,7 @@ class Worker:
         Called from another thread while the worker is blocked in a collective, so it only reads
         (copies of) the worker's state and posts events.
         """
-        failed = Failed(message)
+        failed = Failed(message, kind="shutdown")  # 503: the server is going away
         held = [sequence.submission for sequence in list(self._live.values())]
         for submission in [*held, *list(self._waiting)]:
             submission.post(failed)
