@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,9 +25,6 @@ from typing import Any
 import httpx2 as httpx
 import mlx.core as mx
 import pytest
-
-from mlx_engine_server.errors import StartupError
-from mlx_engine_server.model_manager import ModelSource, Sharding, check_heads_divide, load_model
 
 from .conftest import LiveServer
 from .test_api import (  # noqa: F401 - collected again here, against the group
@@ -310,34 +306,3 @@ def test_a_rank_that_dies_or_hangs_ends_the_group(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(follower, signal.SIGKILL)
         group.end()
-
-
-def test_a_family_without_pipeline_support_is_a_clear_start_up_error(
-    tiny_model_dir: Path,
-) -> None:
-    """mlx-lm checks the family before any collective: a group of one shows the same error."""
-    alone = Sharding(mx.distributed.init(), "pipeline")
-    with pytest.raises(StartupError, match=r"pipeline-parallel over 1 processes.*pipelining"):
-        load_model(ModelSource(str(tiny_model_dir)), alone)
-
-
-def test_an_adapter_is_refused_in_a_group(tiny_model_dir: Path, tmp_path: Path) -> None:
-    source = ModelSource(str(tiny_model_dir), adapter_path=str(tmp_path))
-    with pytest.raises(StartupError, match="LoRA adapter cannot be loaded across"):
-        load_model(source, Sharding(mx.distributed.init(), "tensor"))
-
-
-@pytest.mark.parametrize(
-    ("config", "size", "named"),
-    [
-        ({"num_attention_heads": 6, "num_key_value_heads": 2}, 4, "num_attention_heads (6)"),
-        ({"num_attention_heads": 8, "num_key_value_heads": 2}, 4, "num_key_value_heads (2)"),
-        ({"text_config": {"num_attention_heads": 6}}, 4, "num_attention_heads (6)"),
-    ],
-)
-def test_head_counts_the_group_size_does_not_divide_are_refused(
-    config: dict[str, Any], size: int, named: str
-) -> None:
-    with pytest.raises(StartupError, match=re.escape(named)):
-        check_heads_divide(config, size)
-    check_heads_divide({"num_attention_heads": 8, "num_key_value_heads": 4}, size)
