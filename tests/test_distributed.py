@@ -57,7 +57,7 @@ from .test_structured import (  # noqa: F401
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 SERVER = Path(sys.executable).parent / "mlx-server"
 START_TIMEOUT_S = 90
-GROUP_END_TIMEOUT_S = 20
+GROUP_END_TIMEOUT_S = 40
 
 pytestmark = pytest.mark.skipif(
     not LAUNCH.is_file() or not mx.distributed.is_available("ring"),
@@ -266,19 +266,19 @@ def wait_for_rank_zero_to_go(group: Group) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stopped"])
+@pytest.mark.parametrize(("fault", "timeout_s"), [("killed", 30), ("stopped", 3)])
 def test_a_rank_that_dies_or_hangs_ends_the_group(
-    tiny_model_dir: Path, tmp_path: Path, fault: str
+    tiny_model_dir: Path, tmp_path: Path, fault: str, timeout_s: int
 ) -> None:
-    """Killed: the next collective fails at once. Stopped (SIGSTOP): rank 0 blocks in a
-    collective until the watchdog's timeout. Either way the request in flight ends with an
-    error, /health stops answering 200, and rank 0 exits with status 3."""
+    """Killed: the next collective fails ("connection to a peer was lost"), usually at once.
+    Stopped (SIGSTOP): rank 0 blocks in a collective until the watchdog's timeout. Either way the
+    request in flight ends with an error, /health stops answering 200, and rank 0 exits with 3."""
     group = launch_group(
         tiny_model_dir,
         tmp_path / "launch.log",
         "--max-batch-size=1",
         "--max-queue=0",
-        "--distributed-timeout-s=3",
+        f"--distributed-timeout-s={timeout_s}",
     )
     follower = group.rank_pid(1)
     try:
