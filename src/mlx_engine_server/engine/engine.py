@@ -18,7 +18,7 @@ from ..model_manager import LoadedModel
 from .device import apply_backend_defaults
 from .group import Group, GroupInfo, end_process
 from .prefix_cache import PrefixCacheStats
-from .replica import FollowerWorker, LeaderWorker
+from .replica import FollowerWorker, GroupWorker, LeaderWorker
 from .types import (
     Cancellation,
     EngineOptions,
@@ -114,7 +114,7 @@ class Engine:
                 return
             self._failure = f"the distributed group failed: {reason}"
         logger.error("%s; ending this process", self._failure)
-        if self._worker is not None:
+        if isinstance(self._worker, GroupWorker):
             self._worker.fail_in_flight(self._failure)
         leads = self.group is not None and self.group.info.leads
         end_process(after_s=FAILURE_FLUSH_S if leads else 0.0)

@@ -60,6 +60,24 @@ class GroupWorker(Worker):
     def _serve_group(self) -> None:
         raise NotImplementedError
 
+    def fail_in_flight(self, message: str) -> None:
+        """End every request held or not yet read: the group failed and this process ends.
+
+        Called from another thread while the worker is blocked in a collective, so it only reads
+        (copies of) the worker's state and posts events.
+        """
+        failed = Failed(message, kind="shutdown")  # 503: the server is going away
+        held = [sequence.submission for sequence in list(self._live.values())]
+        for submission in [*held, *list(self._waiting)]:
+            submission.post(failed)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Submission):
+                item.post(failed)
+
     def _fail_all(self, message: str) -> None:
         """Alone, a failed step ends its requests; in a group the ranks may no longer agree."""
         raise GroupError(message)

@@ -3,7 +3,7 @@
 Requests arrive through a bounded inbox between steps and join the running batch (mlx-lm's
 BatchGenerator does the continuous batching and chunked prefill). Each step's tokens are decoded
 per request and posted back as plain events. A failure ends the requests it touched, never the
-thread.
+thread. (Over 400 lines: the batch loop and each request's bookkeeping read best side by side.)
 """
 
 from __future__ import annotations
@@ -382,24 +382,6 @@ class Worker:
             self._end(
                 self._waiting.popleft(), Failed("the server is shutting down", kind="shutdown")
             )
-
-    def fail_in_flight(self, message: str) -> None:
-        """End every request held or not yet read: the group failed and this process ends.
-
-        Called from another thread while the worker is blocked in a collective, so it only reads
-        (copies of) the worker's state and posts events.
-        """
-        failed = Failed(message, kind="shutdown")  # 503: the server is going away
-        held = [sequence.submission for sequence in list(self._live.values())]
-        for submission in [*held, *list(self._waiting)]:
-            submission.post(failed)
-        while True:
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, Submission):
-                item.post(failed)
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._live):
