@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 DistributedMode = Literal["tensor", "pipeline"]
 
 EXIT_GROUP_FAILED = 3
-FRAME_BYTES = 4096  # one collective carries a plan up to this size; longer ones take a second
+FRAME_BYTES = 256  # fits a plan without new requests; new prompts take a second collective
 LENGTH_BYTES = 4
 
 # The environment each launcher gives its processes, in the order MLX's "any" tries backends.
