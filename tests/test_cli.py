@@ -192,6 +192,8 @@ ENV_CASES = [
     ("MAX_IMAGES_PER_REQUEST", "2", "max_images_per_request", 2),
     ("IMAGE_FORMATS", "PNG,gif", "image_formats", ("png", "gif")),
     ("REMOTE_MEDIA_TIMEOUT_S", "2.5", "remote_media_timeout_s", 2.5),
+    ("DISTRIBUTED_MODE", "pipeline", "distributed_mode", "pipeline"),
+    ("DISTRIBUTED_TIMEOUT_S", "7.5", "distributed_timeout_s", 7.5),
 ]
 
 

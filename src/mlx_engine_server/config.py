@@ -229,6 +229,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"{directory} is not a directory")
         return tuple(directory.expanduser().resolve() for directory in value)
 
+    distributed_mode: Literal["tensor", "pipeline"] = Field(
+        default="tensor",
+        description="Under mlx.launch: split the model by attention heads (tensor) or by layers "
+        "(pipeline) over the processes.",
+    )
+    distributed_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Under mlx.launch: a group step taking longer means a process is gone or "
+        "stuck; the group then ends.",
+    )
+
     @field_validator("cache_dir", mode="after")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

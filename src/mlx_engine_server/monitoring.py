@@ -20,9 +20,14 @@ from .metrics import ServerMetrics
 async def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     if engine.draining or not engine.alive:
-        reason = "shutting down" if engine.draining else "the generation engine is not running"
-        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": _down_reason(engine)}, 503)
     return JSONResponse({"status": "ok", "model": engine.loaded.model_id})
+
+
+def _down_reason(engine: Engine) -> str:
+    if engine.failure is not None:
+        return engine.failure
+    return "shutting down" if engine.draining else "the generation engine is not running"
 
 
 async def status(request: Request) -> Response:
@@ -47,6 +52,7 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "quantization": loaded.quantization,
         },
         "device": {"name": device_name(), "memory": memory_bytes()},
+        "distributed": _group_body(engine),
         "memory_budget": engine.memory_stats(),
         "engine": {
             "max_batch_size": engine.options.max_batch_size,
@@ -69,6 +75,12 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "python": platform.python_version(),
         },
     }
+
+
+def _group_body(engine: Engine) -> dict[str, Any] | None:
+    """The processes serving this model together; None for a process alone."""
+    info = engine.group_info
+    return dataclasses.asdict(info) if info is not None else None
 
 
 def _prefix_cache_body(engine: Engine) -> dict[str, float] | None:

@@ -28,10 +28,11 @@ from .chat.media import MediaPolicy
 from .chat.parsers import known_tool_call_parsers
 from .config import Settings, api_keys
 from .engine import Engine, EngineOptions
+from .engine.group import EXIT_GROUP_FAILED, end_process, join_group
 from .errors import StartupError
 from .guard import HostPolicy, is_loopback_host
 from .limits import RequestLimits
-from .model_manager import ModelSource, load_model
+from .model_manager import ModelSource, Sharding, load_model
 from .server import ServerOptions, create_app
 from .sse import SHUTDOWN_MARGIN_S
 
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_POLL_S = 0.5
 UNIX_SOCKET_MODE = 0o600  # only the user who started the server may connect
+FOLLOWER_MARGIN_S = 5.0
 
 
 def serve(settings: Settings) -> int:
@@ -56,8 +58,12 @@ def serve(settings: Settings) -> int:
             f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
             f"choose one of {', '.join(known_tool_call_parsers())}"
         )
-    engine = Engine(lambda: load_model(source), engine_options(settings))
+    group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
+    sharding = Sharding(group.handle, group.info.mode) if group is not None else None
+    engine = Engine(lambda: load_model(source, sharding), engine_options(settings), group)
     loaded = engine.start()
+    if group is not None and not group.info.leads:
+        return follow_rank_zero(engine, settings.shutdown_grace_s)
     logger.info(
         "serving %s (%s, context window %d tokens) from %s",
         loaded.model_id,
@@ -78,7 +84,32 @@ def serve(settings: Settings) -> int:
         engine.stop()
         if settings.ready_file is not None:
             settings.ready_file.unlink(missing_ok=True)
+    if engine.failure is not None:
+        return EXIT_GROUP_FAILED
     return 0 if server.started else 1
+
+
+def follow_rank_zero(engine: Engine, shutdown_grace_s: float) -> int:
+    """Ranks 1..N-1 of a group serve no HTTP: they step rank 0's batches until it ends the group.
+
+    A signal does not end a follower at once (launchers signal every rank, and rank 0 first
+    drains its requests, which needs every rank); one that rank 0 does not follow with the end
+    of the group within the grace period ends this process, and so the group.
+    """
+    signalled: list[float] = []
+    previous = {
+        sig: signal.signal(sig, lambda *_: signalled.append(time.monotonic()))
+        for sig in HANDLED_SIGNALS
+    }
+    try:
+        while not engine.wait(timeout_s=0.5):
+            if signalled and time.monotonic() - signalled[0] > shutdown_grace_s + FOLLOWER_MARGIN_S:
+                logger.error("rank 0 did not end the group after a signal; leaving it")
+                end_process(after_s=0.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
 
 
 def server_options(settings: Settings) -> ServerOptions:

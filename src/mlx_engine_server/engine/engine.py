@@ -6,6 +6,7 @@ Admission is decided here, before any response byte: a full queue is a 429 at on
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -17,7 +18,9 @@ from ..errors import InvalidRequestError, OverloadedError, ServiceUnavailableErr
 from ..model_manager import LoadedModel
 from ..vision_model import VisionPrompt, prepare_vision_prompt
 from .device import apply_backend_defaults
+from .group import Group, GroupInfo, end_process
 from .prefix_cache import PrefixCacheStats
+from .replica import FollowerWorker, GroupWorker, LeaderWorker
 from .types import (
     Admitted,
     Cancellation,
@@ -31,15 +34,25 @@ from .types import (
 )
 from .worker import STOP, Drain, Submission, Worker, run_worker_thread
 
+logger = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 1
+FAILURE_FLUSH_S = 1.0  # rank 0 of a failed group: time for the error events to reach clients
 
 SequenceRequest = tuple[list[int], SamplingParams, Callable[[Event], None]]
 
 
 class Engine:
-    def __init__(self, load: Callable[[], LoadedModel], options: EngineOptions) -> None:
+    def __init__(
+        self,
+        load: Callable[[], LoadedModel],
+        options: EngineOptions,
+        group: Group | None = None,
+    ) -> None:
         self._load = load
         self.options = options
+        self.group = group
+        self._failure: str | None = None
         self._inbox: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -62,9 +75,7 @@ class Engine:
             loaded.set()
 
         apply_backend_defaults()
-        self._thread = run_worker_thread(
-            self._load, self.options, self._inbox, self._request_done, ready
-        )
+        self._thread = run_worker_thread(self._load, self._make_worker, ready)
         loaded.wait()
         result = outcome[0]
         if isinstance(result, BaseException):
@@ -79,6 +90,53 @@ class Engine:
         self._worker = result
         self.started_at = time.time()
         return result.loaded
+
+    def _make_worker(self, loaded: LoadedModel) -> Worker:
+        if self.group is None:
+            return Worker(loaded, self.options, self._inbox, self._request_done)
+        if self.group.info.leads:
+            role: type[LeaderWorker | FollowerWorker] = LeaderWorker
+            on_request_done = self._request_done
+        else:
+            role, on_request_done = FollowerWorker, _no_request_counting
+        return role(
+            loaded,
+            self.options,
+            self._inbox,
+            on_request_done,
+            group=self.group,
+            on_failure=self._group_failed,
+        )
+
+    def _group_failed(self, reason: str) -> None:
+        """A rank is gone, stuck or out of step: fail what this rank holds, then end the process.
+
+        Called on the worker thread, or on the watchdog's while the worker is blocked.
+        """
+        with self._lock:
+            if self._failure is not None:
+                return
+            self._failure = f"the distributed group failed: {reason}"
+        logger.error("%s; ending this process", self._failure)
+        if isinstance(self._worker, GroupWorker):
+            self._worker.fail_in_flight(self._failure)
+        leads = self.group is not None and self.group.info.leads
+        end_process(after_s=FAILURE_FLUSH_S if leads else 0.0)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the worker to end (a follower ends when rank 0 says so)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+        return thread is None or not thread.is_alive()
+
+    @property
+    def group_info(self) -> GroupInfo | None:
+        return self.group.info if self.group is not None else None
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._thread is None:
@@ -99,7 +157,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self._failure is None
 
     @property
     def loaded(self) -> LoadedModel:
@@ -195,6 +254,10 @@ class Engine:
             failures_total=counters.failures_total if counters else 0,
             tokens_per_s=counters.tokens_per_s if counters else 0.0,
         )
+
+
+def _no_request_counting() -> None:
+    """A follower's requests are rank 0's: it counts them."""
 
 
 class TimingObserver(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 
 import mlx.core as mx
 from mlx_lm.sample_utils import (
@@ -24,6 +25,13 @@ def make_request_sampler(params: SamplingParams) -> Sampler | None:
     if params.temperature == 0:
         return None
     return SeededSampler(params)
+
+
+def with_fixed_seed(params: SamplingParams) -> SamplingParams:
+    """A sampled request with its seed chosen now, so that other processes can draw the same."""
+    if params.temperature == 0 or params.seed is not None:
+        return params
+    return replace(params, seed=secrets.randbits(63))
 
 
 class SeededSampler:

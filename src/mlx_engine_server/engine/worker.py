@@ -3,7 +3,7 @@
 Requests arrive through a bounded inbox between steps and join the running batch (mlx-lm's
 BatchGenerator does the continuous batching and chunked prefill). Each step's tokens are decoded
 per request and posted back as plain events. A failure ends the requests it touched, never the
-thread.
+thread. (Over 400 lines: the batch loop and each request's bookkeeping read best side by side.)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..vision_model import VisionPrompt
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
+from .group import GroupError
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
@@ -134,13 +135,19 @@ class Worker:
                 self._admit_waiting()
                 if self._prefilling:
                     self._advance_prefill()
+                self._share_plan()
                 if self._live:
                     self._step()
+            except GroupError:
+                raise  # the group is gone: nothing this rank does can recover it
             except Exception:
                 # Whatever went wrong ends the requests in flight, never the thread.
                 logger.exception("the generation loop failed")
                 self._fail_all("internal error in the generation engine")
         self._generator.close()
+
+    def _share_plan(self) -> None:
+        """Before each step, rank 0 of a group sends its decisions; a process alone has none."""
 
     def _new_generator(self) -> BatchGenerator:
         eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
@@ -181,24 +188,28 @@ class Worker:
             if not self.memory.fits(need, self.prefix_cache.bytes):
                 # Cached prefixes are a luxury: running requests come first.
                 room = self.memory.model.room_bytes - self.memory.reserved_bytes - need
-                self.prefix_cache.shrink_to(max(0, room))
+                self._shrink_prefix_cache(max(0, room))
             if not self.memory.fits(need, self.prefix_cache.bytes):
                 return  # wait for running requests to finish
             self._waiting.popleft()
             self._insert(submission, need)
 
-    def _insert(self, submission: Submission, need_bytes: int) -> None:
+    def _shrink_prefix_cache(self, max_bytes: int) -> None:
+        self.prefix_cache.shrink_to(max_bytes)
+
+    def _insert(self, submission: Submission, need_bytes: int) -> int | None:
+        """Start `submission`: its generator row, or None if it ended or prefills its images."""
         prompt = list(submission.prompt_tokens)
         hit = self.prefix_cache.lookup(prompt, submission.cache_partition)
         self.memory.reserve(need_bytes)
         if submission.vision is None:
-            self._join_batch(submission, need_bytes, hit)
-            return
+            return self._join_batch(submission, need_bytes, hit)
         vision = self.loaded.vision
         if vision is None:  # the HTTP side refuses images for a text model: a bug if seen
             self._end_unstarted(submission, need_bytes, "this model does not read images")
-            return
+            return None
         self._prefilling.append(begin_vision_prefill(vision, submission, need_bytes, hit))
+        return None
 
     def _advance_prefill(self) -> None:
         """One step of the oldest prompt with images; once prefilled, it joins the batch."""
@@ -227,7 +238,7 @@ class Worker:
         need_bytes: int,
         hit: CacheHit,
         cached_tokens: int | None = None,
-    ) -> None:
+    ) -> int | None:
         """Into the batch, the first `hit.cached_tokens` positions already in `hit.cache`."""
         params = submission.params
         prompt = list(submission.prompt_tokens)
@@ -237,7 +248,7 @@ class Worker:
             if grammar is not None and grammar.error is not None:
                 message = f"the grammar is invalid: {grammar.error}"
                 self._end_unstarted(submission, need_bytes, message)
-                return
+                return None
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
                     [prompt[hit.cached_tokens :]],
@@ -252,7 +263,7 @@ class Worker:
             logger.exception("could not admit a request")
             message = f"could not start generation: {type(exc).__name__}"
             self._end_unstarted(submission, need_bytes, message)
-            return
+            return None
         self.counters.requests_total += 1
         self.counters.prompt_tokens_total += len(submission.prompt_tokens)
         live = LiveSequence(
@@ -266,6 +277,7 @@ class Worker:
         self._live[uid] = live
         self.counters.active = len(self._live)
         submission.post(Admitted(cached_tokens=live.cached_tokens))
+        return int(uid)
 
     def _end_unstarted(self, submission: Submission, need_bytes: int, event: Failed | str) -> None:
         """A request that ended before joining the batch gives back its memory."""
@@ -462,16 +474,14 @@ def _too_big(need_bytes: int, memory: MemoryLedger) -> str:
 
 def run_worker_thread(
     load: Callable[[], LoadedModel],
-    options: EngineOptions,
-    inbox: queue.Queue[Any],
-    on_request_done: Callable[[], None],
+    make_worker: Callable[[LoadedModel], Worker],
     ready: Callable[[Worker | BaseException], None],
 ) -> threading.Thread:
     """Start the MLX thread: it loads the model, reports through `ready`, then serves the inbox."""
 
     def main() -> None:
         try:
-            worker = Worker(load(), options, inbox, on_request_done)
+            worker = make_worker(load())
         except BaseException as exc:  # reported to the starting thread
             mx.clear_streams()
             ready(exc)
