@@ -27,7 +27,7 @@ from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from models import DEFAULT_CACHE, resolve_model
 
-from mlx_engine_server.engine import Engine, EngineOptions, Finished, SamplingParams, TextDelta
+from mlx_engine_server.engine import Admitted, Engine, EngineOptions, Finished, SamplingParams, TextDelta
 from mlx_engine_server.model_manager import ModelSource, load_model
 
 Timings = list[float]
@@ -67,7 +67,7 @@ def run_engine(engine: Engine, prompt: list[int], max_tokens: int) -> Timings:
     def post(event: object) -> None:
         if isinstance(event, TextDelta):
             arrivals.extend([time.perf_counter()] * len(event.token_ids))
-        else:
+        elif not isinstance(event, Admitted):
             finished.set()
             assert isinstance(event, Finished), event
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.event import ensure_bytes
 from starlette.types import Receive, Scope, Send
 
 from .chat.output import Content, OutputRules, OutputSplitter, Part, Reasoning
@@ -34,6 +35,7 @@ from .responses import (
 DONE = "[DONE]"
 SHUTDOWN_MARGIN_S = 2.0
 PING_INTERVAL_S = 15
+SEPARATOR = "\n"
 
 
 class ChunkShape(Protocol):
@@ -289,8 +291,8 @@ class GenerationStream(EventSourceResponse):
         # On SIGTERM the engine ends what is still running after its grace period with an
         # error event; sse-starlette must not cut the stream before that event is sent.
         super().__init__(
-            events,
-            sep="\n",
+            _coalesced(generation, events),
+            sep=SEPARATOR,
             ping=PING_INTERVAL_S,
             ping_message_factory=ping,
             shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
@@ -302,6 +304,22 @@ class GenerationStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._generation.cancel()
+
+
+async def _coalesced(
+    generation: Generation, events: AsyncIterator[dict[str, str]]
+) -> AsyncIterator[bytes]:
+    """Events already waiting go out in one write: a stream that fell behind (a busy event loop,
+    many streams) catches up with one send instead of one per token. Alone, each event is sent
+    as soon as it arrives."""
+    async for first in events:
+        payload = [ensure_bytes(first, SEPARATOR)]
+        while generation.backlog:
+            try:
+                payload.append(ensure_bytes(await anext(events), SEPARATOR))
+            except StopAsyncIteration:
+                break
+        yield b"".join(payload)
 
 
 def stream_response(

@@ -299,6 +299,11 @@ class Generation:
             vision,
         )
 
+    @property
+    def backlog(self) -> int:
+        """Events that arrived and are not read yet."""
+        return self._events.qsize() + len(self._early)
+
     def _poster(self, index: int) -> Callable[[Event], None]:
         def post(event: Event) -> None:
             try:
