@@ -211,6 +211,33 @@ def test_the_image_changes_the_answer_and_usage_counts_image_tokens(
     assert red["usage"]["prompt_tokens"] == noisy["usage"]["prompt_tokens"]
 
 
+def anthropic_image(color: str) -> dict[str, Any]:
+    png = base64.b64encode(image_bytes("PNG", (50, 40), color)).decode()
+    return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+
+
+def test_anthropic_image_blocks_reach_the_vision_model(http: httpx.Client) -> None:
+    """/v1/messages takes Anthropic's image blocks down the same image path as chat."""
+
+    def ask(*blocks: dict[str, Any]) -> httpx.Response:
+        content = [{"type": "text", "text": "What is in the picture?"}, *blocks]
+        body = {"model": "m", "max_tokens": MAX_TOKENS, "temperature": 0}
+        return http.post(
+            "/v1/messages", json={**body, "messages": [{"role": "user", "content": content}]}
+        )
+
+    def prompt_tokens(reply: dict[str, Any]) -> int:  # Anthropic counts cache reads apart
+        return int(reply["usage"]["input_tokens"] + reply["usage"]["cache_read_input_tokens"])
+
+    text_only, red = ask().json(), ask(anthropic_image("red")).json()
+    assert red["type"] == "message"
+    assert prompt_tokens(red) - prompt_tokens(text_only) >= 5 * IMAGE_SEQ_LEN
+    bad_source = ask({"type": "image", "source": {"type": "file", "file_id": "f_1"}})
+    assert bad_source.status_code == 400
+    assert bad_source.json()["type"] == "error"
+    assert "messages[0].content[1].source" in bad_source.json()["error"]["message"]
+
+
 def test_two_images_in_one_message_and_across_turns(http: httpx.Client) -> None:
     one = http.post("/v1/chat/completions", json=chat([user_turn(data_uri("red"))])).json()
     two = http.post(

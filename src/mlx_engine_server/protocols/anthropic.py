@@ -161,25 +161,56 @@ def _user_messages(
 ) -> list[dict[str, Any]]:
     """Tool results first (as `tool` messages), then the user's own text."""
     results: list[dict[str, Any]] = []
-    texts: list[str] = []
+    parts: list[dict[str, Any]] = []
     for position, block in enumerate(blocks):
         at = f"{where}.content[{position}]"
         if isinstance(block, ToolResultBlock):
-            if texts:
+            if parts:
                 raise InvalidRequestError(
                     f"{at}: tool_result blocks must come before any other content of the message.",
                     param=at,
                 )
             results.append(_tool_message(block, at, open_calls))
         elif isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, ImageBlock | DocumentBlock):
+            parts.append({"type": "text", "text": block.text})
+        elif isinstance(block, ImageBlock):
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
+        elif isinstance(block, DocumentBlock):
             raise unsupported_media(block, at)
         else:
             raise _misplaced(block, at, "assistant")
-    if texts or not results:
-        results.append({"role": "user", "content": TEXT_JOIN.join(texts)})
+    if parts or not results:
+        results.append({"role": "user", "content": _user_content(parts)})
     return results
+
+
+def _user_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text alone stays one string; with images, the parts in order (the chat's image path)."""
+    if all(part["type"] == "text" for part in parts):
+        return TEXT_JOIN.join(part["text"] for part in parts)
+    return parts
+
+
+def _image_url(block: ImageBlock, at: str) -> str:
+    """Anthropic's image sources as the URL an OpenAI image part carries; the media policy (files,
+    remote fetching, size and format limits) then applies to it as to any chat image."""
+    source = block.source
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str):
+        media_type = source.get("media_type")
+        if not isinstance(media_type, str) or not media_type.startswith("image/"):
+            raise InvalidRequestError(
+                f"{at}.source.media_type: expected an image type such as image/png.",
+                param=f"{at}.source.media_type",
+            )
+        return f"data:{media_type};base64,{source['data']}"
+    if kind == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise InvalidRequestError(
+        f"{at}.source: expected {{'type': 'base64', 'media_type', 'data'}} or "
+        "{'type': 'url', 'url'}; file ids are not supported.",
+        param=f"{at}.source",
+    )
 
 
 def _tool_message(block: ToolResultBlock, at: str, open_calls: set[str]) -> dict[str, Any]:
@@ -204,11 +235,9 @@ def _tool_message(block: ToolResultBlock, at: str, open_calls: set[str]) -> dict
 
 
 def unsupported_media(block: ImageBlock | DocumentBlock, at: str) -> InvalidRequestError:
-    """Images and documents: the hook where vision support (images for vision models) goes."""
-    return InvalidRequestError(
-        f"{at}: {block.type} blocks are not supported; this server's model reads text only.",
-        param=at,
-    )
+    """Documents, and images where only text may go (tool results)."""
+    where = "in tool results" if block.type == "image" else "by this server"
+    return InvalidRequestError(f"{at}: {block.type} blocks are not supported {where}.", param=at)
 
 
 def _misplaced(block: ContentBlock, at: str, belongs_to: str) -> InvalidRequestError:
