@@ -27,7 +27,14 @@ from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from models import DEFAULT_CACHE, resolve_model
 
-from mlx_engine_server.engine import Admitted, Engine, EngineOptions, Finished, SamplingParams, TextDelta
+from mlx_engine_server.engine import (
+    Admitted,
+    Engine,
+    EngineOptions,
+    Finished,
+    SamplingParams,
+    TextDelta,
+)
 from mlx_engine_server.model_manager import ModelSource, load_model
 
 Timings = list[float]
