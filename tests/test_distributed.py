@@ -299,7 +299,12 @@ def test_a_rank_that_dies_or_hangs_ends_the_group(
             os.kill(follower, signal.SIGKILL)  # a stopped process cannot be ended otherwise
         assert group.launcher.wait(timeout=GROUP_END_TIMEOUT_S) is not None
         log = group.log()
-        assert "the distributed group failed" in log
+        if fault == "killed" and "the distributed group failed" not in log:
+            # mlx.launch saw rank 1 die and sent rank 0 SIGTERM before rank 0's next collective
+            # failed: rank 0 then drained and stopped as on any SIGTERM (the stream was cut above).
+            assert "Node with rank 1 was killed" in log, log
+            return
+        assert "the distributed group failed" in log, log
         assert "Node with rank 0 exited with code 3" in log, log
     finally:
         if fault == "stopped":
