@@ -121,6 +121,20 @@ def test_stop_string_cuts_the_text_and_is_not_returned(client: TestClient) -> No
     assert result["choices"][0]["message"]["content"] == text[: text.index(stop)]
 
 
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop(client: TestClient) -> None:
+    """OpenAI reports `stop` when the stop sequence ends the text, even on the last token."""
+    text = chat(client, max_tokens=12, ignore_eos=True)["choices"][0]["message"]["content"]
+    ending = next(
+        text[-size:]
+        for size in range(1, len(text) + 1)
+        if text.find(text[-size:]) == len(text) - size
+    )
+    assert ending.strip(), f"need a visible ending from {text!r}"
+    result = chat(client, max_tokens=12, ignore_eos=True, stop=[ending])
+    assert result["choices"][0]["finish_reason"] == "stop"
+    assert result["choices"][0]["message"]["content"] == text[: -len(ending)]
+
+
 def test_content_as_text_parts_equals_plain_string(client: TestClient) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
     assert chat(client, messages=parts)["choices"] == chat(client)["choices"]

@@ -357,6 +357,8 @@ class Worker:
             finish = "stop"
         elif finish is not None:
             self._keep_cache(sequence, response.prompt_cache, response.all_tokens)
+            if stopped:  # the last allowed token completed a stop string: that is what ended it
+                finish = "stop"
         if finish is not None:
             self._finish(uid, finish, sequence.stop_filter.matched)
 
