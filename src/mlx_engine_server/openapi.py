@@ -201,27 +201,6 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
 
 
-def _generation(
-    request_model: str, answer: str, description: str, error: str = "ErrorBody"
-) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": description,
-            "requestBody": {"required": True, "content": _json(request_model)},
-            "responses": {
-                "200": {
-                    "description": f"the {answer}, or with `stream: true` server-sent events",
-                    "content": {
-                        **_json(answer),
-                        "text/event-stream": {"schema": SSE_EVENT},
-                    },
-                },
-                "default": {"description": "an error", "content": _json(error)},
-            },
-        }
-    }
-
-
 def _post(
     request_model: str, answer: str, description: str, error: str = "ErrorBody"
 ) -> dict[str, Any]:
@@ -235,6 +214,17 @@ def _post(
             },
         }
     }
+
+
+def _generation(
+    request_model: str, answer: str, description: str, error: str = "ErrorBody"
+) -> dict[str, Any]:
+    """A POST that generates: its answer whole, or with `stream: true` server-sent events."""
+    operation = _post(request_model, answer, description, error)
+    ok = operation["post"]["responses"]["200"]
+    ok["description"] = f"the {answer}, or with `stream: true` server-sent events"
+    ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    return operation
 
 
 def _get(answer: str, description: str, **extra: Any) -> dict[str, Any]:
