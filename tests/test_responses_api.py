@@ -295,6 +295,20 @@ def test_text_format_json_schema_goes_through_structured_output(tiny_server: Liv
         ({"input": []}, "input"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0].image_url",  # this model reads no images
+        ),
+        (
+            {
+                "instructions": "Be brief.",
+                "input": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "user", "content": [{"type": "input_image", "image_url": "x"}]},
+                ],
+            },
+            "input[1].content[0].image_url",  # chat message 2 is input item 1
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
             "input[0].content[0]",
         ),
         (

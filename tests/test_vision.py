@@ -238,6 +238,22 @@ def test_anthropic_image_blocks_reach_the_vision_model(http: httpx.Client) -> No
     assert "messages[0].content[1].source" in bad_source.json()["error"]["message"]
 
 
+def test_responses_input_image_reaches_the_vision_model(http: httpx.Client) -> None:
+    def ask(*parts: dict[str, Any]) -> dict[str, Any]:
+        content = [{"type": "input_text", "text": "What is in the picture?"}, *parts]
+        body = {"model": "m", "max_output_tokens": MAX_TOKENS, "temperature": 0}
+        reply = http.post(
+            "/v1/responses", json={**body, "input": [{"role": "user", "content": content}]}
+        )
+        assert reply.status_code == 200, reply.text
+        answer: dict[str, Any] = reply.json()
+        return answer
+
+    text_only, red = ask(), ask({"type": "input_image", "image_url": data_uri("red")})
+    assert red["status"] in ("completed", "incomplete")
+    assert red["usage"]["input_tokens"] - text_only["usage"]["input_tokens"] >= 5 * IMAGE_SEQ_LEN
+
+
 def test_two_images_in_one_message_and_across_turns(http: httpx.Client) -> None:
     one = http.post("/v1/chat/completions", json=chat([user_turn(data_uri("red"))])).json()
     two = http.post(

@@ -7,6 +7,7 @@ the next assistant turn's `reasoning_content`. Errors name the Responses fields 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..errors import APIError, InvalidRequestError
@@ -14,6 +15,7 @@ from .openai_responses_types import (
     ContentPart,
     FunctionCallItem,
     FunctionCallOutputItem,
+    ImageContent,
     InputItem,
     MediaContent,
     MessageItem,
@@ -61,13 +63,13 @@ def chat_fields(body: ResponsesRequest) -> dict[str, Any]:
     return fields
 
 
-def responses_param(error: APIError) -> APIError:
+def responses_param(error: APIError, body: ResponsesRequest) -> APIError:
     """An error raised on the chat request, naming the Responses parameter instead."""
     param = error.param
     if param is None or param.startswith("input"):
         return error
     if param.startswith("messages"):  # chat messages are not numbered as the input items are
-        param = "input"
+        param = _input_param(param, body)
     param = param.replace(".function.parameters", ".parameters").replace(".function.", ".")
     for chat_name, responses_name in RESPONSES_PARAMS:
         if param.startswith(chat_name):
@@ -75,6 +77,18 @@ def responses_param(error: APIError) -> APIError:
             break
     error.param = param
     return error
+
+
+def _input_param(param: str, body: ResponsesRequest) -> str:
+    """`messages[i]...` as the input item message i came from; its content parts keep their
+    positions (`content[j]`), other details are dropped."""
+    match = re.match(r"messages\[(\d+)\](\.content\[\d+\](\.image_url)?)?", param)
+    origins = [origin for _, origin in _messages_with_origins(body)]
+    if match is None or int(match.group(1)) >= len(origins):
+        return "input"
+    origin = origins[int(match.group(1))]
+    detail = match.group(2) or ""
+    return origin + detail if origin.startswith("input[") else origin
 
 
 def _tool(tool: dict[str, Any]) -> dict[str, Any]:
@@ -93,12 +107,19 @@ def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
-    messages: list[dict[str, Any]] = []
+    return [message for message, _ in _messages_with_origins(body)]
+
+
+def _messages_with_origins(body: ResponsesRequest) -> list[tuple[dict[str, Any], str]]:
+    """Chat messages, each with the request field it was made from."""
+    messages: list[tuple[dict[str, Any], str]] = []
     if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
+        messages.append(({"role": "system", "content": body.instructions}, "instructions"))
     if isinstance(body.input, str):
-        return [*messages, {"role": "user", "content": body.input}]
-    return [*messages, *Conversation().read(body.input)]
+        return [*messages, ({"role": "user", "content": body.input}, "input")]
+    conversation = Conversation()
+    conversation.read(body.input)
+    return [*messages, *zip(conversation.messages, conversation.origins, strict=True)]
 
 
 class Conversation:
@@ -106,12 +127,14 @@ class Conversation:
 
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
+        self.origins: list[str] = []  # the input item each message comes from, for errors
+        self._where = "input"
         self._calls: set[str] = set()  # ids of the calls the latest assistant turn made
         self._reasoning: list[str] = []  # for the next assistant turn
 
     def read(self, items: list[InputItem]) -> list[dict[str, Any]]:
         for index, item in enumerate(items):
-            where = f"input[{index}]"
+            where = self._where = f"input[{index}]"
             if isinstance(item, MessageItem):
                 self._message(item, where)
             elif isinstance(item, FunctionCallItem):
@@ -123,12 +146,12 @@ class Conversation:
         return self.messages
 
     def _message(self, item: MessageItem, where: str) -> None:
-        text = _text(item.content, f"{where}.content")
         if item.role == "assistant":
-            self._assistant()["content"] = text
+            self._assistant()["content"] = _text(item.content, f"{where}.content")
         else:
             self._end_reasoning_turn()
-            self.messages.append({"role": item.role, "content": text})
+            content = _user_content(item.content, f"{where}.content")
+            self._append({"role": item.role, "content": content})
 
     def _end_reasoning_turn(self) -> None:
         """Reasoning with nothing after it in its turn is an assistant turn of its own."""
@@ -154,7 +177,11 @@ class Conversation:
             )
         output = _text(item.output, f"{where}.output")
         self._end_reasoning_turn()
-        self.messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+        self._append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+
+    def _append(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self.origins.append(self._where)
 
     def _assistant(self, *, continuing: bool = False) -> dict[str, Any]:
         """The assistant turn to add to: the last message when `continuing` one, else a new one."""
@@ -165,9 +192,33 @@ class Conversation:
         if self._reasoning:
             turn["reasoning_content"] = "\n".join(self._reasoning)
             self._reasoning = []
-        self.messages.append(turn)
+        self._append(turn)
         self._calls = set()
         return turn
+
+
+def _user_content(content: str | list[ContentPart], where: str) -> str | list[dict[str, Any]]:
+    """Text as one string; with images (a vision model's input), chat content parts in order."""
+    if isinstance(content, str) or not any(isinstance(p, ImageContent) for p in content):
+        return _text(content, where)
+    parts: list[dict[str, Any]] = []
+    for position, part in enumerate(content):
+        if isinstance(part, ImageContent):
+            parts.append(
+                {"type": "image_url", "image_url": {"url": _image_url(part, where, position)}}
+            )
+        else:
+            parts.append({"type": "text", "text": _text([part], where)})
+    return parts
+
+
+def _image_url(part: ImageContent, where: str, position: int) -> str:
+    if part.image_url is None:
+        raise InvalidRequestError(
+            "input_image needs an image_url (http(s) or data: URL); file ids are not supported.",
+            param=f"{where}[{position}].image_url",
+        )
+    return part.image_url
 
 
 def _text(content: str | list[ContentPart], where: str) -> str:
@@ -175,9 +226,14 @@ def _text(content: str | list[ContentPart], where: str) -> str:
         return content
     texts = []
     for position, part in enumerate(content):
+        if isinstance(part, ImageContent):
+            raise InvalidRequestError(
+                "input_image content goes only in user, system or developer messages.",
+                param=f"{where}[{position}]",
+            )
         if isinstance(part, MediaContent):
             raise InvalidRequestError(
-                f"{part.type} content is not supported; this server's model reads text only.",
+                f"{part.type} content is not supported by this server.",
                 param=f"{where}[{position}]",
             )
         texts.append(part.text if isinstance(part, TextContent) else part.refusal)

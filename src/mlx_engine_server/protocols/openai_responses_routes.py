@@ -35,7 +35,7 @@ async def responses(request: Request) -> Response:
         chat = validate_model(ChatCompletionRequest, chat_fields(body))
         run = await start_chat(request, chat)
     except APIError as error:
-        raise responses_param(error) from None
+        raise responses_param(error, body) from None
     head = ResponseHead.new(run.model_id, _echo(body))
     if body.stream:
         response = _stream(request, run, head)

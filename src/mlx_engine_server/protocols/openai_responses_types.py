@@ -39,13 +39,24 @@ class RefusalContent(WireModel):
     refusal: str
 
 
+class ImageContent(WireModel):
+    """An image for a vision model, by URL (http(s), data: or file:, under the media policy)."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class MediaContent(WireModel):
-    """Images, files and audio: refused by this text-only server (the hook for vision)."""
+    """Files and audio: refused by this server."""
 
-    type: Literal["input_image", "input_file", "input_audio"]
+    type: Literal["input_file", "input_audio"]
 
 
-ContentPart = Annotated[TextContent | RefusalContent | MediaContent, Field(discriminator="type")]
+ContentPart = Annotated[
+    TextContent | RefusalContent | ImageContent | MediaContent, Field(discriminator="type")
+]
 
 
 class MessageItem(WireModel):
