@@ -72,6 +72,13 @@ def client(tiny_app: Starlette) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def fresh_client(tiny_model_dir: Path) -> Iterator[TestClient]:
+    """The tiny model on an engine of its own: an empty prefix cache, shared with no other test."""
+    with TestClient(create_app(start_engine(tiny_model_dir))) as test_client:
+        yield test_client
+
+
 @dataclass
 class LiveServer:
     """A real uvicorn server on a free loopback port, in a thread of this process."""

@@ -400,3 +400,14 @@ def test_real_weights_answer_through_the_anthropic_sdk(smollm_server: LiveServer
         extra_body=GREEDY,
     )
     assert "Paris" in "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_cached_prompt_tokens_are_reported_in_a_header_as_in_usage(
+    fresh_client: TestClient,
+) -> None:
+    body = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "The sea?"}]}
+    fresh_client.post("/v1/messages", json=body)
+    again = fresh_client.post("/v1/messages", json=body)
+    cached = again.json()["usage"]["cache_read_input_tokens"]
+    assert cached > 0
+    assert again.headers["x-mlx-cached-tokens"] == str(cached)

@@ -359,3 +359,14 @@ def test_real_weights_answer_through_the_responses_api(smollm_server: LiveServer
         model="SmolLM2", input="What is the capital of France?", max_output_tokens=20, temperature=0
     )
     assert "Paris" in response.output_text
+
+
+def test_cached_prompt_tokens_are_reported_in_a_header_as_in_usage(
+    fresh_client: TestClient,
+) -> None:
+    body = {"model": "m", "input": "Tell me about the sea, please.", "max_output_tokens": 3}
+    fresh_client.post("/v1/responses", json=body)
+    again = fresh_client.post("/v1/responses", json=body)
+    cached = again.json()["usage"]["input_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    assert again.headers["x-mlx-cached-tokens"] == str(cached)

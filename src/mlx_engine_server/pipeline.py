@@ -43,6 +43,7 @@ from .sse import admit, collect
 from .vision_model import VisionPrompt
 
 COMPACTION_HEADER = "x-context-compacted"
+CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,14 @@ class ChatRun:
     model_id: str
     shutdown_grace_s: float
     compaction: Compaction | None
+    cached_tokens: int
+
+    def headers(self) -> dict[str, str]:
+        """What the response reports besides its body: cached prompt tokens, compaction."""
+        headers = {CACHED_TOKENS_HEADER: str(self.cached_tokens)}
+        if self.compaction is not None:
+            headers[COMPACTION_HEADER] = self.compaction.header_value()
+        return headers
 
 
 @dataclass(frozen=True)
@@ -345,7 +354,8 @@ async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
     grammar = request_grammar(plan.grammar, body)
     params = sampling_params(engine, options, body, prompt, grammar)
     generation = Generation(engine, [(prompt, params)], request.app.state.metrics, planned.vision)
-    await admit(generation, request.receive)  # a request that cannot start is an HTTP error
+    admitted = await admit(generation, request.receive)  # one that cannot start: HTTP error
+    note_generation(request, len(prompt), admitted[0], generation)
     return ChatRun(
         generation,
         plan.rules,
@@ -353,7 +363,19 @@ async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
         engine.loaded.model_id,
         engine.options.shutdown_grace_s,
         compaction,
+        admitted[0],
     )
+
+
+def note_generation(
+    request: Request, prompt_tokens: int, cached_tokens: int, generation: Generation
+) -> None:
+    """The request's log line reports its tokens and time to first token."""
+    record = request_record(request)
+    if record is not None:
+        record.prompt_tokens = prompt_tokens
+        record.cached_tokens = cached_tokens
+        record.generation = generation
 
 
 def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:

@@ -28,11 +28,13 @@ from .metrics import RequestCounter, ServerMetrics
 from .monitoring import health, metrics_text, status
 from .openapi import openapi_json
 from .pipeline import (
+    CACHED_TOKENS_HEADER,
     COMPACTION_HEADER,
     ServerOptions,
     check_choice_count,
     check_model,
     model_not_found,
+    note_generation,
     note_prompt,
     plan_request,
     request_grammar,
@@ -40,7 +42,7 @@ from .pipeline import (
     summary_usage,
 )
 from .protocols import anthropic_routes, openai_responses_routes
-from .request_log import REQUEST_ID_HEADER, RequestLog, request_record
+from .request_log import REQUEST_ID_HEADER, RequestLog
 from .responses import ChoiceResult, ResponseHeader, chat_completion, text_completion
 from .sse import ChatShape, ChunkShape, TextShape, admit, collect, stream_response
 from .tokenizer_routes import detokenize, tokenize
@@ -48,7 +50,6 @@ from .vision_model import VisionPrompt
 
 __all__ = ["ServerOptions", "create_app"]
 
-CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
 # What a browser page may read of a cross-origin response besides the safelisted headers.
 EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
 
@@ -234,7 +235,9 @@ async def _generate(
     ]
     generation = Generation(engine, choices, request.app.state.metrics, vision)
     cached_tokens = _cached_tokens(await admit(generation, request.receive), body.n)
-    _log_generation(request, prompts, cached_tokens, generation)
+    note_generation(
+        request, sum(len(tokens) for tokens in prompts.tokens), cached_tokens, generation
+    )
     head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
@@ -258,17 +261,6 @@ async def _generate(
 def _cached_tokens(admitted: dict[int, int], n: int) -> int:
     """As usage counts them: each prompt once (its first choice), not once per choice."""
     return sum(cached for index, cached in admitted.items() if index % n == 0)
-
-
-def _log_generation(
-    request: Request, prompts: Prompts, cached_tokens: int, generation: Generation
-) -> None:
-    """The request's log line reports its tokens and time to first token."""
-    record = request_record(request)
-    if record is not None:
-        record.prompt_tokens = sum(len(tokens) for tokens in prompts.tokens)
-        record.cached_tokens = cached_tokens
-        record.generation = generation
 
 
 def _per_choice(per_prompt: list[str] | None, n: int) -> list[str] | None:

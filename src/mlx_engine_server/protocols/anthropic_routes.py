@@ -21,7 +21,7 @@ from ..engine import Finished
 from ..engine.types import FinishReason
 from ..errors import APIError, InternalError, MethodNotAllowedError
 from ..http_io import read_model, validate_model
-from ..pipeline import COMPACTION_HEADER, ChatRun, count_chat_tokens, start_chat, summary_usage
+from ..pipeline import ChatRun, count_chat_tokens, start_chat, summary_usage
 from ..sse import GenerationStream, collect, named_events
 from .anthropic import chat_fields, generation_fields
 from .anthropic_output import (
@@ -86,8 +86,7 @@ async def messages(request: Request) -> Response:
         if body.stream
         else await _whole(request, run, omit_thinking=omit_thinking)
     )
-    if run.compaction is not None:
-        response.headers[COMPACTION_HEADER] = run.compaction.header_value()
+    response.headers.update(run.headers())
     return response
 
 

@@ -15,7 +15,7 @@ from ..api_models import ChatCompletionRequest
 from ..chat.output import OutputSplitter
 from ..errors import APIError
 from ..http_io import read_model, validate_model
-from ..pipeline import COMPACTION_HEADER, ChatRun, start_chat, summary_usage
+from ..pipeline import ChatRun, start_chat, summary_usage
 from ..sse import GenerationStream, collect, named_events
 from .openai_responses import chat_fields, responses_param
 from .openai_responses_output import (
@@ -41,8 +41,7 @@ async def responses(request: Request) -> Response:
         response = _stream(request, run, head)
     else:
         response = await _whole(request, run, head)
-    if run.compaction is not None:
-        response.headers[COMPACTION_HEADER] = run.compaction.header_value()
+    response.headers.update(run.headers())
     return response
 
 
