@@ -9,8 +9,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx2 as httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -158,3 +159,29 @@ def random_hermes_agent_server(
     live = run_live_server(start_engine(use_chat_template(model, "hermes_tools.jinja")))
     yield live
     live.stop()
+
+
+_open_clients: list[Any] = []
+ClientT = TypeVar("ClientT")
+
+
+def close_after_test(client: ClientT) -> ClientT:
+    """An SDK client whose pooled connections are closed when the test ends."""
+    _open_clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Closed with the test, not left to the garbage collector."""
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
+
+
+def chat_on_live(live: LiveServer, **fields: Any) -> dict[str, Any]:
+    """A chat completion from a live server, which must answer 200."""
+    response = httpx.post(f"{live.base_url}/v1/chat/completions", json=fields)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer

@@ -8,7 +8,6 @@ whose greedy answer is a Hermes-style call of `lookup`, whatever the prompt.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx2 as httpx
@@ -23,7 +22,7 @@ from mlx_engine_server.errors import GenerationTimeoutError, InternalError, Over
 from mlx_engine_server.protocols.anthropic_routes import error_response
 from mlx_engine_server.server import ServerOptions, create_app
 
-from .conftest import HERMES_ANSWER, LiveServer
+from .conftest import HERMES_ANSWER, LiveServer, chat_on_live, close_after_test
 
 ASK = [{"role": "user", "content": "Look it up"}]
 LOOKUP = {
@@ -43,28 +42,9 @@ GREEDY = {"temperature": 0}  # the SDK no longer types sampling fields; the API 
 STREAM_EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 
 
-_clients: list[Anthropic] = []
-
-
 def sdk(live: LiveServer) -> Anthropic:
     client = Anthropic(base_url=live.base_url, api_key="unused", max_retries=0)
-    _clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    """Each client's pooled connections are closed with it, not left to the garbage collector."""
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
-def chat(live: LiveServer, **fields: Any) -> dict[str, Any]:
-    response = httpx.post(f"{live.base_url}/v1/chat/completions", json=fields)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
+    return close_after_test(client)
 
 
 def sse_events(live: LiveServer, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -90,7 +70,7 @@ def test_a_text_turn_is_the_chat_routes_answer(tiny_server: LiveServer) -> None:
         extra_body=GREEDY,
     )
     message = Message.model_validate(raw.http_response.json())  # strict, unlike the SDK's parse
-    reference = chat(
+    reference = chat_on_live(
         tiny_server,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
         max_tokens=6,
@@ -158,7 +138,7 @@ def test_count_tokens_equals_the_input_of_a_call_and_the_chat_prompt(
     )
     usage = message.usage
     assert counted.input_tokens == usage.input_tokens + (usage.cache_read_input_tokens or 0)
-    reference = chat(
+    reference = chat_on_live(
         hermes_agent_server,
         messages=[{"role": "system", "content": "You look things up."}, *ASK],
         tools=[LOOKUP_FOR_CHAT],
@@ -206,7 +186,7 @@ def test_a_tool_use_and_its_tool_result_follow_up(hermes_agent_server: LiveServe
         },
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
     ]
-    reference = chat(
+    reference = chat_on_live(
         hermes_agent_server, messages=chat_history, tools=[LOOKUP_FOR_CHAT], max_tokens=1
     )
     assert counted.input_tokens == reference["usage"]["prompt_tokens"]

@@ -7,7 +7,6 @@ conversation; tool calls come from the scripted Hermes-style model (tests/confte
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx2 as httpx
@@ -22,7 +21,7 @@ from openai.types.responses import (
 from pydantic import BaseModel, TypeAdapter
 from starlette.testclient import TestClient
 
-from .conftest import HERMES_ANSWER, LiveServer
+from .conftest import HERMES_ANSWER, LiveServer, chat_on_live, close_after_test
 
 ASK = [{"role": "user", "content": "Look it up"}]
 LOOKUP = {
@@ -44,28 +43,9 @@ LOOKUP_FOR_CHAT = {
 STREAM_EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
 
-_clients: list[OpenAI] = []
-
-
 def sdk(live: LiveServer) -> OpenAI:
     client = OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0)
-    _clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    """Each client's pooled connections are closed with it, not left to the garbage collector."""
-    yield
-    while _clients:
-        _clients.pop().close()
-
-
-def chat(live: LiveServer, **fields: Any) -> dict[str, Any]:
-    response = httpx.post(f"{live.base_url}/v1/chat/completions", json=fields)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
+    return close_after_test(client)
 
 
 def post(live: LiveServer, **fields: Any) -> Response:
@@ -79,7 +59,7 @@ def test_a_text_turn_is_the_chat_routes_answer(tiny_server: LiveServer) -> None:
     request = {"model": "m", "input": "Hello", "instructions": "Be brief."}
     post(tiny_server, **request, max_output_tokens=6, temperature=0)
     response = post(tiny_server, **request, max_output_tokens=6, temperature=0)  # cached now
-    reference = chat(
+    reference = chat_on_live(
         tiny_server,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
         max_tokens=6,
@@ -165,7 +145,7 @@ def test_a_function_call_and_its_output_follow_up(hermes_agent_server: LiveServe
         model="m", input=follow_up, tools=[LOOKUP], temperature=0, max_output_tokens=40
     )
     assert [item.type for item in second.output] == ["function_call"]
-    reference = chat(
+    reference = chat_on_live(
         hermes_agent_server,
         messages=[
             *ASK,
