@@ -8,6 +8,8 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import KVCache
 from starlette.testclient import TestClient
 
@@ -135,3 +137,31 @@ def test_storing_a_longer_sequence_replaces_its_prefixes() -> None:
     stats = cache.stats()
     assert stats.entries == 1
     assert stats.bytes == sum(layer.nbytes for layer in kv_cache(4, 0.0))
+
+
+def longest_shared_prefix(stored: list[list[int]], prompt: list[int]) -> int:
+    shared = 0
+    for tokens in stored:
+        length = 0
+        while length < min(len(tokens), len(prompt)) and tokens[length] == prompt[length]:
+            length += 1
+        shared = max(shared, length)
+    return min(shared, len(prompt) - 1)
+
+
+token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(stores=st.lists(token_lists, max_size=12), prompts=st.lists(token_lists, max_size=8))
+def test_lookup_finds_the_longest_shared_prefix_among_many_entries(
+    stores: list[list[int]], prompts: list[list[int]]
+) -> None:
+    cache = PrefixCache(max_bytes=1 << 30)
+    kept: list[list[int]] = []
+    for tokens in stores:
+        cache.store(tokens, kv_cache(len(tokens), 0.0))
+        kept = [t for t in kept if t != tokens and t != tokens[: len(t)]] + [tokens]
+    assert cache.stats().entries == len(kept)
+    for prompt in prompts:
+        assert cache.lookup(prompt).cached_tokens == longest_shared_prefix(kept, prompt)

@@ -8,6 +8,10 @@ Caches that cannot be trimmed (recurrent layers) are reused only when a stored p
 prefix of the new one. Prompts with images live in a partition named by the digest of their
 images: equal tokens (image placeholders look alike) with other images never match. Used only from
 the worker thread.
+
+Lookups walk our own token trie once, in time linear in the prompt: mlx-lm's PromptTrie searches
+the whole subtree below a divergence point with list copies, which took milliseconds per lookup
+with a few dozen stored conversations, on the worker thread, under the GIL the HTTP side needs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_lm.models.cache import KVCache, PromptTrie, can_trim_prompt_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache
 
 TEXT_PARTITION = "text"  # prompts without images; others use their images' digest
 
@@ -44,10 +48,89 @@ class PrefixCacheStats:
     cached_tokens_total: int
 
 
+class _Node:
+    __slots__ = ("below", "children", "entry")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.entry: EntryKey | None = None  # a stored prompt ends here
+        self.below = 0  # stored prompts that end here or deeper
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """How far a prompt follows the trie: the deepest stored prompt on its path, and one stored
+    prompt that goes at least as far as the walk did."""
+
+    depth: int
+    prefix: EntryKey | None
+    deepest_entry: EntryKey | None
+
+
+class _TokenTrie:
+    def __init__(self) -> None:
+        self._root = _Node()
+
+    def add(self, tokens: list[int], key: EntryKey) -> None:
+        node = self._root
+        node.below += 1
+        for token in tokens:
+            node = node.children.setdefault(token, _Node())
+            node.below += 1
+        node.entry = key
+
+    def remove(self, tokens: list[int]) -> None:
+        path = [self._root]
+        for token in tokens:
+            path.append(path[-1].children[token])
+        path[-1].entry = None
+        for depth, node in enumerate(path):
+            node.below -= 1
+            if node.below == 0 and depth > 0:
+                del path[depth - 1].children[tokens[depth - 1]]
+                return
+
+    @property
+    def empty(self) -> bool:
+        return self._root.below == 0
+
+    def walk(self, tokens: list[int]) -> _Walk:
+        node, depth, prefix = self._root, 0, None
+        for token in tokens:
+            child = node.children.get(token)
+            if child is None:
+                break
+            node, depth = child, depth + 1
+            if node.entry is not None:
+                prefix = node.entry
+        return _Walk(depth, prefix, _any_entry_below(node) if depth else None)
+
+    def prefixes(self, tokens: list[int]) -> list[EntryKey]:
+        """Stored prompts that are proper prefixes of `tokens`."""
+        found, node = [], self._root
+        for token in tokens[:-1]:
+            next_node = node.children.get(token)
+            if next_node is None:
+                break
+            node = next_node
+            if node.entry is not None:
+                found.append(node.entry)
+        return found
+
+
+def _any_entry_below(node: _Node) -> EntryKey | None:
+    """Every node with prompts below it leads to one by any child that has some."""
+    while node.entry is None:
+        if not node.children:
+            return None
+        node = next(iter(node.children.values()))
+    return node.entry
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._tries: dict[str, PromptTrie] = {}  # one per partition, gone when it empties
+        self._tries: dict[str, _TokenTrie] = {}  # one per partition, gone when it empties
         self._entries: OrderedDict[EntryKey, tuple[list[Any], int]] = OrderedDict()
         self._bytes = 0
         self._hits = 0
@@ -71,7 +154,7 @@ class PrefixCache:
         key = (partition, tuple(tokens))
         if key in self._entries:
             self._drop(key)
-        self._tries.setdefault(partition, PromptTrie()).add(partition, tokens, key)
+        self._tries.setdefault(partition, _TokenTrie()).add(tokens, key)
         if can_trim_prompt_cache(cache):
             self._drop_prefixes_of(partition, tokens)  # a longer trimmable entry serves prefixes
         self._entries[key] = (cache, size)
@@ -99,18 +182,22 @@ class PrefixCache:
         )
 
     def _find(self, partition: str, prompt: list[int]) -> CacheHit:
-        if partition not in self._tries:
+        trie = self._tries.get(partition)
+        if trie is None:
             return MISS
-        result = self._tries[partition].search(partition, prompt)
-        if result.exact is not None:
-            return self._reuse((partition, tuple(result.exact)), len(prompt) - 1)
-        shorter = len(result.shorter) if result.shorter is not None else 0
-        if result.longer is not None and result.common_prefix > shorter:
-            longer = (partition, tuple(result.longer))
-            if can_trim_prompt_cache(self._entries[longer][0]):
-                return self._reuse(longer, min(result.common_prefix, len(prompt) - 1))
-        if shorter:
-            return self._reuse((partition, tuple(result.shorter or ())), shorter)
+        walk = trie.walk(prompt)
+        if walk.prefix is not None and len(walk.prefix[1]) == len(prompt):
+            return self._reuse(walk.prefix, len(prompt) - 1)  # the same prompt again
+        shorter = len(walk.prefix[1]) if walk.prefix is not None else 0
+        longer = walk.deepest_entry
+        if (
+            longer is not None
+            and walk.depth > shorter
+            and can_trim_prompt_cache(self._entries[longer][0])
+        ):
+            return self._reuse(longer, min(walk.depth, len(prompt) - 1))
+        if walk.prefix is not None:
+            return self._reuse(walk.prefix, shorter)
         return MISS
 
     def _reuse(self, key: EntryKey, length: int) -> CacheHit:
@@ -125,15 +212,15 @@ class PrefixCache:
     def _drop(self, key: EntryKey) -> None:
         _, size = self._entries.pop(key)
         partition = key[0]
-        self._tries[partition].pop(partition, list(key[1]))
+        trie = self._tries[partition]
+        trie.remove(list(key[1]))
         self._bytes -= size
-        if not any(entry[0] == partition for entry in self._entries):
+        if trie.empty:
             del self._tries[partition]
 
     def _drop_prefixes_of(self, partition: str, tokens: list[int]) -> None:
-        for _, prefix in self._tries[partition].pop_prefixes(partition, tokens):
-            _, size = self._entries.pop(prefix)
-            self._bytes -= size
+        for prefix in self._tries[partition].prefixes(tokens):
+            self._drop(prefix)
 
 
 def _share_prefix(layer: Any, length: int) -> Any:
