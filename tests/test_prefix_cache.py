@@ -149,7 +149,12 @@ def longest_shared_prefix(stored: list[list[int]], prompt: list[int]) -> int:
     return min(shared, len(prompt) - 1)
 
 
-token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=12)
+SHARED_HISTORY = [7 + index % 5 for index in range(150)]  # longer than one compared block
+token_lists = st.lists(st.integers(0, 3), min_size=1, max_size=12) | st.builds(
+    lambda cut, tail: SHARED_HISTORY[:cut] + tail,
+    st.integers(0, len(SHARED_HISTORY)),
+    st.lists(st.integers(0, 12), max_size=6),
+).filter(bool)
 
 
 @settings(max_examples=60, deadline=None)
@@ -165,3 +170,39 @@ def test_lookup_finds_the_longest_shared_prefix_among_many_entries(
     assert cache.stats().entries == len(kept)
     for prompt in prompts:
         assert cache.lookup(prompt).cached_tokens == longest_shared_prefix(kept, prompt)
+    cache.shrink_to(0)
+    assert cache.stats().entries == cache.bytes == 0
+    assert cache.lookup([*SHARED_HISTORY, 1]).cache is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(stores=st.lists(token_lists, max_size=16), prompts=st.lists(token_lists, max_size=8))
+def test_lookups_stay_right_while_the_byte_budget_evicts(
+    stores: list[list[int]], prompts: list[list[int]]
+) -> None:
+    def size(tokens: list[int]) -> int:
+        return sum(layer.nbytes for layer in kv_cache(len(tokens), 0.0))
+
+    budget = 5 * size([0]) // 2  # room for two prompts
+    cache = PrefixCache(max_bytes=budget)
+    for tokens in stores:
+        cache.store(tokens, kv_cache(len(tokens), 0.0))
+        cache.lookup([*tokens[:-1], 9])  # hits reorder the LRU
+    kept = [list(tokens) for _, tokens in cache._entries]
+    assert cache.bytes == sum(size(tokens) for tokens in kept) <= budget
+    for prompt in prompts:
+        assert cache.lookup(prompt).cached_tokens == longest_shared_prefix(kept, prompt)
+    cache.shrink_to(0)
+    assert cache.stats().entries == cache.bytes == 0
+    assert cache.lookup([*SHARED_HISTORY, 1]).cache is None
+
+
+def test_evicting_one_branch_keeps_its_sibling_findable() -> None:
+    entry_bytes = sum(layer.nbytes for layer in kv_cache(3, 0.0))
+    cache = PrefixCache(max_bytes=2 * entry_bytes)
+    cache.store([1, 2, 3], kv_cache(3, 0.0))
+    cache.store([1, 2, 4], kv_cache(3, 0.0))  # branches off the first after two tokens
+    cache.store([5, 6, 7], kv_cache(3, 0.0))  # evicts [1, 2, 3], the least recently used
+    assert cache.stats().entries == 2
+    assert cache.lookup([1, 2, 4, 8]).cached_tokens == 3
+    assert cache.lookup([1, 2, 3, 8]).cached_tokens == 2

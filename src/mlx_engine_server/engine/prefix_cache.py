@@ -9,14 +9,16 @@ prefix of the new one. Prompts with images live in a partition named by the dige
 images: equal tokens (image placeholders look alike) with other images never match. Used only from
 the worker thread.
 
-Lookups walk our own token trie once, in time linear in the prompt: mlx-lm's PromptTrie searches
-the whole subtree below a divergence point with list copies, which took milliseconds per lookup
-with a few dozen stored conversations, on the worker thread, under the GIL the HTTP side needs.
+Lookups walk our own radix trie once, comparing runs of tokens at C speed: mlx-lm's PromptTrie (a
+node per token) searches the whole subtree below a divergence point with list copies, which took
+milliseconds per lookup with a few dozen stored conversations, on the worker thread, under the GIL
+the HTTP side needs; and storing a long prompt built thousands of nodes.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +38,7 @@ class CacheHit:
 
 MISS = CacheHit(cache=None, cached_tokens=0)
 EntryKey = tuple[str, tuple[int, ...]]  # (partition, tokens)
+COMPARE_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,11 @@ class PrefixCacheStats:
 
 
 class _Node:
-    __slots__ = ("below", "children", "entry")
+    __slots__ = ("below", "children", "entry", "label")
 
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
+    def __init__(self, label: tuple[int, ...]) -> None:
+        self.label = label  # the tokens on the edge into this node
+        self.children: dict[int, _Node] = {}  # by the first token of their label
         self.entry: EntryKey | None = None  # a stored prompt ends here
         self.below = 0  # stored prompts that end here or deeper
 
@@ -68,54 +72,91 @@ class _Walk:
 
 
 class _TokenTrie:
-    def __init__(self) -> None:
-        self._root = _Node()
+    """A radix trie: an edge holds a run of tokens; a prompt costs nodes only where it branches."""
 
-    def add(self, tokens: list[int], key: EntryKey) -> None:
-        node = self._root
+    def __init__(self) -> None:
+        self._root = _Node(())
+
+    def add(self, tokens: tuple[int, ...], key: EntryKey) -> None:
+        node, depth = self._root, 0
         node.below += 1
-        for token in tokens:
-            node = node.children.setdefault(token, _Node())
-            node.below += 1
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
+            if child is None:
+                child = node.children[tokens[depth]] = _Node(tokens[depth:])
+            shared = _shared_length(child.label, tokens, depth)
+            if shared < len(child.label):
+                child = _split(node, child, shared)
+            child.below += 1
+            node, depth = child, depth + shared
         node.entry = key
 
-    def remove(self, tokens: list[int]) -> None:
-        path = [self._root]
-        for token in tokens:
-            path.append(path[-1].children[token])
+    def remove(self, tokens: tuple[int, ...]) -> None:
+        path, depth = [self._root], 0
+        while depth < len(tokens):
+            path.append(path[-1].children[tokens[depth]])
+            depth += len(path[-1].label)
         path[-1].entry = None
-        for depth, node in enumerate(path):
+        self._root.below -= 1
+        for parent, node in itertools.pairwise(path):
             node.below -= 1
-            if node.below == 0 and depth > 0:
-                del path[depth - 1].children[tokens[depth - 1]]
+            if node.below == 0:
+                del parent.children[node.label[0]]
                 return
 
     @property
     def empty(self) -> bool:
         return self._root.below == 0
 
-    def walk(self, tokens: list[int]) -> _Walk:
+    def walk(self, tokens: tuple[int, ...]) -> _Walk:
         node, depth, prefix = self._root, 0, None
-        for token in tokens:
-            child = node.children.get(token)
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
             if child is None:
                 break
-            node, depth = child, depth + 1
+            shared = _shared_length(child.label, tokens, depth)
+            node, depth = child, depth + shared  # what is stored below goes through `depth`
+            if shared < len(child.label):
+                break
             if node.entry is not None:
                 prefix = node.entry
         return _Walk(depth, prefix, _any_entry_below(node) if depth else None)
 
-    def prefixes(self, tokens: list[int]) -> list[EntryKey]:
+    def prefixes(self, tokens: tuple[int, ...]) -> list[EntryKey]:
         """Stored prompts that are proper prefixes of `tokens`."""
-        found, node = [], self._root
-        for token in tokens[:-1]:
-            next_node = node.children.get(token)
-            if next_node is None:
+        found, node, depth = [], self._root, 0
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
+            if child is None or _shared_length(child.label, tokens, depth) < len(child.label):
                 break
-            node = next_node
-            if node.entry is not None:
+            node, depth = child, depth + len(child.label)
+            if node.entry is not None and depth < len(tokens):
                 found.append(node.entry)
         return found
+
+
+def _split(parent: _Node, child: _Node, at: int) -> _Node:
+    """Cut `child`'s edge after `at` tokens; the new node in between is returned."""
+    upper = _Node(child.label[:at])
+    upper.below = child.below
+    child.label = child.label[at:]
+    upper.children[child.label[0]] = child
+    parent.children[upper.label[0]] = upper
+    return upper
+
+
+def _shared_length(label: tuple[int, ...], tokens: tuple[int, ...], start: int) -> int:
+    """How many leading tokens of `label` `tokens[start:]` repeats: compared a block at a time."""
+    end = min(len(label), len(tokens) - start)
+    shared = 0
+    while shared < end:
+        step = min(COMPARE_BLOCK, end - shared)
+        if label[shared : shared + step] != tokens[start + shared : start + shared + step]:
+            break
+        shared += step
+    while shared < end and label[shared] == tokens[start + shared]:
+        shared += 1
+    return shared
 
 
 def _any_entry_below(node: _Node) -> EntryKey | None:
@@ -154,9 +195,9 @@ class PrefixCache:
         key = (partition, tuple(tokens))
         if key in self._entries:
             self._drop(key)
-        self._tries.setdefault(partition, _TokenTrie()).add(tokens, key)
+        self._tries.setdefault(partition, _TokenTrie()).add(key[1], key)
         if can_trim_prompt_cache(cache):
-            self._drop_prefixes_of(partition, tokens)  # a longer trimmable entry serves prefixes
+            self._drop_prefixes_of(partition, key[1])  # a longer trimmable entry serves prefixes
         self._entries[key] = (cache, size)
         self._bytes += size
         while self._bytes > self.max_bytes:
@@ -185,7 +226,7 @@ class PrefixCache:
         trie = self._tries.get(partition)
         if trie is None:
             return MISS
-        walk = trie.walk(prompt)
+        walk = trie.walk(tuple(prompt))
         if walk.prefix is not None and len(walk.prefix[1]) == len(prompt):
             return self._reuse(walk.prefix, len(prompt) - 1)  # the same prompt again
         shorter = len(walk.prefix[1]) if walk.prefix is not None else 0
@@ -213,12 +254,12 @@ class PrefixCache:
         _, size = self._entries.pop(key)
         partition = key[0]
         trie = self._tries[partition]
-        trie.remove(list(key[1]))
+        trie.remove(key[1])
         self._bytes -= size
         if trie.empty:
             del self._tries[partition]
 
-    def _drop_prefixes_of(self, partition: str, tokens: list[int]) -> None:
+    def _drop_prefixes_of(self, partition: str, tokens: tuple[int, ...]) -> None:
         for prefix in self._tries[partition].prefixes(tokens):
             self._drop(prefix)
 
