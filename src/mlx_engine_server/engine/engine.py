@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 FAILURE_FLUSH_S = 1.0  # rank 0 of a failed group: time for the error events to reach clients
+DRAIN_BACKSTOP_S = 1.0  # within sse.SHUTDOWN_MARGIN_S, so the error event goes out first
 
 SequenceRequest = tuple[list[int], SamplingParams, Callable[[Event], None]]
 
@@ -149,7 +150,18 @@ class Engine:
         """Refuse new requests; let running ones finish within the shutdown grace period."""
         if not self._draining:
             self._draining = True
-            self._inbox.put(Drain(time.monotonic() + self.options.shutdown_grace_s))
+            grace_s = self.options.shutdown_grace_s
+            self._inbox.put(Drain(time.monotonic() + grace_s))
+            if isinstance(self._worker, GroupWorker):
+                # Blocked in a collective whose peer is gone, the worker never reads the Drain:
+                # its requests still end with an error event, before their streams are closed.
+                worker = self._worker
+                backstop = threading.Timer(
+                    grace_s + DRAIN_BACKSTOP_S,
+                    lambda: worker.fail_in_flight("the server is shutting down"),
+                )
+                backstop.daemon = True
+                backstop.start()
 
     @property
     def draining(self) -> bool:
@@ -345,7 +357,11 @@ class Generation:
         return dict(self._admitted)
 
     async def events(self) -> AsyncIterator[tuple[int, TextDelta | Finished | Failed]]:
-        """(choice index, event): text deltas, then one Finished or Failed for every choice."""
+        """(choice index, event): text deltas, then one Finished or Failed for every choice.
+
+        Text deltas of one choice that are already waiting come as one: a reader that fell
+        behind (a busy event loop, many streams) catches up with one chunk, not one per token.
+        """
         while self._running:
             index, event = self._early.popleft() if self._early else await self._events.get()
             if isinstance(event, Admitted):
@@ -357,4 +373,15 @@ class Generation:
                 self._running -= 1
             else:
                 self._observe_text()
+                event = self._with_waiting_text(index, event)
             yield index, event
+
+    def _with_waiting_text(self, index: int, delta: TextDelta) -> TextDelta:
+        while self._early or not self._events.empty():
+            later = self._early.popleft() if self._early else self._events.get_nowait()
+            if later[0] != index or not isinstance(later[1], TextDelta):
+                self._early.appendleft(later)
+                break
+            self._observe_text()
+            delta = delta.followed_by(later[1])
+        return delta
