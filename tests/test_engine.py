@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,14 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine import (
+    EngineOptions,
+    Event,
+    Finished,
+    Generation,
+    SamplingParams,
+    TextDelta,
+)
 
 from .conftest import LiveServer, run_live_server, start_engine
 from .model_factory import build_tiny_llama
@@ -176,3 +184,32 @@ def test_256_clients_at_once_are_each_served_or_told_429(small_queue_server: Liv
     assert statuses.count(200) >= 8 + 16
     assert statuses.count(429) > 0
     wait_until_idle(small_queue_server)
+
+
+def test_text_waiting_for_a_late_reader_comes_as_one_delta(tiny_model_dir: Path) -> None:
+    engine = start_engine(tiny_model_dir)
+    try:
+        events = asyncio.run(read_once_finished(engine, max_tokens=12))
+    finally:
+        engine.stop()
+    deltas = [event for event in events if isinstance(event, TextDelta)]
+    assert len(deltas) == 1
+    assert len(deltas[0].token_ids) == 12
+    assert isinstance(events[-1], Finished)
+    assert events[-1].usage.completion_tokens == 12
+
+
+async def read_once_finished(engine: Any, max_tokens: int) -> list[Event]:
+    """Start a generation, read nothing until the worker has posted its end, then read it all."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    generation = Generation(engine, [([1, 2, 3, 4], params)])
+    await generation.admission()
+    await asyncio.to_thread(wait_until_engine_idle, engine)
+    await asyncio.sleep(0.1)  # the worker's last posts reach this loop
+    return [event async for _, event in generation.events()]
+
+
+def wait_until_engine_idle(engine: Any, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.stats().requests_active and time.monotonic() < deadline:
+        time.sleep(0.05)

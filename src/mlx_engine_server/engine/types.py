@@ -77,6 +77,11 @@ class TextDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids`, if asked for
 
+    def followed_by(self, later: TextDelta) -> TextDelta:
+        return TextDelta(
+            self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs
+        )
+
 
 @dataclass(frozen=True)
 class Usage:
