@@ -28,6 +28,7 @@ import argparse
 import gc
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -36,10 +37,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -271,25 +271,29 @@ class Server:
             self.process.wait()
 
     def chat(self, messages: Messages, max_tokens: int) -> Stream:
-        """One greedy streaming chat request, read to its last byte."""
-        body: dict[str, Any] = {
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if self.system == OURS:
-            body["ignore_eos"] = True
-        stream = Stream(sent=time.perf_counter())
-        try:
-            read_sse(self.base, body, stream)
-        except (httpx.HTTPError, ValueError) as exc:
-            stream.error = f"{type(exc).__name__}: {exc}"
-        stream.end = time.perf_counter()
-        if stream.error is None and not stream.done:
-            stream.error = "the stream ended without data: [DONE]"
-        return stream
+        return chat(self.base, self.system, messages, max_tokens)
+
+
+def chat(base: str, system: str, messages: Messages, max_tokens: int) -> Stream:
+    """One greedy streaming chat request, read to its last byte."""
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if system == OURS:
+        body["ignore_eos"] = True
+    stream = Stream(sent=time.perf_counter())
+    try:
+        read_sse(base, body, stream)
+    except (httpx.HTTPError, ValueError) as exc:
+        stream.error = f"{type(exc).__name__}: {exc}"
+    stream.end = time.perf_counter()
+    if stream.error is None and not stream.done:
+        stream.error = "the stream ended without data: [DONE]"
+    return stream
 
 
 def read_sse(base: str, body: dict[str, Any], stream: Stream) -> None:
@@ -337,19 +341,21 @@ def run_server(system: str, plan: Plan) -> list[Measurement]:
 
 
 def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measurement:
-    """All requests released at once by a barrier; wall time from then to the last byte."""
-    gate = threading.Barrier(len(batch) + 1)
+    """All requests released together; wall time from then to the last byte.
 
-    def one(messages: Messages) -> Stream:
-        gate.wait()
-        return server.chat(messages, max_tokens)
-
-    with ThreadPoolExecutor(max_workers=len(batch)) as pool:
-        futures = [pool.submit(one, messages) for messages in batch]
-        cpu_before = process_cpu_s(server.process.pid)
-        gate.wait()
-        started = time.perf_counter()
-        streams = [future.result() for future in futures]
+    The clients are spread over processes of at most CLIENTS_PER_PROCESS threads: one Python
+    process reading 64 streams is itself CPU-bound (its threads share one GIL), and would
+    measure itself rather than the server.
+    """
+    groups = [batch[i : i + CLIENTS_PER_PROCESS] for i in range(0, len(batch), CLIENTS_PER_PROCESS)]
+    pool = client_pool(len(groups))
+    started = time.perf_counter() + CLIENT_START_DELAY_S  # CLOCK_MONOTONIC: one clock for all
+    futures = [
+        pool.submit(client_group, server.base, server.system, group, max_tokens, started)
+        for group in groups
+    ]
+    cpu_before = process_cpu_s(server.process.pid)
+    streams = [stream for future in futures for stream in future.result()]
     result = Measurement(server.system, len(batch), 0, max(s.end for s in streams) - started)
     cpu_after = process_cpu_s(server.process.pid)
     if cpu_before is not None and cpu_after is not None:
@@ -363,6 +369,36 @@ def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measureme
             result.ttft_s.append(stream.arrivals[0] - stream.sent)
             result.itl_s.extend(b - a for a, b in itertools.pairwise(stream.arrivals))
     return result
+
+
+CLIENTS_PER_PROCESS = 8
+CLIENT_START_DELAY_S = 0.5
+_client_pools: dict[int, ProcessPoolExecutor] = {}
+
+
+def client_pool(processes: int) -> ProcessPoolExecutor:
+    """Client processes, started once per size (spawned: this process may hold a GPU)."""
+    if processes not in _client_pools:
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(processes, mp_context=context)
+        # Each process imports this module once, before any timing.
+        for future in [pool.submit(time.sleep, 1.0) for _ in range(processes)]:
+            future.result()
+        _client_pools[processes] = pool
+    return _client_pools[processes]
+
+
+def client_group(
+    base: str, system: str, batch: list[Messages], max_tokens: int, start_at: float
+) -> list[Stream]:
+    """In a client process: stream `batch` at once from threads, starting at `start_at`."""
+    with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+
+        def one(messages: Messages) -> Stream:
+            time.sleep(max(0.0, start_at - time.perf_counter()))
+            return chat(base, system, messages, max_tokens)
+
+        return list(pool.map(one, batch))
 
 
 # --- multi-turn: cold long history against its next turn --------------------------------------
