@@ -17,13 +17,12 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from load import encode, make_messages
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, batch_generate
-from models import DEFAULT_CACHE, resolve_model
+from models import add_model_arguments, resolve_model
 
 from mlx_engine_server.engine import (
     Admitted,
@@ -117,9 +116,7 @@ def report(started: float, timelines: list[Timeline], steps: StepLog) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    add_model_arguments(parser)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-words", type=int, default=200)

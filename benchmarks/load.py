@@ -49,7 +49,7 @@ import httpx2 as httpx
 import mlx.core as mx
 from mlx_lm import load, stream_generate
 from mlx_lm.generate import batch_generate
-from models import DEFAULT_CACHE, resolve_model
+from models import add_model_arguments, resolve_model
 
 RAW, OURS, THEIRS = "raw mlx-lm", "mlx-engine-server", "mlx_lm.server"
 SYSTEM_KEYS = {"raw": RAW, "ours": OURS, "mlx_lm": THEIRS}
@@ -523,9 +523,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", help="see benchmarks/models.py")
-    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    add_model_arguments(parser)
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=200)

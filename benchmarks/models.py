@@ -144,6 +144,13 @@ def write_random_weights(config: dict[str, Any], dest: Path, quantize_bits: int)
     (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --quantize and --cache-dir, the same in every benchmark."""
+    parser.add_argument("--model", default="tiny", help="see benchmarks/models.py")
+    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+
+
 def vocab_size(tokenizer_dir: Path) -> int:
     """Base vocabulary plus added tokens, as `tokenizer.json` spells them."""
     spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))

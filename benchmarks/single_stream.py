@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
-from models import DEFAULT_CACHE, resolve_model
+from models import add_model_arguments, resolve_model
 
 from mlx_engine_server.engine import (
     Admitted,
@@ -124,9 +124,7 @@ def measure_raw(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny", help="see benchmarks/models.py")
-    parser.add_argument("--quantize", type=int, default=0, choices=[0, 4, 8])
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    add_model_arguments(parser)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-words", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
