@@ -2,9 +2,10 @@
 
     python benchmarks/admission.py MODEL_DIR [--clients 64] [--max-tokens 128]
 
-Starts our server as a process, sends N streaming chat requests at once (the prompts of load.py,
-about 200 words each, distinct from their first word), and prints, per phase, the earliest,
-median and latest time after the first request was sent: sent, response headers (the server
+Starts our server as a process, sends N streaming chat requests at once from client processes
+of at most 8 threads (the prompts of load.py, about 200 words each, distinct from their first
+word), and prints, per phase, the earliest, median and latest time after the first request was
+sent: sent, response headers (the server
 sends them once the worker has admitted the request into the batch), first content token, end.
 A warm-up burst with the same client count runs first, so CUDA's kernel compiles stay out.
 """
@@ -17,15 +18,15 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2 as httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import make_messages
+from load import CLIENT_START_DELAY_S, CLIENTS_PER_PROCESS, client_pool, make_messages
 
 CONTENT = re.compile(r'"content":"[^"]')
 
@@ -58,20 +59,29 @@ def one_request(url: str, salt: str, index: int, max_tokens: int) -> Timeline:
 
 
 def burst(url: str, salt: str, clients: int, max_tokens: int) -> list[Timeline]:
-    results: list[Timeline] = []
-    lock = threading.Lock()
+    """The clients in processes of at most CLIENTS_PER_PROCESS threads, as in load.py: one
+    process reading 64 streams would time its own GIL, not the server."""
+    indices = list(range(clients))
+    groups = [indices[i : i + CLIENTS_PER_PROCESS] for i in range(0, clients, CLIENTS_PER_PROCESS)]
+    pool = client_pool(len(groups))
+    start_at = time.perf_counter() + CLIENT_START_DELAY_S
+    futures = [
+        pool.submit(timeline_group, url, salt, group, max_tokens, start_at) for group in groups
+    ]
+    return [timeline for future in futures for timeline in future.result()]
 
-    def run(index: int) -> None:
-        timeline = one_request(url, salt, index, max_tokens)
-        with lock:
-            results.append(timeline)
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+def timeline_group(
+    url: str, salt: str, indices: list[int], max_tokens: int, start_at: float
+) -> list[Timeline]:
+    """In a client process: one request per index, from threads, all sent at `start_at`."""
+
+    def one(index: int) -> Timeline:
+        time.sleep(max(0.0, start_at - time.perf_counter()))
+        return one_request(url, salt, index, max_tokens)
+
+    with ThreadPoolExecutor(max_workers=len(indices)) as threads:
+        return list(threads.map(one, indices))
 
 
 def report(results: list[Timeline], max_tokens: int) -> None:
