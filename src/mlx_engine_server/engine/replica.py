@@ -70,13 +70,18 @@ class GroupWorker(Worker):
         held = [sequence.submission for sequence in list(self._live.values())]
         for submission in [*held, *list(self._waiting)]:
             submission.post(failed)
+        controls = []  # STOP and Drain stay for the worker, should it still read them
         while True:
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, Submission):
                 item.post(failed)
+            else:
+                controls.append(item)
+        for item in controls:
+            self.inbox.put(item)
 
     def _fail_all(self, message: str) -> None:
         """Alone, a failed step ends its requests; in a group the ranks may no longer agree."""
