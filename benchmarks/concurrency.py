@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from mlx_engine_server.gguf import convert_gguf, is_gguf_file
-from mlx_engine_server.model_manager import bundled_model_path
+from mlx_engine_server.models.gguf import convert_gguf, is_gguf_file
+from mlx_engine_server.models.loader import bundled_model_path
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

@@ -30,7 +30,7 @@ from mlx_engine_server.engine import (
     Finished,
     SamplingParams,
 )
-from mlx_engine_server.model_manager import ModelSource, load_model
+from mlx_engine_server.models.loader import ModelSource, load_model
 
 PROMPT = "List some digits:"
 

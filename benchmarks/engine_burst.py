@@ -32,7 +32,7 @@ from mlx_engine_server.engine import (
     SamplingParams,
     TextDelta,
 )
-from mlx_engine_server.model_manager import ModelSource, load_model
+from mlx_engine_server.models.loader import ModelSource, load_model
 
 
 @dataclass

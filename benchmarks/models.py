@@ -29,8 +29,8 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from mlx_engine_server.gguf import convert_gguf, is_gguf_file
-from mlx_engine_server.model_manager import bundled_model_path
+from mlx_engine_server.models.gguf import convert_gguf, is_gguf_file
+from mlx_engine_server.models.loader import bundled_model_path
 
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "mlx-bench-models"
 GROUP_SIZE = 64

@@ -18,9 +18,9 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from mlx_engine_server.engine import Engine, EngineOptions
-from mlx_engine_server.gguf import convert_gguf
-from mlx_engine_server.model_manager import ModelSource, load_model
-from mlx_engine_server.server import ServerOptions, create_app
+from mlx_engine_server.http.app import ServerOptions, create_app
+from mlx_engine_server.models.gguf import convert_gguf
+from mlx_engine_server.models.loader import ModelSource, load_model
 
 from .model_factory import build_tiny_llama, scripted_model, smollm_gguf_path, use_chat_template
 

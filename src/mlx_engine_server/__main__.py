@@ -1,5 +1,5 @@
 """`python -m mlx_engine_server` runs the same command as `mlx-server`."""
 
-from .main import cli
+from .cli.main import cli
 
 cli()

@@ -10,8 +10,8 @@ import asyncio
 import hashlib
 from dataclasses import dataclass
 
-from ..api_models import ChatMessage, ImagePart
 from ..errors import InvalidRequestError
+from ..protocols.openai.types import ChatMessage, ImagePart
 from .media import LoadedImage, MediaPolicy, load_image
 
 

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ..api_models import ChatMessage, OverflowPolicy
 from ..errors import ContextLengthExceededError
+from ..protocols.openai.types import ChatMessage, OverflowPolicy
 
 PINNED_ROLES = frozenset({"system", "developer"})
 SUMMARY_LABEL = "Summary of the earlier conversation:"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..api_models import ChatCompletionRequest
+from ..protocols.openai.types import ChatCompletionRequest
 from .output import OutputRules, ReasoningMarkers
 from .parsers import ToolCallFormat, resolve_tool_call_format
 from .prompt import chat_prompt

@@ -15,8 +15,8 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ..api_models import ChatMessage
 from ..errors import ContextLengthExceededError, InvalidRequestError
+from ..protocols.openai.types import ChatMessage
 from .tools import template_messages
 
 

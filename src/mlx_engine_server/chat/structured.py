@@ -13,8 +13,8 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from ..api_models import ResponseFormat
 from ..errors import InvalidRequestError
+from ..protocols.openai.types import ResponseFormat
 
 COMPACT = {"whitespace_flexible": False}
 SCHEMA_PARAM = "response_format.json_schema.schema"

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..api_models import ChatCompletionRequest, ChatMessage, NamedToolChoice, TextPart
 from ..errors import InvalidRequestError
+from ..protocols.openai.types import ChatCompletionRequest, ChatMessage, NamedToolChoice, TextPart
 
 # Templates know system, user, assistant and tool; OpenAI's newer "developer" role is a system one.
 ROLE_FOR_TEMPLATE = {"developer": "system"}

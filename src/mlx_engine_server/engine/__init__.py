@@ -1,7 +1,7 @@
 """The generation engine: one worker thread owns MLX and steps every live request as one batch."""
 
 from .engine import Engine, Generation
-from .types import (
+from .messages import (
     Admitted,
     EngineOptions,
     EngineStats,

@@ -15,13 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from ..errors import InvalidRequestError, OverloadedError, ServiceUnavailableError, StartupError
-from ..model_manager import LoadedModel
-from ..vision_model import VisionPrompt, prepare_vision_prompt
+from ..models.loader import LoadedModel
+from ..models.vision import VisionPrompt, prepare_vision_prompt
 from .device import apply_backend_defaults
-from .group import Group, GroupInfo, end_process
-from .prefix_cache import PrefixCacheStats
-from .replica import FollowerWorker, GroupWorker, LeaderWorker
-from .types import (
+from .distributed.group import Group, GroupInfo, end_process
+from .distributed.workers import FollowerWorker, GroupWorker, LeaderWorker
+from .messages import (
     Admitted,
     Cancellation,
     EngineOptions,
@@ -32,6 +31,7 @@ from .types import (
     SamplingParams,
     TextDelta,
 )
+from .prefix_cache import PrefixCacheStats
 from .worker import STOP, Drain, Submission, Worker, run_worker_thread
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .types import TokenLogprob, TopLogprob
+from .messages import TokenLogprob, TopLogprob
 
 # What OpenAI reports for a token whose probability underflows; JSON has no -Infinity.
 FLOOR_LOGPROB = -9999.0

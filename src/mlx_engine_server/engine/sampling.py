@@ -14,7 +14,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
-from .types import SamplingParams
+from .messages import SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]

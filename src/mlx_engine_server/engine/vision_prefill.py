@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..vision_model import VisionParts, VisionPrompt, vision_input_embeddings
+from ..models.vision import VisionParts, VisionPrompt, vision_input_embeddings
 from .prefix_cache import CacheHit
 
 

@@ -20,18 +20,15 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from ..model_manager import LoadedModel
-from ..vision_model import VisionPrompt
+from ..models.loader import LoadedModel
+from ..models.vision import VisionPrompt
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
-from .group import GroupError
+from .distributed.group import GroupError
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
-from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
-from .sampling import make_request_processors, make_request_sampler
-from .stop_text import StopTextFilter
-from .types import (
+from .messages import (
     Admitted,
     EngineOptions,
     Event,
@@ -43,7 +40,10 @@ from .types import (
     TokenLogprob,
     Usage,
 )
-from .types import Cancellation as CancellationFlag
+from .messages import Cancellation as CancellationFlag
+from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
+from .sampling import make_request_processors, make_request_sampler
+from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
 logger = logging.getLogger(__name__)

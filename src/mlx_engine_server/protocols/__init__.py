@@ -1,1 +1,1 @@
-"""Other protocols served on the same pipeline: Anthropic Messages, OpenAI Responses."""
+"""The protocols on one pipeline: OpenAI chat and completions, Anthropic Messages, Responses."""

@@ -1,0 +1,331 @@
+"""Settings: one frozen object, merged from CLI flags > MLX_SERVER_* env > JSON file > defaults.
+
+Defaults live only here. Each setting has one name across the flag (`--max-queue`), the env var
+(`MLX_SERVER_MAX_QUEUE`) and the JSON key (`"max_queue"`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    JsonConfigSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+)
+
+from ..chat.media import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_FORMATS,
+    ImageFormat,
+)
+from ..protocols.openai.types import OverflowPolicy
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
+# Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
+StrList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+SECRET_FIELDS = frozenset({"api_keys"})
+
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
+PRINTABLE_ASCII_FIRST, PRINTABLE_ASCII_LAST = 0x21, 0x7E
+
+
+class SettingsError(Exception):
+    """A setting is invalid; the message is one readable line per problem."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MLX_SERVER_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    model_path: str | None = Field(
+        default=None,
+        description="Model directory (mlx-lm format), Hugging Face repo id or .gguf file; "
+        "None serves the bundled SmolLM2-135M-Instruct.",
+    )
+    adapter_path: str | None = Field(default=None, description="LoRA adapter directory.")
+    model_id: str | None = Field(
+        default=None, description="Name reported by /v1/models; default: the path's last part."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    strict_model_name: bool = Field(
+        default=False, description="Answer 404 when a request names another model."
+    )
+    trust_remote_code: bool = False
+    cache_dir: Path = Field(
+        default=DEFAULT_CACHE_DIR, description="Where converted GGUF models are kept."
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_queue: int = Field(default=64, ge=0, le=100_000)
+    prefill_step_size: int = Field(default=512, ge=16, le=65536)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, le=3600, description="On SIGTERM, time for running requests to finish."
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bytes the model, requests and prefix cache may use; None: MLX's memory limit.",
+    )
+    prefix_cache_bytes: int = Field(
+        default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
+    )
+    max_tokens_default: int | None = Field(
+        default=None,
+        ge=1,
+        description="max_tokens when a request gives none; None: the rest of the context window.",
+    )
+    context_overflow: OverflowPolicy = Field(
+        default="error",
+        description="A conversation too long for the window: refuse, drop old turns, or "
+        "summarize them with the model.",
+    )
+    allow_request_overflow_policy: bool = Field(
+        default=False, description="Let a chat request choose its own context_overflow."
+    )
+    summary_keep_messages: int = Field(
+        default=6, ge=0, le=10_000, description="Newest messages summarize keeps as they are."
+    )
+    summary_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Longest summary in tokens (never more than a quarter of the window).",
+    )
+
+    tool_call_parser: str = Field(
+        default="auto",
+        pattern=r"^[a-z0-9_]+$",
+        description="Tool-call format: auto (from the chat template), none, hermes, llama3, "
+        "mistral, gemma, or an mlx-lm parser name.",
+    )
+    reasoning_parser: Literal["auto", "none"] = Field(
+        default="auto",
+        description="auto: text in thinking markers goes to reasoning_content; none: to content.",
+    )
+    # --- security -----------------------------------------------------------------------------
+    api_keys: SecretList = Field(
+        default_factory=list,
+        description="Keys accepted as `Authorization: Bearer KEY` (or `x-api-key`); none: no auth.",
+    )
+    api_key_file: Path | None = Field(
+        default=None, description="A file with more API keys, one a line ('#' starts a comment)."
+    )
+    allowed_hosts: StrList = Field(
+        default_factory=list,
+        description="Host header names accepted besides localhost and loopback addresses.",
+    )
+    cors_origins: StrList = Field(
+        default_factory=list, description="Origins a browser page may call from; none: CORS off."
+    )
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
+    max_json_depth: int = Field(default=64, ge=4, le=512)
+    max_messages: int = Field(default=2048, ge=1)
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_chars: int = Field(default=256, ge=1)
+    max_logit_bias: int = Field(default=1024, ge=0)
+    # --- operations ---------------------------------------------------------------------------
+    log_format: LogFormat = "text"
+    log_prompts: bool = Field(default=False, description="Log prompt text (off: never logged).")
+    root_path: str = Field(
+        default="", pattern=r"^(/[^/\s]+)*$", description="Prefix a proxy mounts the server under."
+    )
+    # --- embedding in a desktop application ---------------------------------------------------
+    ready_file: Path | None = Field(
+        default=None, description="Where to write the ready line once requests are accepted."
+    )
+    uds: Path | None = Field(default=None, description="Serve on this Unix socket, not TCP.")
+    parent_pid: int | None = Field(
+        default=None, ge=1, description="Exit when the process with this id has ended."
+    )
+    exit_on_stdin_close: bool = Field(default=False, description="Exit when stdin closes.")
+
+    @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _keys_are_tokens(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            check_api_key(key.get_secret_value())
+        return keys
+
+    @field_validator("api_key_file", mode="after")
+    @classmethod
+    def _key_file_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            read_api_key_file(path.expanduser())
+            return path.expanduser()
+        return path
+
+    max_n: int = Field(
+        default=8, ge=1, le=128, description="Most choices (n) one request may ask for."
+    )
+    max_prompts: int = Field(
+        default=16, ge=1, le=1024, description="Most prompts one /v1/completions request may hold."
+    )
+
+    allowed_media_dir: Annotated[tuple[Path, ...], NoDecode] = Field(
+        default=(),
+        description="Directories image files may be read from (file:// URLs or paths); "
+        "none: local files are refused.",
+    )
+    allow_remote_media: bool = Field(
+        default=False,
+        description="Fetch http(s) image URLs (public addresses only, no redirects).",
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, ge=1, description="Largest image accepted, in bytes."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        description="Most pixels (width x height) of one image, checked before decoding.",
+    )
+    max_images_per_request: int = Field(
+        default=8, ge=1, le=1024, description="Most images one request may hold."
+    )
+    image_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = Field(
+        default=IMAGE_FORMATS, min_length=1, description="Image formats accepted."
+    )
+    remote_media_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Time limit of fetching one image URL."
+    )
+
+    @field_validator("allowed_media_dir", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _lowercase_formats(cls, value: Any) -> Any:
+        items = _split_list(value)
+        if isinstance(items, list | tuple):
+            return tuple(item.lower() if isinstance(item, str) else item for item in items)
+        return items
+
+    @field_validator("allowed_media_dir", mode="after")
+    @classmethod
+    def _existing_dirs(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for directory in value:
+            if not directory.expanduser().is_dir():
+                raise ValueError(f"{directory} is not a directory")
+        return tuple(directory.expanduser().resolve() for directory in value)
+
+    distributed_mode: Literal["tensor", "pipeline"] = Field(
+        default="tensor",
+        description="Under mlx.launch: split the model by attention heads (tensor) or by layers "
+        "(pipeline) over the processes.",
+    )
+    distributed_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Under mlx.launch: a group step taking longer means a process is gone or "
+        "stuck; the group then ends.",
+    )
+
+    @field_validator("cache_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lowercase_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """Every accepted key: the ones given directly and the ones in the key file."""
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    if settings.api_key_file is not None:
+        keys += read_api_key_file(settings.api_key_file)
+    return tuple(dict.fromkeys(keys))
+
+
+def read_api_key_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file: {type(exc).__name__}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not keys:
+        raise ValueError("the API key file holds no key")
+    for key in keys:
+        check_api_key(key)
+    return keys
+
+
+def check_api_key(key: str) -> None:
+    """A key travels in an HTTP header: printable ASCII, no spaces (the message names no key)."""
+    if not key or not all(
+        PRINTABLE_ASCII_FIRST <= ord(char) <= PRINTABLE_ASCII_LAST for char in key
+    ):
+        raise ValueError("an API key must be printable ASCII characters without spaces")
+
+
+def _split_list(value: Any) -> Any:
+    """A list setting given as text (environment, flag): a JSON list or comma-separated items."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
+    """Merge the sources (CLI > env > JSON file > defaults) and validate once."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(_read_config_file(config_file))
+    merged.update(EnvSettingsSource(Settings)())
+    merged.update(cli_values)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SettingsError(f"config file {path}: not found")
+    try:
+        parsed = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path}: not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise SettingsError(f"config file {path}: must hold a JSON object")
+    return JsonConfigSettingsSource(Settings, json_file=path)()
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{name}: unknown setting")
+        elif error["loc"] and error["loc"][0] in SECRET_FIELDS:
+            problems.append(f"{name}: {error['msg']}")  # never echo a key
+        else:
+            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+    return "invalid settings: " + "; ".join(problems)

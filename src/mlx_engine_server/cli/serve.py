@@ -1,0 +1,323 @@
+"""Running the app: load the model, then serve over TCP or a Unix socket until told to stop.
+
+The port opens only once the model is loaded. For programs that start the server as a child
+(desktop applications): one JSON ready line on stdout, and in --ready-file, once requests are
+accepted; a graceful exit when the parent process dies (--parent-pid) or stdin closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from ..chat.media import MediaPolicy
+from ..chat.parsers import known_tool_call_parsers
+from ..engine import Engine, EngineOptions
+from ..engine.distributed.group import EXIT_GROUP_FAILED, end_process, join_group
+from ..errors import StartupError
+from ..http.app import ServerOptions, create_app
+from ..http.guards import HostPolicy, is_loopback_host
+from ..http.sse import SHUTDOWN_MARGIN_S
+from ..models.loader import ModelSource, Sharding, load_model
+from ..protocols.openai.limits import RequestLimits
+from .config import Settings, api_keys
+
+logger = logging.getLogger(__name__)
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PARENT_POLL_S = 0.5
+UNIX_SOCKET_MODE = 0o600  # only the user who started the server may connect
+FOLLOWER_MARGIN_S = 5.0
+
+
+def serve(settings: Settings) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM (or the parent or stdin goes away)."""
+    source = ModelSource(
+        model_path=settings.model_path,
+        adapter_path=settings.adapter_path,
+        model_id=settings.model_id,
+        cache_dir=settings.cache_dir,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    if settings.tool_call_parser not in known_tool_call_parsers():
+        raise StartupError(
+            f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
+            f"choose one of {', '.join(known_tool_call_parsers())}"
+        )
+    group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
+    sharding = Sharding(group.handle, group.info.mode) if group is not None else None
+    engine = Engine(lambda: load_model(source, sharding), engine_options(settings), group)
+    loaded = engine.start()
+    if group is not None and not group.info.leads:
+        return follow_rank_zero(engine, settings.shutdown_grace_s)
+    logger.info(
+        "serving %s (%s, context window %d tokens) from %s",
+        loaded.model_id,
+        loaded.kind,
+        loaded.context_window,
+        loaded.model_path,
+    )
+    options = server_options(settings)
+    warn_if_exposed(settings, options)
+    app = create_app(engine, options)
+    server = GracefulServer(uvicorn_config(app, settings), engine)
+    server.on_started = lambda listeners: announce(settings, loaded.model_id, listeners)
+    watch_for_exit(settings, server)
+    try:
+        with bound_sockets(settings) as sockets:
+            server.run(sockets=sockets)
+    finally:
+        engine.stop()
+        if settings.ready_file is not None:
+            settings.ready_file.unlink(missing_ok=True)
+    if engine.failure is not None:
+        return EXIT_GROUP_FAILED
+    return 0 if server.started else 1
+
+
+def follow_rank_zero(engine: Engine, shutdown_grace_s: float) -> int:
+    """Ranks 1..N-1 of a group serve no HTTP: they step rank 0's batches until it ends the group.
+
+    A signal does not end a follower at once (launchers signal every rank, and rank 0 first
+    drains its requests, which needs every rank); one that rank 0 does not follow with the end
+    of the group within the grace period ends this process, and so the group.
+    """
+    signalled: list[float] = []
+    previous = {
+        sig: signal.signal(sig, lambda *_: signalled.append(time.monotonic()))
+        for sig in HANDLED_SIGNALS
+    }
+    try:
+        while not engine.wait(timeout_s=0.5):
+            if signalled and time.monotonic() - signalled[0] > shutdown_grace_s + FOLLOWER_MARGIN_S:
+                logger.error("rank 0 did not end the group after a signal; leaving it")
+                end_process(after_s=0.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def server_options(settings: Settings) -> ServerOptions:
+    check_host = settings.uds is None and is_loopback_host(settings.host)
+    allowed = frozenset(name.lower().rstrip(".") for name in settings.allowed_hosts)
+    return ServerOptions(
+        strict_model_name=settings.strict_model_name,
+        max_tokens_default=settings.max_tokens_default,
+        context_overflow=settings.context_overflow,
+        allow_request_overflow_policy=settings.allow_request_overflow_policy,
+        summary_keep_messages=settings.summary_keep_messages,
+        summary_max_tokens=settings.summary_max_tokens,
+        tool_call_parser=settings.tool_call_parser,
+        reasoning_parser=settings.reasoning_parser,
+        max_n=settings.max_n,
+        max_prompts=settings.max_prompts,
+        limits=RequestLimits(
+            max_body_bytes=settings.max_body_bytes,
+            max_json_depth=settings.max_json_depth,
+            max_messages=settings.max_messages,
+            max_stop_sequences=settings.max_stop_sequences,
+            max_stop_chars=settings.max_stop_chars,
+            max_logit_bias=settings.max_logit_bias,
+        ),
+        api_keys=api_keys(settings),
+        host_policy=HostPolicy(allowed) if check_host or allowed else None,
+        cors_origins=tuple(settings.cors_origins),
+        log_prompts=settings.log_prompts,
+        max_header_bytes=settings.max_header_bytes,
+        media=media_policy(settings),
+    )
+
+
+def media_policy(settings: Settings) -> MediaPolicy:
+    return MediaPolicy(
+        allowed_dirs=tuple(settings.allowed_media_dir),
+        allow_remote=settings.allow_remote_media,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_images=settings.max_images_per_request,
+        formats=tuple(settings.image_formats),
+        remote_timeout_s=settings.remote_media_timeout_s,
+    )
+
+
+def warn_if_exposed(settings: Settings, options: ServerOptions) -> None:
+    if settings.uds is None and not is_loopback_host(settings.host) and not options.api_keys:
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this address can use the "
+            "model; set --api-key (or bind 127.0.0.1)",
+            settings.host,
+        )
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        root_path=settings.root_path,
+        log_level=settings.log_level,
+        log_config=None,  # our handler on the root logger (logs.py) formats uvicorn's lines too
+        access_log=False,  # request_log.py writes one line per request instead
+        http="h11",  # the parser whose header limit is a setting
+        h11_max_incomplete_event_size=2 * settings.max_header_bytes,
+        server_header=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S * 2),
+    )
+
+
+@contextlib.contextmanager
+def bound_sockets(settings: Settings) -> Iterator[list[socket.socket] | None]:
+    """A Unix socket only its owner may use (uvicorn's own would be world-writable)."""
+    if settings.uds is None:
+        yield None
+        return
+    path = settings.uds
+    if path.is_socket():
+        path.unlink()  # left over from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(previous_umask)
+    os.chmod(path, UNIX_SOCKET_MODE)
+    try:
+        yield [sock]
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+def ready_line(settings: Settings, model_id: str, listeners: Sequence[socket.socket]) -> str:
+    """One JSON object: where the server listens and what it serves."""
+    if settings.uds is not None:
+        where: dict[str, Any] = {"host": None, "port": None, "uds": str(settings.uds)}
+        where["url"] = "http://localhost"
+    else:
+        host, port = listeners[0].getsockname()[:2]
+        shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+        url_host = f"[{shown}]" if ":" in shown else shown
+        where = {"host": host, "port": port, "uds": None, "url": f"http://{url_host}:{port}"}
+    return json.dumps({"event": "ready", "model": model_id, **where, "pid": os.getpid()})
+
+
+def announce(settings: Settings, model_id: str, listeners: Sequence[socket.socket]) -> None:
+    line = ready_line(settings, model_id, listeners)
+    logger.info("ready: %s", line)
+    if settings.ready_file is not None:
+        write_atomically(settings.ready_file, line + "\n")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see no file or the whole file, never half of one."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def watch_for_exit(settings: Settings, server: GracefulServer) -> None:
+    def stop(reason: str) -> None:
+        logger.warning("%s: shutting down", reason)
+        server.handle_exit(signal.SIGTERM, None)
+
+    if settings.parent_pid is not None:
+        pid = settings.parent_pid
+        _daemon(lambda: _wait_for_death(pid, os.getppid()), lambda: stop(f"process {pid} ended"))
+    if settings.exit_on_stdin_close:
+        _daemon(_wait_for_stdin_close, lambda: stop("stdin closed"))
+
+
+def _daemon(wait: Callable[[], None], then: Callable[[], None]) -> None:
+    def run() -> None:
+        wait()
+        then()
+
+    threading.Thread(target=run, name="exit-watch", daemon=True).start()
+
+
+def _wait_for_death(pid: int, parent_at_start: int) -> None:
+    while _is_alive(pid) and not (pid == parent_at_start and os.getppid() != pid):
+        time.sleep(PARENT_POLL_S)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _wait_for_stdin_close() -> None:
+    if sys.stdin is None:
+        return
+    descriptor = sys.stdin.fileno()
+    while os.read(descriptor, 65536):
+        pass
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
+
+    Running requests get the shutdown grace period to finish; the engine ends the rest with an
+    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
+    "killed by SIGTERM" even though every request was answered and the model was released.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.on_started: Callable[[Sequence[socket.socket]], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            listeners = [sock for server in self.servers for sock in server.sockets]
+            self.on_started(listeners)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine.drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        prefill_step_size=settings.prefill_step_size,
+        request_timeout_s=settings.request_timeout_s,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        memory_budget_bytes=settings.memory_budget_bytes,
+    )

@@ -1,0 +1,187 @@
+"""Prometheus metrics: HTTP requests by route and status, latency histograms, engine gauges.
+
+Each app owns its registry, so several apps in one process (tests, embedding) never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..chat.overflow import CompactionCounters
+from ..engine import Engine
+
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+KNOWN_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/mlx/status",
+        "/health",
+        "/metrics",
+    }
+)
+
+
+class ServerMetrics:
+    """What the HTTP side measures; also the Generation's timing observer."""
+
+    def __init__(self, engine: Engine, compactions: CompactionCounters | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mlx_server_http_requests",
+            "HTTP requests by route and status code.",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "mlx_server_time_to_first_token_seconds",
+            "From request admission to the first generated text.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "mlx_server_inter_token_latency_seconds",
+            "Between successive pieces of generated text of one request.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(engine))
+        if compactions is not None:
+            self.registry.register(CompactionCollector(compactions))
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def next_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineCollector(Collector):
+    """Engine counters and gauges, read when Prometheus scrapes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        yield _counter("mlx_server_requests", "Requests admitted.", stats.requests_total)
+        yield _counter(
+            "mlx_server_request_failures", "Requests ended by errors.", stats.failures_total
+        )
+        yield _counter(
+            "mlx_server_prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total
+        )
+        yield _counter(
+            "mlx_server_completion_tokens", "Tokens generated.", stats.completion_tokens_total
+        )
+        yield _gauge("mlx_server_batch_size", "Sequences in the batch.", stats.requests_active)
+        yield _gauge("mlx_server_queue_depth", "Requests waiting.", stats.requests_queued)
+        cache = self.engine.prefix_cache_stats()
+        if cache is not None:
+            yield _gauge("mlx_server_prefix_cache_bytes", "Bytes held.", cache.bytes)
+            yield _gauge("mlx_server_prefix_cache_entries", "Entries held.", cache.entries)
+            yield _counter("mlx_server_prefix_cache_hits", "Lookups reusing a prefix.", cache.hits)
+            yield _counter(
+                "mlx_server_prefix_cache_misses", "Lookups reusing nothing.", cache.misses
+            )
+            yield _counter(
+                "mlx_server_cached_prompt_tokens",
+                "Prompt tokens not prefilled.",
+                cache.cached_tokens_total,
+            )
+
+
+class CompactionCollector(Collector):
+    """What the context-overflow policy did to conversations too long for the window."""
+
+    def __init__(self, counters: CompactionCounters) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.counters
+        compactions = CounterMetricFamily(
+            "mlx_server_context_compactions",
+            "Conversations compacted to fit the context window, by policy.",
+            labels=["policy"],
+        )
+        compactions.add_metric(["truncate"], counters.truncations)
+        compactions.add_metric(["summarize"], counters.summaries)
+        yield compactions
+        yield _counter(
+            "mlx_server_context_messages_dropped",
+            "Messages dropped by truncation.",
+            counters.messages_dropped,
+        )
+        yield _counter(
+            "mlx_server_context_messages_summarized",
+            "Messages replaced by a summary.",
+            counters.messages_summarized,
+        )
+        yield _counter(
+            "mlx_server_context_summary_tokens",
+            "Prompt and completion tokens spent writing summaries.",
+            counters.summary_tokens,
+        )
+        yield _counter(
+            "mlx_server_context_overflow_refusals",
+            "Requests compaction could not make fit (answered 400 context_length_exceeded).",
+            counters.refusals,
+        )
+
+
+def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _gauge(name: str, documentation: str, value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+class RequestCounter:
+    """Pure ASGI middleware counting every response, errors included, by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = _route_label(scope["path"])
+            self.metrics.requests.labels(path=path, status=str(status)).inc()
+
+
+def _route_label(path: str) -> str:
+    """Bounded label values: unknown paths must not grow the metric without limit."""
+    if path in KNOWN_PATHS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"

@@ -1,0 +1,310 @@
+"""GET /openapi.json: every route with its request and response schemas.
+
+Request schemas come from the pydantic types the routes validate with; response schemas from the
+types below, which mirror what responses.py and monitoring.py build (tests check both against
+real responses). They stay open to extra fields: newer OpenAI fields may be added to answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from ..protocols.anthropic.types import CountTokensRequest, MessagesRequest
+from ..protocols.openai.types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from ..protocols.responses.types import ResponsesRequest
+
+REF = "#/components/schemas/{model}"
+# One server-sent event: its `data` is a JSON chunk or `[DONE]` (`: ping` comments are no events).
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+
+
+class OpenModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(OpenModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(OpenModel):
+    error: ErrorDetail
+
+
+class PromptTokensDetails(OpenModel):
+    cached_tokens: int
+
+
+class UsageBody(OpenModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class AssistantMessage(OpenModel):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(OpenModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: Any = None
+
+
+class ChatCompletion(OpenModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageBody
+
+
+class TextChoice(OpenModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: Any = None
+
+
+class Completion(OpenModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: UsageBody
+
+
+class ModelCard(OpenModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_window: int
+    kind: str
+
+
+class ModelList(OpenModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(OpenModel):
+    status: Literal["ok", "unavailable"]
+    model: str | None = None
+    reason: str | None = None
+
+
+class TokenizeResult(OpenModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResult(OpenModel):
+    prompt: str
+
+
+class Status(OpenModel):
+    model: dict[str, Any]
+    device: dict[str, Any]
+    engine: dict[str, Any]
+    counters: dict[str, Any]
+    uptime_s: float
+    version: dict[str, Any]
+
+
+class AnthropicErrorDetail(OpenModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(OpenModel):
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class AnthropicMessage(OpenModel):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: dict[str, Any]
+
+
+class TokenCount(OpenModel):
+    input_tokens: int
+
+
+class ResponseObject(OpenModel):
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+RESPONSE_MODELS: list[type[BaseModel]] = [
+    AnthropicErrorBody,
+    AnthropicMessage,
+    TokenCount,
+    ResponseObject,
+    ErrorBody,
+    ChatCompletion,
+    Completion,
+    ModelCard,
+    ModelList,
+    Health,
+    Status,
+    TokenizeResult,
+    DetokenizeResult,
+]
+REQUEST_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    MessagesRequest,
+    CountTokensRequest,
+    ResponsesRequest,
+]
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(model=name)}}}
+
+
+def _post(
+    request_model: str, answer: str, description: str, error: str = "ErrorBody"
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": description,
+            "requestBody": {"required": True, "content": _json(request_model)},
+            "responses": {
+                "200": {"description": description, "content": _json(answer)},
+                "default": {"description": "an error", "content": _json(error)},
+            },
+        }
+    }
+
+
+def _generation(
+    request_model: str, answer: str, description: str, error: str = "ErrorBody"
+) -> dict[str, Any]:
+    """A POST that generates: its answer whole, or with `stream: true` server-sent events."""
+    operation = _post(request_model, answer, description, error)
+    ok = operation["post"]["responses"]["200"]
+    ok["description"] = f"the {answer}, or with `stream: true` server-sent events"
+    ok["content"]["text/event-stream"] = {"schema": SSE_EVENT}
+    return operation
+
+
+def _get(answer: str, description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": description,
+            "responses": {
+                "200": {"description": description, "content": _json(answer)},
+                "default": {"description": "an error", "content": _json("ErrorBody")},
+            },
+            **extra,
+        }
+    }
+
+
+def _paths() -> dict[str, Any]:
+    model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    health = _get("Health", "200 while serving")
+    health["get"]["responses"]["503"] = {"description": "not serving", "content": _json("Health")}
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    return {
+        "/v1/chat/completions": _generation("ChatCompletionRequest", "ChatCompletion", "Chat"),
+        "/v1/completions": _generation("CompletionRequest", "Completion", "Text completion"),
+        "/v1/responses": _generation("ResponsesRequest", "ResponseObject", "OpenAI Responses"),
+        "/v1/messages": _generation(
+            "MessagesRequest", "AnthropicMessage", "Anthropic Messages", "AnthropicErrorBody"
+        ),
+        "/v1/messages/count_tokens": _post(
+            "CountTokensRequest", "TokenCount", "Anthropic token count", "AnthropicErrorBody"
+        ),
+        "/tokenize": _post("TokenizeRequest", "TokenizeResult", "Text or messages to tokens"),
+        "/detokenize": _post("DetokenizeRequest", "DetokenizeResult", "Tokens to text"),
+        "/v1/models": _get("ModelList", "The served model"),
+        "/v1/models/{model_id}": _get("ModelCard", "One model", parameters=[model_id]),
+        "/v1/mlx/status": _get("Status", "Model, device, load and counters"),
+        "/health": health,
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "text format", "content": text}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "default": {"description": "an error", "content": _json("ErrorBody")},
+                },
+            }
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+        (model, "validation") for model in REQUEST_MODELS
+    ]
+    models += [(model, "serialization") for model in RESPONSE_MODELS]
+    _, schemas = models_json_schema(models, ref_template=REF)
+    bearer = {"type": "http", "scheme": "bearer"}
+    header_key = {"type": "apiKey", "in": "header", "name": "x-api-key"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "mlx-engine-server", "version": __version__},
+        "paths": _paths(),
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {"bearer": bearer, "apiKeyHeader": header_key},
+        },
+        # Keys are optional (--api-key); with keys, all but /health need one.
+        "security": [{}, {"bearer": []}, {"apiKeyHeader": []}],
+    }
+
+
+async def openapi_json(request: Request) -> Response:
+    document = getattr(request.app.state, "openapi", None)
+    if document is None:
+        document = request.app.state.openapi = openapi_document()
+    return JSONResponse(document)

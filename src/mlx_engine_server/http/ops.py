@@ -1,0 +1,99 @@
+"""Operator endpoints: /health (liveness), /v1/mlx/status (model, load), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from ..chat.overflow import CompactionCounters
+from ..engine import Engine
+from ..engine.device import device_name, memory_bytes, mlx_version
+from .metrics import ServerMetrics
+
+
+async def health(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    if engine.draining or not engine.alive:
+        return JSONResponse({"status": "unavailable", "reason": _down_reason(engine)}, 503)
+    return JSONResponse({"status": "ok", "model": engine.loaded.model_id})
+
+
+def _down_reason(engine: Engine) -> str:
+    if engine.failure is not None:
+        return engine.failure
+    return "shutting down" if engine.draining else "the generation engine is not running"
+
+
+async def status(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    body = status_body(engine)
+    compactions: CompactionCounters = request.app.state.compactions
+    body["context_overflow"] = compactions.as_dict()
+    return JSONResponse(body)
+
+
+def status_body(engine: Engine) -> dict[str, Any]:
+    loaded = engine.loaded
+    stats = engine.stats()
+    return {
+        "model": {
+            "id": loaded.model_id,
+            "path": loaded.model_path,
+            "resolved_path": str(loaded.resolved_path),
+            "adapter_path": loaded.adapter_path,
+            "kind": loaded.kind,
+            "context_window": loaded.context_window,
+            "quantization": loaded.quantization,
+        },
+        "device": {"name": device_name(), "memory": memory_bytes()},
+        "distributed": _group_body(engine),
+        "memory_budget": engine.memory_stats(),
+        "engine": {
+            "max_batch_size": engine.options.max_batch_size,
+            "max_queue": engine.options.max_queue,
+            "requests_active": stats.requests_active,
+            "requests_queued": stats.requests_queued,
+            "tokens_per_s": round(stats.tokens_per_s, 2),
+        },
+        "prefix_cache": _prefix_cache_body(engine),
+        "counters": {
+            "requests_total": stats.requests_total,
+            "failures_total": stats.failures_total,
+            "prompt_tokens_total": stats.prompt_tokens_total,
+            "completion_tokens_total": stats.completion_tokens_total,
+        },
+        "uptime_s": round(time.time() - engine.started_at, 3),
+        "version": {
+            "server": __version__,
+            "mlx": mlx_version(),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _group_body(engine: Engine) -> dict[str, Any] | None:
+    """The processes serving this model together; None for a process alone."""
+    info = engine.group_info
+    return dataclasses.asdict(info) if info is not None else None
+
+
+def _prefix_cache_body(engine: Engine) -> dict[str, float] | None:
+    stats = engine.prefix_cache_stats()
+    if stats is None:
+        return None
+    lookups = stats.hits + stats.misses
+    return {
+        **dataclasses.asdict(stats),
+        "hit_rate": round(stats.hits / lookups, 4) if lookups else 0.0,
+    }
+
+
+async def metrics_text(request: Request) -> Response:
+    metrics: ServerMetrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,1 @@
+"""Model loading: a model directory, a GGUF file, or a vision-language model."""

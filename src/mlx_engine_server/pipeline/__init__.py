@@ -1,0 +1,1 @@
+"""The request pipeline every protocol route shares: plan, fit, sample, admit, collect."""

@@ -1,0 +1,385 @@
+"""The steps every generating route shares, whatever protocol it speaks: the model-name check,
+chat planning (template, tools, reasoning), the context-overflow policy, sampling parameters and
+admission to the engine. OpenAI chat, Anthropic Messages and OpenAI Responses all run through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from ..chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
+from ..chat.media import LoadedImage, MediaPolicy
+from ..chat.output import OutputRules
+from ..chat.overflow import (
+    Compaction,
+    CompactionCounters,
+    Fitted,
+    Limits,
+    Summary,
+    SummaryOptions,
+    fit_conversation,
+)
+from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
+from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
+from ..chat.structured import response_format_grammar
+from ..engine import Engine, Generation, SamplingParams, Usage
+from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from ..http.access_log import request_record
+from ..http.body import request_limits
+from ..http.guards import HostPolicy
+from ..http.sse import admit, collect
+from ..models.vision import VisionPrompt
+from ..protocols.openai.limits import RequestLimits, check_request_limits
+from ..protocols.openai.types import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OverflowPolicy,
+    SamplingFields,
+)
+
+COMPACTION_HEADER = "x-context-compacted"
+CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """The part of Settings the HTTP layer needs, built once in serve()."""
+
+    strict_model_name: bool = False
+    max_tokens_default: int | None = None
+    context_overflow: OverflowPolicy = "error"
+    allow_request_overflow_policy: bool = False
+    summary_keep_messages: int = 6
+    summary_max_tokens: int = 512
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
+    max_n: int = 8
+    max_prompts: int = 16
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    api_keys: tuple[str, ...] = ()
+    host_policy: HostPolicy | None = None  # None: any Host header (not bound to loopback)
+    cors_origins: tuple[str, ...] = ()
+    log_prompts: bool = False
+    max_header_bytes: int = 32 * 1024
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+class ChatPlanner:
+    """Prompts built exactly as the engine will see them (messages, tools, template arguments);
+    the overflow policy measures with it, and its last plan is reused when nothing was dropped."""
+
+    def __init__(self, engine: Engine, formats: ChatFormats, body: ChatCompletionRequest) -> None:
+        self.tokenizer = engine.loaded.tokenizer
+        self.formats = formats
+        self.body = body
+        self._last: tuple[list[ChatMessage], ChatPlan] | None = None
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        return self.plan(messages).prompt_tokens
+
+    def plan(self, messages: list[ChatMessage]) -> ChatPlan:
+        if self._last is not None and self._last[0] == messages:
+            return self._last[1]
+        body = self.body
+        if messages != list(body.messages):
+            body = body.model_copy(update={"messages": messages})
+        plan = plan_chat(self.tokenizer, self.formats, body)
+        self._last = (messages, plan)
+        return plan
+
+
+def chat_formats_of(request: Request) -> ChatFormats:
+    state = request.app.state
+    if state.chat_formats is None:
+        options: ServerOptions = state.options
+        loaded = state.engine.loaded
+        state.chat_formats = chat_formats(
+            loaded.tokenizer,
+            options.tool_call_parser,
+            options.reasoning_parser,
+            multimodal=loaded.kind == "vision",
+        )
+    formats: ChatFormats = state.chat_formats
+    return formats
+
+
+def request_grammar(
+    tool_grammar: str | None, body: ChatCompletionRequest | CompletionRequest
+) -> str | None:
+    """A forced tool call or a response_format: the two cannot both hold."""
+    format_grammar = response_format_grammar(body.response_format)
+    if tool_grammar is not None and format_grammar is not None:
+        raise InvalidRequestError(
+            "response_format cannot be combined with a tool_choice that forces a tool call",
+            param="response_format",
+        )
+    return tool_grammar or format_grammar
+
+
+async def fit_conversation_for(
+    request: Request,
+    engine: Engine,
+    options: ServerOptions,
+    body: ChatCompletionRequest,
+    render: Callable[[list[ChatMessage]], list[int]],
+) -> Fitted:
+    """Apply the context-overflow policy to the messages, and count what it did."""
+    policy = _overflow_policy(options, body)
+    window = engine.loaded.context_window
+    requested = body.requested_max_tokens
+    limits = Limits(window, requested or _answer_reserve(options, window), requested is not None)
+    summary = SummaryOptions(
+        options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
+    )
+    counters: CompactionCounters = request.app.state.compactions
+    try:
+        fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
+    except ContextLengthExceededError:
+        counters.refusals += 1
+        raise
+    counters.record(fitted.compaction)
+    return fitted
+
+
+def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
+    if body.context_overflow is None:
+        return options.context_overflow
+    if not options.allow_request_overflow_policy:
+        raise InvalidRequestError(
+            "context_overflow is not enabled on this server "
+            "(the operator can allow it with --allow-request-overflow-policy)",
+            param="context_overflow",
+            code="unsupported_parameter",
+        )
+    return body.context_overflow
+
+
+def _answer_reserve(options: ServerOptions, context_window: int) -> int:
+    """Room compaction keeps for an answer when max_tokens is absent: not the last few tokens."""
+    quarter = max(1, context_window // 4)
+    default = options.max_tokens_default
+    return quarter if default is None else min(default, quarter)
+
+
+def summary_usage(compaction: Compaction | None) -> Usage | None:
+    if compaction is None or compaction.summary is None:
+        return None
+    summary = compaction.summary
+    return Usage(summary.prompt_tokens, summary.completion_tokens, summary.cached_tokens)
+
+
+class EngineSummarizer:
+    """Summaries of old turns written by the served model: one more request to the same engine."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.engine: Engine = request.app.state.engine
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        loaded = self.engine.loaded
+        return chat_prompt_tokens(loaded.tokenizer, messages, multimodal=loaded.kind == "vision")
+
+    async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        generation = Generation(self.engine, [(prompt_tokens, params)])
+        (result,), usage = await collect(generation, self.request.receive, 1, 1)
+        return Summary(
+            result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        )
+
+
+def check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: int) -> None:
+    if n > options.max_n:
+        raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
+    if n * prompts > engine.capacity:
+        raise InvalidRequestError(
+            f"{n * prompts} choices ({prompts} prompts x n={n}) exceed the {engine.capacity} "
+            "sequences this server can hold at once",
+            param="n",
+        )
+
+
+def check_model(request: Request, requested: str | None) -> tuple[Engine, ServerOptions]:
+    """Any model name is accepted unless --strict-model-name: clients always send one."""
+    engine: Engine = request.app.state.engine
+    options: ServerOptions = request.app.state.options
+    served = engine.loaded.model_id
+    if options.strict_model_name and requested is not None and requested != served:
+        raise model_not_found(requested, served)
+    return engine, options
+
+
+def model_not_found(requested: str, served: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"The model '{requested}' does not exist; this server serves '{served}'.", param="model"
+    )
+
+
+def sampling_params(
+    engine: Engine,
+    options: ServerOptions,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: list[int],
+    grammar: str | None,
+) -> SamplingParams:
+    max_tokens = resolve_max_tokens(
+        len(prompt),
+        body.requested_max_tokens,
+        options.max_tokens_default,
+        engine.loaded.context_window,
+    )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if body.top_p == 0.0:  # nothing but the single most likely token survives
+        temperature = 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=_top_k(body.top_k, len(engine.loaded.tokenizer)),
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=_token_bias(engine, body),
+        stop=body.stop_list(),
+        ignore_eos=body.ignore_eos,
+        grammar=grammar,
+        logprobs=body.top_logprobs_count,
+    )
+
+
+def _top_k(requested: int | None, vocab_size: int) -> int:
+    """0 (off) when absent, -1, or not smaller than the vocabulary: all tokens stay anyway."""
+    if requested is None or requested <= 0 or requested >= vocab_size:
+        return 0
+    return requested
+
+
+def note_prompt(request: Request, prompt_text: Callable[[], str]) -> None:
+    """The prompt's text reaches the log only with --log-prompts."""
+    options: ServerOptions = request.app.state.options
+    record = request_record(request)
+    if record is not None and options.log_prompts:
+        record.prompt = prompt_text()
+
+
+def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+    if not body.logit_bias:
+        return ()
+    vocab_size = len(engine.loaded.tokenizer)
+    bias = []
+    for key, value in body.logit_bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                param="logit_bias",
+            )
+        bias.append((int(key), value))
+    return tuple(bias)
+
+
+@dataclass(frozen=True)
+class ChatRun:
+    """One admitted chat generation (a single choice), and what shaping its answer needs."""
+
+    generation: Generation
+    rules: OutputRules
+    prompt_tokens: int
+    model_id: str
+    shutdown_grace_s: float
+    compaction: Compaction | None
+    cached_tokens: int
+
+    def headers(self) -> dict[str, str]:
+        """What the response reports besides its body: cached prompt tokens, compaction."""
+        headers = {CACHED_TOKENS_HEADER: str(self.cached_tokens)}
+        if self.compaction is not None:
+            headers[COMPACTION_HEADER] = self.compaction.header_value()
+        return headers
+
+
+@dataclass(frozen=True)
+class PlannedChat:
+    """A chat request's prompt as the engine will see it, with its images when it has any."""
+
+    plan: ChatPlan
+    compaction: Compaction | None
+    vision: VisionPrompt | None
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return list(self.vision.token_ids) if self.vision else self.plan.prompt_tokens
+
+
+async def plan_request(request: Request, body: ChatCompletionRequest) -> PlannedChat:
+    """The prompt as the engine will see it, after the overflow policy had its say."""
+    check_request_limits(body, request_limits(request))
+    engine, options = check_model(request, body.model)
+    note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
+    messages = list(body.messages)
+    refs = image_refs(messages)
+    check_image_refs(refs, messages, engine.loaded.kind == "vision", options.media)
+    images = await load_images(refs, options.media)
+    planner = ChatPlanner(engine, chat_formats_of(request), body)
+    fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
+    plan = planner.plan(fitted.messages)
+    vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
+    return PlannedChat(plan, fitted.compaction, vision)
+
+
+async def _vision_prompt(
+    engine: Engine, plan: ChatPlan, images: list[LoadedImage]
+) -> VisionPrompt | None:
+    """The prompt with its images through the model's processor; None without images."""
+    if not images:
+        return None
+    pictures = [image.image for image in images]
+    return await asyncio.to_thread(
+        engine.vision_prompt, plan.prompt_text, pictures, images_digest(images)
+    )
+
+
+async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
+    """Plan one chat request and admit it to the engine (a full queue is a 429 here)."""
+    planned = await plan_request(request, body)
+    plan, compaction, prompt = planned.plan, planned.compaction, planned.prompt_tokens
+    engine: Engine = request.app.state.engine
+    options: ServerOptions = request.app.state.options
+    grammar = request_grammar(plan.grammar, body)
+    params = sampling_params(engine, options, body, prompt, grammar)
+    generation = Generation(engine, [(prompt, params)], request.app.state.metrics, planned.vision)
+    admitted = await admit(generation, request.receive)  # one that cannot start: HTTP error
+    note_generation(request, len(prompt), admitted[0], generation)
+    return ChatRun(
+        generation,
+        plan.rules,
+        len(prompt),
+        engine.loaded.model_id,
+        engine.options.shutdown_grace_s,
+        compaction,
+        admitted[0],
+    )
+
+
+def note_generation(
+    request: Request, prompt_tokens: int, cached_tokens: int, generation: Generation
+) -> None:
+    """The request's log line reports its tokens and time to first token."""
+    record = request_record(request)
+    if record is not None:
+        record.prompt_tokens = prompt_tokens
+        record.cached_tokens = cached_tokens
+        record.generation = generation
+
+
+def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
+    """The prompt tokens of a conversation as given (tools and template included), uncompacted."""
+    engine, _ = check_model(request, body.model)
+    planner = ChatPlanner(engine, chat_formats_of(request), body)
+    return len(planner.prompt_tokens(list(body.messages)))

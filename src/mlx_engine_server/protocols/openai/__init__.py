@@ -1,0 +1,1 @@
+"""OpenAI chat and text completions: wire types, limits, rendering, tokenize routes."""

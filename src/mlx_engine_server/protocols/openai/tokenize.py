@@ -1,0 +1,51 @@
+"""POST /tokenize and /detokenize in vLLM's shapes, so clients can count tokens before sending."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ...chat.prompt import chat_prompt_tokens, check_token_ids
+from ...errors import InvalidRequestError
+from ...http.body import read_model
+from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
+
+
+async def tokenize(request: Request) -> Response:
+    body = await read_model(request, TokenizeRequest)
+    loaded = request.app.state.engine.loaded
+    tokenizer = loaded.tokenizer
+    if body.messages is not None:
+        _refuse_images(list(body.messages))
+        tokens = chat_prompt_tokens(
+            tokenizer, list(body.messages), multimodal=loaded.kind == "vision"
+        )
+    else:
+        tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+    answer: dict[str, Any] = {
+        "count": len(tokens),
+        "max_model_len": loaded.context_window,
+        "tokens": tokens,
+    }
+    if body.return_token_strs:
+        answer["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
+    return JSONResponse(answer)
+
+
+def _refuse_images(messages: list[ChatMessage]) -> None:
+    """Counting image tokens needs the images processed: /tokenize does not load them."""
+    for index, message in enumerate(messages):
+        for position, _ in message.image_parts():
+            raise InvalidRequestError(
+                "/tokenize counts text only; image parts are not loaded here.",
+                param=f"messages[{index}].content[{position}]",
+            )
+
+
+async def detokenize(request: Request) -> Response:
+    body = await read_model(request, DetokenizeRequest)
+    tokenizer = request.app.state.engine.loaded.tokenizer
+    check_token_ids(tokenizer, body.tokens, "tokens")
+    return JSONResponse({"prompt": tokenizer.decode(body.tokens)})

@@ -1,0 +1,1 @@
+"""OpenAI Responses: wire types, translation to chat, rendering, routes."""

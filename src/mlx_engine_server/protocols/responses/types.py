@@ -1,0 +1,231 @@
+"""OpenAI Responses request types (the stateless part of the API), with OpenAI's field names.
+
+Unknown fields are ignored, as on the chat route; fields that need state this server does not
+keep (`store`, `previous_response_id`, `conversation`, `background`) or tools it does not have
+are a 400 naming them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from ..openai.types import (
+    FUNCTION_NAME_PATTERN,
+    MAX_TOOLS,
+    JSONSchemaSpec,
+    ReasoningEffort,
+    WireModel,
+    refuse_unless,
+)
+
+STATELESS = (
+    "this server is stateless: it stores no responses, so send the whole conversation in "
+    "`input` each turn"
+)
+# Output this server can add on request: reasoning is never encrypted (there is no key), so
+# asking for its encrypted form is honoured by the reasoning item's plain content.
+SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content"})
+
+
+class TextContent(WireModel):
+    type: Literal["input_text", "output_text"]
+    text: str
+
+
+class RefusalContent(WireModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class ImageContent(WireModel):
+    """An image for a vision model, by URL (http(s), data: or file:, under the media policy)."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class MediaContent(WireModel):
+    """Files and audio: refused by this server."""
+
+    type: Literal["input_file", "input_audio"]
+
+
+ContentPart = Annotated[
+    TextContent | RefusalContent | ImageContent | MediaContent, Field(discriminator="type")
+]
+
+
+class MessageItem(WireModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(WireModel):
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=256)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    arguments: str
+
+
+class FunctionCallOutputItem(WireModel):
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=256)
+    output: str | list[ContentPart]
+
+
+class ReasoningText(WireModel):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(WireModel):
+    """Earlier reasoning, handed back to the template as the next assistant turn's reasoning."""
+
+    type: Literal["reasoning"]
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+
+    @field_validator("encrypted_content", mode="after")
+    @classmethod
+    def _no_encrypted(cls, value: str | None) -> str | None:
+        refuse_unless(not value, "encrypted reasoning cannot be read by this server")
+        return value
+
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.content or self.summary)
+
+
+def _item_type(value: Any) -> str:
+    """Messages may leave `type` out (EasyInputMessage)."""
+    if isinstance(value, dict):
+        return str(value.get("type", "message"))
+    return str(getattr(value, "type", "message"))
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(WireModel):
+    type: str
+    name: str | None = Field(default=None, pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("type", mode="after")
+    @classmethod
+    def _function_tools_only(cls, value: str) -> str:
+        refuse_unless(
+            value == "function",
+            f"tool type {value!r} is not available on this server; only function tools are",
+        )
+        return value
+
+    @model_validator(mode="after")
+    def _named(self) -> FunctionTool:
+        refuse_unless(self.name is not None, "a function tool needs a name")
+        return self
+
+
+class FunctionChoice(WireModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+    def json_schema(self) -> JSONSchemaSpec:
+        return JSONSchemaSpec.model_validate(
+            {
+                "name": self.name or "output",
+                "schema": self.schema_,
+                "description": self.description,
+                "strict": self.strict,
+            }
+        )
+
+
+class TextConfig(WireModel):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # the default; the model's verbosity is fixed
+
+
+class ReasoningConfig(WireModel):
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None  # reasoning is sent whole
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class ResponsesRequest(WireModel):
+    model: str | None = None
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    instructions: str | None = None
+    tools: list[FunctionTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to pad here
+    include: list[str] | None = None
+    # Accepted no-ops: identifiers for abuse tracking and cache routing; one tier.
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    truncation: Literal["disabled"] | None = None  # "auto": see --context-overflow
+    top_logprobs: Literal[0] | None = None
+    # Refused: stored state, background runs, reusable prompts, tool-call caps.
+    store: bool | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+    background: bool | None = None
+    prompt: Any = None
+    max_tool_calls: int | None = None
+
+    @field_validator("store", "background", mode="after")
+    @classmethod
+    def _not_true(cls, value: bool | None) -> bool | None:
+        refuse_unless(not value, f"{STATELESS}; leave it unset or false")
+        return value
+
+    @field_validator("previous_response_id", "conversation", mode="after")
+    @classmethod
+    def _no_state(cls, value: Any) -> Any:
+        refuse_unless(value is None, STATELESS)
+        return value
+
+    @field_validator("prompt", "max_tool_calls", mode="after")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        refuse_unless(value is None, "not supported by this server")
+        return value
+
+    @field_validator("include", mode="after")
+    @classmethod
+    def _known_includes(cls, value: list[str] | None) -> list[str] | None:
+        unknown = sorted(set(value or ()) - SUPPORTED_INCLUDES)
+        refuse_unless(not unknown, f"this server cannot include {', '.join(unknown)}")
+        return value

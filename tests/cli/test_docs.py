@@ -1,0 +1,287 @@
+"""README, config.example.json and the scripts agree with the code, in both directions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from starlette.routing import Route
+
+from mlx_engine_server.cli.config import Settings, load_settings
+from mlx_engine_server.cli.main import cli
+from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.http.app import create_app
+from mlx_engine_server.models.loader import LoadedModel
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+README = REPO_ROOT / "README.md"
+CONFIG_EXAMPLE = REPO_ROOT / "config.example.json"
+
+# Options every click command has; the README's settings table is about settings.
+CLICK_BUILTIN_OPTIONS = {"--help", "--version"}
+# The one row of the table that is no setting: it names the file the settings come from.
+CONFIG_FLAG = "--config"
+
+
+@dataclass(frozen=True)
+class SettingsRow:
+    flag: str  # "--max-queue", or "MODEL_PATH" for the argument
+    env: str
+    default: str
+    field: str | None  # the Settings field, None for --config
+
+
+def readme_text() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+def readme_section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", readme_text(), re.M | re.S)
+    assert match, f"README.md has no '## {title}' section"
+    return match.group(1)
+
+
+def table_rows(section: str) -> list[list[str]]:
+    """Cells of a markdown table's body rows, without their backticks."""
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("|") or set(line) <= set("|- "):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        rows.append(cells)
+    return rows[1:]  # the first is the header
+
+
+def unquote(cell: str) -> str:
+    return cell.strip().strip("`")
+
+
+def option_names() -> dict[str, str]:
+    """Each flag's setting: `--max-queue` -> max_queue, the repeatable `--api-key` -> api_keys."""
+    return {
+        opt: param.name
+        for param in cli.params
+        if isinstance(param, click.Option) and param.name
+        for opt in param.opts
+    }
+
+
+def readme_settings_rows() -> list[SettingsRow]:
+    rows = []
+    names = option_names()
+    for cells in table_rows(readme_section("Settings")):
+        flag, env = unquote(cells[0]), unquote(cells[1])
+        if flag == CONFIG_FLAG:
+            field = None
+        elif flag.startswith("--"):
+            field = names.get(flag, flag.removeprefix("--").replace("-", "_"))
+        else:
+            field = flag.lower()
+        rows.append(SettingsRow(flag, env, cells[2], field))
+    assert len(rows) > 10, "the README settings table was not found or not parsed"
+    return rows
+
+
+def readme_endpoints() -> set[tuple[str, str]]:
+    endpoints = set()
+    for cells in table_rows(readme_section("Endpoints")):
+        method, path = unquote(cells[0]).split(" ", 1)
+        endpoints.add((method, normalize_path(path)))
+    assert endpoints, "the README endpoints table was not found or not parsed"
+    return endpoints
+
+
+def normalize_path(path: str) -> str:
+    """`/v1/models/{id}` and `/v1/models/{model_id:path}` are the same route."""
+    return re.sub(r"\{[^}]*\}", "{}", path)
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MLX_SERVER_"):
+            monkeypatch.delenv(name)
+
+
+# --- settings: README table <-> click command <-> Settings --------------------------------
+
+
+def cli_option_flags() -> set[str]:
+    flags: set[str] = set()
+    for param in cli.params:
+        if isinstance(param, click.Option):
+            flags.update(opt for opt in param.opts if opt.startswith("--"))
+    return flags - CLICK_BUILTIN_OPTIONS
+
+
+def test_every_readme_flag_is_a_cli_option() -> None:
+    readme_flags = {row.flag for row in readme_settings_rows() if row.flag.startswith("--")}
+    missing = readme_flags - cli_option_flags()
+    assert not missing, f"README lists flags the command lacks: {sorted(missing)}"
+
+
+def test_every_cli_option_is_in_the_readme_table() -> None:
+    readme_flags = {row.flag for row in readme_settings_rows()}
+    undocumented = cli_option_flags() - readme_flags
+    assert not undocumented, f"options missing from README's table: {sorted(undocumented)}"
+
+
+def test_model_path_argument_is_documented() -> None:
+    arguments = [param for param in cli.params if isinstance(param, click.Argument)]
+    assert [arg.human_readable_name for arg in arguments] == ["MODEL_PATH"]
+    assert "MODEL_PATH" in {row.flag for row in readme_settings_rows()}
+
+
+def test_help_shows_every_readme_flag() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0, result.output
+    for row in readme_settings_rows():
+        assert row.flag in result.output, row.flag
+
+
+def test_negative_forms_exist_for_the_boolean_flags() -> None:
+    """README: the boolean flags have `--no-...` forms."""
+    negatives = {
+        opt
+        for param in cli.params
+        if isinstance(param, click.Option)
+        for opt in param.secondary_opts
+    }
+    assert negatives == {
+        "--no-strict-model-name",
+        "--no-trust-remote-code",
+        "--no-allow-request-overflow-policy",
+        "--no-log-prompts",
+        "--no-exit-on-stdin-close",
+        "--no-allow-remote-media",
+    }
+    assert "`--no-...` forms" in readme_section("Settings")
+
+
+def test_every_readme_env_var_is_a_settings_field() -> None:
+    for row in readme_settings_rows():
+        if row.field is None:
+            continue
+        assert row.field in Settings.model_fields, row
+        assert row.env == f"MLX_SERVER_{row.field.upper()}", row
+
+
+def test_every_settings_field_is_in_the_readme_table() -> None:
+    documented = {row.field for row in readme_settings_rows()}
+    undocumented = set(Settings.model_fields) - documented
+    assert not undocumented, f"settings missing from README: {sorted(undocumented)}"
+
+
+def test_one_name_per_setting_across_flag_env_and_option() -> None:
+    """`--max-queue` <-> MLX_SERVER_MAX_QUEUE <-> "max_queue" <-> click's parameter name.
+
+    A repeatable flag names one value of a plural setting: `--api-key` <-> "api_keys".
+    """
+    options = {
+        opt: param for param in cli.params if isinstance(param, click.Option) for opt in param.opts
+    }
+    for row in readme_settings_rows():
+        if row.field is None or not row.flag.startswith("--"):
+            continue
+        option = options[row.flag]
+        spelled = "--" + row.field.replace("_", "-")
+        assert row.flag == spelled or (option.multiple and row.flag + "s" == spelled), row
+        assert option.name == row.field
+
+
+def test_config_flag_and_env_var_match_readme() -> None:
+    (row,) = [row for row in readme_settings_rows() if row.flag == CONFIG_FLAG]
+    (option,) = [p for p in cli.params if isinstance(p, click.Option) and CONFIG_FLAG in p.opts]
+    assert option.envvar == row.env
+
+
+LITERAL_DEFAULT = re.compile(r"^`([^`]*)`")  # "`1073741824` (1 GiB)" is checked too
+
+
+def test_readme_defaults_are_the_settings_defaults() -> None:
+    defaults = Settings()
+    checked = 0
+    for row in readme_settings_rows():
+        match = LITERAL_DEFAULT.match(row.default)
+        if row.field is None or match is None:
+            continue
+        as_documented = Settings.model_validate({row.field: match.group(1)})
+        assert getattr(as_documented, row.field) == getattr(defaults, row.field), row
+        checked += 1
+    assert checked >= 8
+
+
+# --- config.example.json -----------------------------------------------------------------
+
+
+def test_config_example_validates() -> None:
+    settings = load_settings({}, CONFIG_EXAMPLE)
+    assert isinstance(settings, Settings)
+
+
+def test_config_example_lists_every_setting() -> None:
+    keys = set(json.loads(CONFIG_EXAMPLE.read_text(encoding="utf-8")))
+    assert keys == set(Settings.model_fields)
+
+
+def test_config_example_shows_the_defaults() -> None:
+    assert load_settings({}, CONFIG_EXAMPLE) == load_settings({})
+
+
+# --- endpoints: README table <-> routes ---------------------------------------------------
+
+
+def never_loaded() -> LoadedModel:
+    raise AssertionError("reading routes must not load a model")
+
+
+def app_routes() -> set[tuple[str, str]]:
+    app = create_app(Engine(never_loaded, EngineOptions()))
+    routes = set()
+    for route in app.routes:
+        assert isinstance(route, Route), route
+        for method in route.methods or ():
+            if method != "HEAD":
+                routes.add((method, normalize_path(route.path)))
+    return routes
+
+
+def test_every_readme_endpoint_is_a_route() -> None:
+    missing = readme_endpoints() - app_routes()
+    assert not missing, f"README lists endpoints the app lacks: {sorted(missing)}"
+
+
+def test_every_route_is_in_the_readme() -> None:
+    undocumented = app_routes() - readme_endpoints()
+    assert not undocumented, f"routes missing from README: {sorted(undocumented)}"
+
+
+# --- the two commands ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["run_server.sh", "run_tests.sh"])
+def test_readme_commands_exist_and_are_executable(script: str) -> None:
+    path = REPO_ROOT / script
+    assert path.is_file()
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    assert path.read_text(encoding="utf-8").startswith("#!")
+    commands = re.findall(r"```bash\n(.*?)```", readme_text(), re.S)
+    assert any(f"./{script}" in block.splitlines() for block in commands), script
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = REPO_ROOT / ".ci" / "run"
+    assert os.access(ci, os.X_OK)
+    lines = [line.strip() for line in ci.read_text(encoding="utf-8").splitlines()]
+    assert "./run_tests.sh" in lines
+
+
+def test_readme_example_client_exists() -> None:
+    assert "examples/client.py" in readme_text()
+    assert (REPO_ROOT / "examples" / "client.py").is_file()

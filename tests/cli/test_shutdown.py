@@ -1,0 +1,101 @@
+"""SIGTERM on a real process: running requests get the grace period, the rest end with an error."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from ..model_factory import build_tiny_llama
+
+GRACE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def roomy_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Path:
+    dest = tmp_path_factory.mktemp("roomy") / "roomy-llama"
+    return build_tiny_llama(dest, smollm_dir, context_window=16384)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model_dir: Path, port: int) -> subprocess.Popen[str]:
+    command = [
+        str(Path(sys.executable).parent / "mlx-server"),
+        str(model_dir),
+        "--port",
+        str(port),
+        "--shutdown-grace-s",
+        str(GRACE_S),
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("mlx-server did not become healthy")
+
+
+def stream_lines(
+    url: str, body: dict[str, object], lines: list[str], started: threading.Event
+) -> None:
+    with httpx.stream("POST", url, json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[len("data: ") :])
+                started.set()
+
+
+def test_sigterm_lets_short_requests_finish_and_ends_long_ones(roomy_model_dir: Path) -> None:
+    port = free_port()
+    process = start_server(roomy_model_dir, port)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    streams = {
+        "short": {"prompt": "Hi", "max_tokens": 30, "ignore_eos": True, "stream": True},
+        "long": {"prompt": "Go", "max_tokens": 16000, "ignore_eos": True, "stream": True},
+    }
+    received: dict[str, list[str]] = {name: [] for name in streams}
+    started = {name: threading.Event() for name in streams}
+    threads = [
+        threading.Thread(target=stream_lines, args=(url, body, received[name], started[name]))
+        for name, body in streams.items()
+    ]
+    for thread in threads:
+        thread.start()
+    assert all(event.wait(30) for event in started.values())
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(timeout=30)
+    exit_code = process.wait(timeout=30)
+    elapsed = time.monotonic() - signalled
+    stderr = process.communicate()[1]
+
+    assert exit_code == 0, stderr
+    assert "Traceback" not in stderr
+    assert elapsed < GRACE_S + 8
+    short_chunks = [json.loads(line) for line in received["short"][:-1]]
+    assert received["short"][-1] == "[DONE]"
+    assert short_chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert received["long"][-1] == "[DONE]"
+    error = json.loads(received["long"][-2])["error"]
+    assert error["code"] == "service_unavailable"
+    assert "shutting down" in error["message"]

@@ -1,0 +1,116 @@
+"""Memory-aware admission: requests start only when their KV cache fits; never an OOM abort."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.http.app import create_app
+
+from ..conftest import start_engine
+from ..model_factory import build_tiny_llama
+
+# tiny llama: 2 layers x (keys + values) x 2 KV heads x 16 dims x 4 bytes (float32 on CPU)
+TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
+LONG_REQUEST_TOKENS = 1500
+
+
+@pytest.fixture(scope="module")
+def roomy_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Path:
+    dest = tmp_path_factory.mktemp("roomy") / "roomy-llama"
+    return build_tiny_llama(dest, smollm_dir, context_window=4096)
+
+
+# A small prefill workspace keeps run-to-run noise in its measurement far below one request's KV.
+SMALL_PREFILL = {"max_batch_size": 2, "prefill_step_size": 16, "prefix_cache_bytes": 0}
+
+
+@pytest.fixture(scope="module")
+def measured(roomy_model_dir: Path) -> dict[str, int]:
+    engine = start_engine(roomy_model_dir, EngineOptions(**SMALL_PREFILL))
+    try:
+        stats = engine.memory_stats()
+    finally:
+        engine.stop()
+    assert stats is not None
+    return stats
+
+
+def long_request_bytes(measured: dict[str, int]) -> int:
+    """What the server reserves for one long request with a one-token prompt."""
+    return (LONG_REQUEST_TOKENS + 1) * measured["kv_bytes_per_token"]
+
+
+def budgeted_client(model_dir: Path, budget_bytes: int) -> Iterator[tuple[TestClient, Engine]]:
+    options = EngineOptions(memory_budget_bytes=budget_bytes, **SMALL_PREFILL)
+    engine = start_engine(model_dir, options)
+    with TestClient(create_app(engine)) as client:
+        yield client, engine
+
+
+def test_kv_cost_is_measured_from_the_model(measured: dict[str, int]) -> None:
+    assert measured["kv_bytes_per_token"] == TINY_KV_BYTES_PER_TOKEN
+    assert measured["weights_bytes"] > 49152 * 64 * 4  # the embedding alone, float32
+    assert measured["budget_bytes"] > measured["weights_bytes"]
+
+
+@pytest.fixture
+def one_long_request_fits(
+    roomy_model_dir: Path, measured: dict[str, int]
+) -> Iterator[tuple[TestClient, Engine]]:
+    baseline = measured["weights_bytes"] + measured["prefill_workspace_bytes"]
+    budget = baseline + int(long_request_bytes(measured) * 1.5)
+    yield from budgeted_client(roomy_model_dir, budget)
+
+
+def long_body(prompt: str) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": LONG_REQUEST_TOKENS, "ignore_eos": True}
+
+
+def test_a_request_that_can_never_fit_is_a_503_naming_the_problem(
+    one_long_request_fits: tuple[TestClient, Engine],
+) -> None:
+    client, _ = one_long_request_fits
+    response = client.post("/v1/completions", json={**long_body("Hi"), "max_tokens": 3000})
+    assert response.status_code == 503, response.text[:300]
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert "max_tokens" in error["message"]
+    small = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3})
+    assert small.status_code == 200
+
+
+def test_a_second_request_waits_until_the_first_frees_its_memory(
+    one_long_request_fits: tuple[TestClient, Engine],
+) -> None:
+    client, engine = one_long_request_fits
+    results: dict[str, int] = {}
+
+    def send(name: str) -> None:
+        response = client.post("/v1/completions", json=long_body(name))
+        results[name] = response.json()["usage"]["completion_tokens"]
+
+    first = threading.Thread(target=send, args=("first",))
+    first.start()
+    deadline = time.monotonic() + 30
+    while engine.stats().requests_active == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    second = threading.Thread(target=send, args=("second",))
+    second.start()
+    time.sleep(0.3)
+    stats = engine.stats()
+    assert (stats.requests_active, stats.requests_queued) == (1, 1)
+    first.join(60)
+    second.join(60)
+    assert results == {"first": LONG_REQUEST_TOKENS, "second": LONG_REQUEST_TOKENS}
+    memory = engine.memory_stats()
+    assert memory is not None
+    assert memory["reserved_bytes"] == 0
