@@ -19,18 +19,17 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from in_process import InProcessEngine
 from models import resolve_model
 
 from mlx_engine_server.chat.structured import json_schema_grammar
 from mlx_engine_server.engine import (
-    Engine,
     EngineOptions,
     Event,
     Failed,
     Finished,
     SamplingParams,
 )
-from mlx_engine_server.models.loader import ModelSource, load_model
 
 PROMPT = "List some digits:"
 
@@ -62,7 +61,9 @@ def digits_grammar(count: int) -> str:
     return json_schema_grammar(schema)
 
 
-def generate(engine: Engine, prompt: list[int], params: list[SamplingParams]) -> tuple[float, int]:
+def generate(
+    engine: InProcessEngine, prompt: list[int], params: list[SamplingParams]
+) -> tuple[float, int]:
     """Wall seconds and completion tokens for rows submitted together."""
     events: queue.Queue[Event] = queue.Queue()
     started = time.perf_counter()
@@ -85,7 +86,9 @@ def rows_for(rows: int, constrained: int, tokens: int, grammar: str) -> list[Sam
     return [fixed] * constrained + [free] * (rows - constrained)
 
 
-def measure(engine: Engine, prompt: list[int], rows: int, tokens: int, repeat: int) -> list[Run]:
+def measure(
+    engine: InProcessEngine, prompt: list[int], rows: int, tokens: int, repeat: int
+) -> list[Run]:
     grammar = digits_grammar(tokens // 2)
     runs = []
     for label, constrained in (("free", 0), ("constrained", rows), ("half", rows // 2)):
@@ -100,7 +103,7 @@ def measure(engine: Engine, prompt: list[int], rows: int, tokens: int, repeat: i
     return runs
 
 
-def warm_up(engine: Engine, prompt: list[int]) -> dict[str, float]:
+def warm_up(engine: InProcessEngine, prompt: list[int]) -> dict[str, float]:
     started = time.perf_counter()
     generate(
         engine, prompt, [SamplingParams(max_tokens=4, temperature=0, grammar=digits_grammar(2))]
@@ -146,9 +149,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
-    source = ModelSource(model_path=str(resolve_model(args.model)))
-    engine = Engine(lambda: load_model(source), EngineOptions(prefix_cache_bytes=0))
-    loaded = engine.start()
+    engine = InProcessEngine(resolve_model(args.model), EngineOptions(prefix_cache_bytes=0))
+    engine.start()
+    loaded = engine.host.loaded
+    assert loaded is not None
     try:
         prompt = loaded.tokenizer.encode(PROMPT)
         setup = warm_up(engine, prompt)

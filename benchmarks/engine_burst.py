@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from in_process import InProcessEngine
 from load import encode, make_messages
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, batch_generate
@@ -26,13 +27,11 @@ from models import add_model_arguments, resolve_model
 
 from mlx_engine_server.engine import (
     Admitted,
-    Engine,
     EngineOptions,
     Finished,
     SamplingParams,
     TextDelta,
 )
-from mlx_engine_server.models.loader import ModelSource, load_model
 
 
 @dataclass
@@ -78,7 +77,7 @@ class StepLog:
 
 
 def burst(
-    engine: Engine, prompts: list[list[int]], max_tokens: int
+    engine: InProcessEngine, prompts: list[list[int]], max_tokens: int
 ) -> tuple[float, list[Timeline]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     timelines = [Timeline() for _ in prompts]
@@ -131,9 +130,8 @@ def main() -> None:
 
     steps = StepLog()
     steps.install()
-    engine = Engine(
-        lambda: load_model(ModelSource(model_path=str(model_dir))),
-        EngineOptions(max_batch_size=args.clients, max_queue=args.clients),
+    engine = InProcessEngine(
+        model_dir, EngineOptions(max_batch_size=args.clients, max_queue=args.clients)
     )
     engine.start()
     burst(engine, prompts("warm-up"), 4)

@@ -105,7 +105,11 @@ class Measurement:
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
-    cpu_s: float | None = None  # CPU time of the generating process (Linux /proc), all threads
+    cpu_s: float | None = None  # CPU time of the generating processes (Linux /proc), all threads
+    front_cpu_s: float | None = None  # of the HTTP process alone (ours: without its engine)
+    event_frames: int | None = None  # ours: engine steps handed to the front (status)
+    event_send_s: float | None = None  # ours: the engine's time handing them over
+    phase: str = "warm"  # or "first request", "first burst": right after start-up
 
     @property
     def tokens_per_s(self) -> float:
@@ -124,11 +128,19 @@ class Measurement:
             "itl_p50_ms": percentile(ms, 50),
             "itl_p99_ms": percentile(ms, 99),
             "errors": self.errors,
-            "cpu_ms_per_token": round(1000 * self.cpu_s / self.tokens, 2)
-            if self.cpu_s is not None and self.tokens
+            "cpu_ms_per_token": per_token_ms(self.cpu_s, self.tokens),
+            "front_cpu_ms_per_token": per_token_ms(self.front_cpu_s, self.tokens),
+            "ipc_us_per_step": round(1e6 * self.event_send_s / self.event_frames, 1)
+            if self.event_send_s is not None and self.event_frames
             else None,
+            "steps": self.event_frames,
+            "phase": self.phase,
             "error_samples": self.error_samples[:3],
         }
+
+
+def per_token_ms(cpu_s: float | None, tokens: int) -> float | None:
+    return round(1000 * cpu_s / tokens, 2) if cpu_s is not None and tokens else None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -328,8 +340,39 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """A process's children (our engine process), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def engine_figures(server: Server) -> tuple[int, float] | None:
+    """Ours: steps handed from the engine to the front so far, and the time that took."""
+    if server.system != OURS:
+        return None
+    engine = httpx.get(f"{server.base}/v1/mlx/status", timeout=10).json()["engine"]
+    return int(engine["event_frames"]), float(engine["event_send_s"])
+
+
+def cold_start(server: Server, plan: Plan) -> list[Measurement]:
+    """The first request after start-up, then the first burst of the most clients: compiles and
+    caches that only the first use pays show here, against the warm runs of the same size."""
+    first = measure(server, batch_messages(1, -2, plan), plan.max_tokens)
+    burst = measure(server, batch_messages(max(plan.clients), -3, plan), plan.max_tokens)
+    first.phase, burst.phase = "first request", "first burst"
+    return [first, burst]
+
+
 def run_server(system: str, plan: Plan) -> list[Measurement]:
     with Server(system, plan) as server:
+        cold = cold_start(server, plan)
         server.chat(make_messages("warm-up", 0, plan.prompt_words), 8)
 
         def one_run(n: int, repeat: int) -> Measurement:
@@ -337,7 +380,7 @@ def run_server(system: str, plan: Plan) -> list[Measurement]:
                 measure(server, batch_messages(n, -1, plan), 4)
             return measure(server, batch_messages(n, repeat, plan), plan.max_tokens)
 
-        return [median_run(system, n, plan, one_run) for n in plan.clients]
+        return cold + [median_run(system, n, plan, one_run) for n in plan.clients]
 
 
 def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measurement:
@@ -354,12 +397,19 @@ def measure(server: Server, batch: list[Messages], max_tokens: int) -> Measureme
         pool.submit(client_group, server.base, server.system, group, max_tokens, started)
         for group in groups
     ]
-    cpu_before = process_cpu_s(server.process.pid)
+    pids = [server.process.pid, *child_pids(server.process.pid)]
+    figures_before = engine_figures(server)
+    cpu_before = [process_cpu_s(pid) for pid in pids]
     streams = [stream for future in futures for stream in future.result()]
     result = Measurement(server.system, len(batch), 0, max(s.end for s in streams) - started)
-    cpu_after = process_cpu_s(server.process.pid)
-    if cpu_before is not None and cpu_after is not None:
-        result.cpu_s = cpu_after - cpu_before
+    cpu_after = [process_cpu_s(pid) for pid in pids]
+    spent = [b - a for a, b in zip(cpu_before, cpu_after, strict=True) if a is not None and b]
+    if len(spent) == len(pids):
+        result.cpu_s, result.front_cpu_s = sum(spent), spent[0]
+    figures_after = engine_figures(server)
+    if figures_before is not None and figures_after is not None:
+        result.event_frames = figures_after[0] - figures_before[0]
+        result.event_send_s = figures_after[1] - figures_before[1]
     for stream in streams:
         result.tokens += stream.tokens if stream.error is None else 0
         if stream.error is not None:
@@ -469,15 +519,37 @@ def print_table(results: list[Measurement]) -> list[dict[str, Any]]:
     print(
         f"\n{'clients':>7}  {'system':<18}{'tok/s':>9}{'TTFT p50':>10}{'p99 s':>8}"
         f"{'ITL p50':>9}{'p99 ms':>8}{'tokens':>8}{'errors':>7}{'CPU ms/tok':>11}"
+        f"{'front ms/tok':>13}{'IPC us/step':>12}"
     )
-    for r in sorted(results, key=lambda m: (m.clients, list(SYSTEM_KEYS.values()).index(m.system))):
+    warm = [r for r in results if r.phase == "warm"]
+    for r in sorted(warm, key=lambda m: (m.clients, list(SYSTEM_KEYS.values()).index(m.system))):
         s = r.summary()
         print(
             f"{r.clients:>7}  {r.system:<18}{s['tok_per_s']:>9.1f}{fmt(s['ttft_p50_s']):>10}"
             f"{fmt(s['ttft_p99_s']):>8}{fmt(s['itl_p50_ms'], 1):>9}{fmt(s['itl_p99_ms'], 1):>8}"
             f"{r.tokens:>8}{r.errors:>7}{fmt(s['cpu_ms_per_token'], 1):>11}"
+            f"{fmt(s['front_cpu_ms_per_token'], 2):>13}{fmt(s['ipc_us_per_step'], 1):>12}"
         )
-    return ratios(results)
+    print_cold_start(results)
+    return ratios(warm)
+
+
+def print_cold_start(results: list[Measurement]) -> None:
+    """Right after start-up against warm: the first request and the first burst."""
+    warm = {(r.system, r.clients): r for r in results if r.phase == "warm"}
+    cold = [r for r in results if r.phase != "warm"]
+    if not cold:
+        return
+    print(f"\n{'after start-up':<16}{'system':<18}{'clients':>8}{'wall s':>9}{'tok/s':>9}", end="")
+    print(f"{'TTFT p50':>10}{'warm wall s':>12}{'cold/warm':>10}")
+    for r in cold:
+        twin = warm.get((r.system, r.clients))
+        ratio = r.wall_s / twin.wall_s if twin is not None and twin.wall_s else None
+        print(
+            f"{r.phase:<16}{r.system:<18}{r.clients:>8}{r.wall_s:>9.2f}{r.tokens_per_s:>9.1f}"
+            f"{fmt(percentile(r.ttft_s, 50)):>10}"
+            f"{fmt(twin.wall_s if twin else None, 2):>12}{fmt(ratio, 2):>10}"
+        )
 
 
 def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
@@ -500,6 +572,7 @@ def plot(results: list[dict[str, Any]], title: str, path: Path) -> None:
     """tok/s against clients from the JSON summaries (matplotlib only here: GPU hosts lack it)."""
     from matplotlib.figure import Figure  # noqa: PLC0415
 
+    results = [r for r in results if r.get("phase", "warm") == "warm"]
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     for system, marker in ((OURS, "o"), (THEIRS, "s"), (RAW, "^")):
@@ -608,12 +681,28 @@ def check_targets(report: dict[str, Any]) -> list[str]:
             checks.append((f"{n} clients: ours/mlx_lm.server {vs_theirs} >= 2", vs_theirs >= 2))
     errors = sum(r["errors"] for r in report["results"] if r["system"] == OURS)
     checks.append((f"errors of ours: {errors} == 0", errors == 0))
+    checks += first_burst_checks(report["results"])
     if "multi_turn" in report:
         ratio = report["multi_turn"]["ratio"]
         checks.append((f"multi-turn TTFT next/cold {ratio} <= 0.15", ratio <= 0.15))
     lines = [f"{'met   ' if ok else 'MISSED'} {text}" for text, ok in checks]
     print("\ntargets:", *lines, sep="\n  ")
     return lines
+
+
+def first_burst_checks(results: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    """Ours: the first burst after start-up within 20 % of a warm burst of the same size."""
+    ours = [r for r in results if r["system"] == OURS]
+    burst = next((r for r in ours if r["phase"] == "first burst"), None)
+    if burst is None:
+        return []
+    twin = next(
+        (r for r in ours if r["phase"] == "warm" and r["clients"] == burst["clients"]), None
+    )
+    if twin is None or not twin["wall_s"]:
+        return []
+    ratio = round(burst["wall_s"] / twin["wall_s"], 2)
+    return [(f"first burst of {burst['clients']}: wall cold/warm {ratio} <= 1.2", ratio <= 1.2)]
 
 
 def run_systems(plan: Plan, systems: list[str]) -> list[Measurement]:

@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from in_process import InProcessEngine
 from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from models import add_model_arguments, resolve_model
 
 from mlx_engine_server.engine import (
     Admitted,
-    Engine,
     EngineOptions,
     Finished,
     SamplingParams,
     TextDelta,
 )
-from mlx_engine_server.models.loader import ModelSource, load_model
 
 Timings = list[float]
 
@@ -67,7 +66,7 @@ def run_batch_generator(model: Any, prompt: list[int], max_tokens: int) -> Timin
     return arrivals
 
 
-def run_engine(engine: Engine, prompt: list[int], max_tokens: int) -> Timings:
+def run_engine(engine: InProcessEngine, prompt: list[int], max_tokens: int) -> Timings:
     arrivals: Timings = []
     finished = threading.Event()
 
@@ -133,10 +132,7 @@ def main() -> None:
     print(f"{model_dir} on {mx.default_device()}", flush=True)
 
     results, prompt = measure_raw(model_dir, args)
-    engine = Engine(
-        lambda: load_model(ModelSource(model_path=str(model_dir))),
-        EngineOptions(prefix_cache_bytes=0),
-    )
+    engine = InProcessEngine(model_dir, EngineOptions(prefix_cache_bytes=0))
     engine.start()
     results["our engine"] = measure(
         "our engine", lambda: run_engine(engine, prompt, args.max_tokens), args.repeat

@@ -17,7 +17,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.engine import EngineClient, EngineOptions
+from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.models.gguf import convert_gguf
 from mlx_engine_server.models.loader import ModelSource, load_model
@@ -51,10 +52,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -
 
 def start_engine(
     model_path: Path | str, options: EngineOptions | None = None, adapter_path: Path | None = None
-) -> Engine:
+) -> EngineClient:
     adapter = str(adapter_path) if adapter_path is not None else None
     source = ModelSource(model_path=str(model_path), adapter_path=adapter)
-    engine = Engine(lambda: load_model(source), options or EngineOptions())
+    engine = local_client(lambda: load_model(source), options or EngineOptions())
     engine.start()
     return engine
 
@@ -87,7 +88,7 @@ class LiveServer:
     base_url: str
     server: uvicorn.Server
     thread: threading.Thread
-    engine: Engine
+    engine: EngineClient
     sock: socket.socket
 
     def stop(self) -> None:
@@ -97,7 +98,7 @@ class LiveServer:
 
 
 def run_live_server(
-    engine: Engine, options: ServerOptions | None = None, **config: Any
+    engine: EngineClient, options: ServerOptions | None = None, **config: Any
 ) -> LiveServer:
     """`config`: more uvicorn.Config arguments (root_path, h11_max_incomplete_event_size...)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -7,6 +7,8 @@ Every import counts, also those inside functions and `importlib.import_module(".
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +173,6 @@ ARROWS = {
 # Files that still cross an arrow, each with the step that removes it.
 KNOWN_CROSSINGS = {
     ("pipeline/prepare.py", "http"),  # host policy, body limits, log record, admit/collect: M1, M6
-    ("pipeline/prepare.py", "models"),  # VisionPrompt moves to engine/messages.py: S3
-    ("http/app.py", "models"),  # the same VisionPrompt
 }
 
 
@@ -204,7 +204,6 @@ def test_known_crossings_still_exist() -> None:
 
 # Outside the engine, only its public faces: the package and its messages.
 ENGINE_FACES = {f"{PACKAGE}.engine", f"{PACKAGE}.engine.messages"}
-KNOWN_REACHES = {("http/ops.py", f"{PACKAGE}.engine.device")}  # the device comes with Ready: S2
 
 
 def test_outside_the_engine_only_its_faces_are_imported() -> None:
@@ -213,11 +212,38 @@ def test_outside_the_engine_only_its_faces_are_imported() -> None:
         for source in source_files()
         if part_of(source.relative) not in ("engine", "cli", "models")
         for name in source.imports
-        if part_of_module(name) == "engine"
-        and name not in ENGINE_FACES
-        and (source.relative, name) not in KNOWN_REACHES
+        if part_of_module(name) == "engine" and name not in ENGINE_FACES
     )
     assert not strays, strays
+
+
+# The engine's front half: what the HTTP process needs to talk to an engine anywhere.
+CLIENT_SIDE = ("engine/__init__.py", "engine/client.py", "engine/messages.py")
+
+
+@pytest.mark.parametrize("relative", CLIENT_SIDE)
+def test_the_client_side_imports_only_the_client_side(relative: str) -> None:
+    (source,) = [source for source in source_files() if source.relative == relative]
+    ours = {name for name in source.imports if name.startswith(PACKAGE + ".")}
+    allowed_modules = {f"{PACKAGE}.errors"} | {
+        f"{PACKAGE}.{path.removesuffix('.py').removesuffix('/__init__').replace('/', '.')}"
+        for path in CLIENT_SIDE
+    }
+    strays = sorted(
+        name for name in ours if part_of_module(name) is not None and name not in allowed_modules
+    )
+    assert not strays, strays
+    assert not any(_within(name, "mlx") or _within(name, "mlx_lm") for name in source.imports)
+
+
+def test_importing_the_engine_package_loads_no_mlx() -> None:
+    """The front's door to the engine is pure Python: the engine may live in another process."""
+    probe = f"import sys, {PACKAGE}.engine; print(sorted(m for m in sys.modules if m == 'mlx' "
+    probe += "or m.startswith('mlx.') or m.startswith('mlx_lm')))"
+    output = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "[]"
 
 
 def test_nothing_imports_the_command_line() -> None:

@@ -15,7 +15,8 @@ from starlette.routing import Route
 
 from mlx_engine_server.cli.config import Settings, load_settings
 from mlx_engine_server.cli.main import cli
-from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.http.app import create_app
 from mlx_engine_server.models.loader import LoadedModel
 
@@ -242,7 +243,7 @@ def never_loaded() -> LoadedModel:
 
 
 def app_routes() -> set[tuple[str, str]]:
-    app = create_app(Engine(never_loaded, EngineOptions()))
+    app = create_app(local_client(never_loaded, EngineOptions()))
     routes = set()
     for route in app.routes:
         assert isinstance(route, Route), route

@@ -16,7 +16,6 @@ from mlx_engine_server.engine import (
     EngineOptions,
     Event,
     Finished,
-    Generation,
     SamplingParams,
     TextDelta,
 )
@@ -51,10 +50,10 @@ def texts_alone_and_together(base_url: str, **fields: Any) -> tuple[list[str], l
 
 
 def test_greedy_answers_are_the_same_alone_and_batched(tiny_server: LiveServer) -> None:
-    before = tiny_server.engine.stats().requests_total
+    before = tiny_server.engine.report_now().stats.requests_total
     alone, together = texts_alone_and_together(tiny_server.base_url)
     assert together == alone
-    assert tiny_server.engine.stats().requests_total == before + 2 * len(PROMPTS)
+    assert tiny_server.engine.report_now().stats.requests_total == before + 2 * len(PROMPTS)
 
 
 def test_seeded_sampling_is_the_same_alone_and_batched(tiny_server: LiveServer) -> None:
@@ -202,7 +201,7 @@ def test_text_waiting_for_a_late_reader_comes_as_one_delta(tiny_model_dir: Path)
 async def read_once_finished(engine: Any, max_tokens: int) -> list[Event]:
     """Start a generation, read nothing until the worker has posted its end, then read it all."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    generation = Generation(engine, [([1, 2, 3, 4], params)])
+    generation = engine.generate([([1, 2, 3, 4], params)])
     await generation.admission()
     await asyncio.to_thread(wait_until_engine_idle, engine)
     await asyncio.sleep(0.1)  # the worker's last posts reach this loop
@@ -211,5 +210,5 @@ async def read_once_finished(engine: Any, max_tokens: int) -> list[Event]:
 
 def wait_until_engine_idle(engine: Any, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while engine.stats().requests_active and time.monotonic() < deadline:
+    while engine.report_now().stats.requests_active and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_engine_server.engine import Engine, EngineOptions
+from mlx_engine_server.engine import EngineClient, EngineOptions
 from mlx_engine_server.http.app import create_app
 
 from ..conftest import start_engine
@@ -36,7 +36,8 @@ SMALL_PREFILL = {"max_batch_size": 2, "prefill_step_size": 16, "prefix_cache_byt
 def measured(roomy_model_dir: Path) -> dict[str, int]:
     engine = start_engine(roomy_model_dir, EngineOptions(**SMALL_PREFILL))
     try:
-        stats = engine.memory_stats()
+        report = engine.report_now()
+        stats = report.memory_budget if report is not None else None
     finally:
         engine.stop()
     assert stats is not None
@@ -48,7 +49,9 @@ def long_request_bytes(measured: dict[str, int]) -> int:
     return (LONG_REQUEST_TOKENS + 1) * measured["kv_bytes_per_token"]
 
 
-def budgeted_client(model_dir: Path, budget_bytes: int) -> Iterator[tuple[TestClient, Engine]]:
+def budgeted_client(
+    model_dir: Path, budget_bytes: int
+) -> Iterator[tuple[TestClient, EngineClient]]:
     options = EngineOptions(memory_budget_bytes=budget_bytes, **SMALL_PREFILL)
     engine = start_engine(model_dir, options)
     with TestClient(create_app(engine)) as client:
@@ -64,7 +67,7 @@ def test_kv_cost_is_measured_from_the_model(measured: dict[str, int]) -> None:
 @pytest.fixture
 def one_long_request_fits(
     roomy_model_dir: Path, measured: dict[str, int]
-) -> Iterator[tuple[TestClient, Engine]]:
+) -> Iterator[tuple[TestClient, EngineClient]]:
     baseline = measured["weights_bytes"] + measured["prefill_workspace_bytes"]
     budget = baseline + int(long_request_bytes(measured) * 1.5)
     yield from budgeted_client(roomy_model_dir, budget)
@@ -75,7 +78,7 @@ def long_body(prompt: str) -> dict[str, Any]:
 
 
 def test_a_request_that_can_never_fit_is_a_503_naming_the_problem(
-    one_long_request_fits: tuple[TestClient, Engine],
+    one_long_request_fits: tuple[TestClient, EngineClient],
 ) -> None:
     client, _ = one_long_request_fits
     response = client.post("/v1/completions", json={**long_body("Hi"), "max_tokens": 3000})
@@ -88,7 +91,7 @@ def test_a_request_that_can_never_fit_is_a_503_naming_the_problem(
 
 
 def test_a_second_request_waits_until_the_first_frees_its_memory(
-    one_long_request_fits: tuple[TestClient, Engine],
+    one_long_request_fits: tuple[TestClient, EngineClient],
 ) -> None:
     client, engine = one_long_request_fits
     results: dict[str, int] = {}
@@ -100,17 +103,18 @@ def test_a_second_request_waits_until_the_first_frees_its_memory(
     first = threading.Thread(target=send, args=("first",))
     first.start()
     deadline = time.monotonic() + 30
-    while engine.stats().requests_active == 0:
+    while engine.report_now().stats.requests_active == 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     second = threading.Thread(target=send, args=("second",))
     second.start()
     time.sleep(0.3)
-    stats = engine.stats()
+    stats = engine.report_now().stats
     assert (stats.requests_active, stats.requests_queued) == (1, 1)
     first.join(60)
     second.join(60)
     assert results == {"first": LONG_REQUEST_TOKENS, "second": LONG_REQUEST_TOKENS}
-    memory = engine.memory_stats()
+    report = engine.report_now()
+    memory = report.memory_budget if report is not None else None
     assert memory is not None
     assert memory["reserved_bytes"] == 0

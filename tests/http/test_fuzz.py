@@ -186,7 +186,7 @@ def test_any_json_body_validates_or_is_a_400_naming_a_known_field(
 
 @pytest.fixture(scope="module")
 def tokenizer(client: TestClient) -> Any:
-    return client.app.state.engine.loaded.tokenizer  # type: ignore[attr-defined]
+    return client.app.state.engine.tokenizer  # type: ignore[attr-defined]
 
 
 def stream_text(tokenizer: Any, token_ids: list[int]) -> list[str]:

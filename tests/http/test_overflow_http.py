@@ -50,7 +50,7 @@ def overflow_client(tiny_app: Starlette) -> TestClient:
 
 @pytest.fixture(scope="module")
 def prompt_length(tiny_app: Starlette) -> Callable[[Messages], int]:
-    tokenizer = tiny_app.state.engine.loaded.tokenizer
+    tokenizer = tiny_app.state.engine.tokenizer
 
     def length(messages: Messages) -> int:
         parsed = [ChatMessage.model_validate(message) for message in messages]

@@ -11,7 +11,7 @@ import mlx.core as mx
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_engine_server.engine import Engine
+from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.errors import StartupError
 from mlx_engine_server.http.app import create_app
 from mlx_engine_server.models.loader import ModelSource, load_model, resolve_model_path
@@ -20,17 +20,17 @@ from ..conftest import start_engine
 from ..model_factory import build_lora_adapter
 
 
-def greedy_text(engine: Engine) -> str:
+def greedy_text(engine: EngineClient) -> str:
     body = {"prompt": "Adapters change answers", "max_tokens": 8, "temperature": 0}
     with TestClient(create_app(engine)) as client:
         response = client.post("/v1/completions", json=body)
         status = client.get("/v1/mlx/status").json()
     assert response.status_code == 200, response.text
-    assert status["model"]["adapter_path"] == engine.loaded.adapter_path
+    assert status["model"]["adapter_path"] == engine.model.adapter_path
     return str(response.json()["choices"][0]["text"])
 
 
-def start_with_adapter(model_dir: Path, adapter: Path) -> Engine:
+def start_with_adapter(model_dir: Path, adapter: Path) -> EngineClient:
     return start_engine(model_dir, adapter_path=adapter)
 
 
@@ -88,10 +88,11 @@ def test_repo_id_is_served_from_the_local_cache_without_network(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(tmp_path, "tiny-org/tiny-llama", tiny_model_dir)
     engine = start_engine("tiny-org/tiny-llama")
-    loaded = engine.loaded
+    loaded = engine.model
     try:
         assert loaded.model_id == "tiny-org/tiny-llama"
-        assert json.loads((loaded.resolved_path / "config.json").read_text())["hidden_size"] == 64
+        config = json.loads((Path(loaded.resolved_path) / "config.json").read_text())
+        assert config["hidden_size"] == 64
     finally:
         engine.stop()
     with pytest.raises(StartupError, match="HF_HUB_OFFLINE"):

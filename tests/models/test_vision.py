@@ -22,7 +22,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from mlx_engine_server.chat.media import MediaPolicy
-from mlx_engine_server.engine import Engine
+from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..chat.test_media import image_bytes, png_header_only
@@ -65,14 +65,14 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vision_engine(vision_dir: Path) -> Iterator[Engine]:
+def vision_engine(vision_dir: Path) -> Iterator[EngineClient]:
     engine = start_engine(vision_dir)
     yield engine
     engine.stop()
 
 
 @pytest.fixture(scope="module")
-def vision_server(vision_engine: Engine, media_dir: Path) -> Iterator[LiveServer]:
+def vision_server(vision_engine: EngineClient, media_dir: Path) -> Iterator[LiveServer]:
     """Files under media_dir/allowed and remote URLs allowed: the refusals left are the rules."""
     policy = MediaPolicy(allowed_dirs=(media_dir / "allowed",), allow_remote=True, max_images=3)
     live = run_live_server(vision_engine, ServerOptions(media=policy))
@@ -86,7 +86,7 @@ def http(vision_server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def strict_client(engine: Engine, policy: MediaPolicy) -> TestClient:
+def strict_client(engine: EngineClient, policy: MediaPolicy) -> TestClient:
     """Another app on the same engine with its own policy (no lifespan: the engine stays up)."""
     return TestClient(create_app(engine, ServerOptions(media=policy)))
 
@@ -126,7 +126,7 @@ def recorder(recorder_port: int) -> tuple[int, list[str]]:
     return recorder_port, Recorder.requests
 
 
-def reference_tokens(vision_dir: Path, engine: Engine, body: dict[str, Any]) -> list[int]:
+def reference_tokens(vision_dir: Path, engine: EngineClient, body: dict[str, Any]) -> list[int]:
     """mlx-vlm's own greedy generation for the prompt the server builds (its processor output)."""
     import mlx.core as mx
     from mlx_vlm.generate.ar import generate_step
@@ -138,7 +138,7 @@ def reference_tokens(vision_dir: Path, engine: Engine, body: dict[str, Any]) -> 
         {"role": m["role"], "content": [_template_part(p) for p in m["content"]]}
         for m in body["messages"]
     ]
-    text = engine.loaded.tokenizer.apply_chat_template(
+    text = engine.tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
     images = [
@@ -166,8 +166,8 @@ def _template_part(part: dict[str, Any]) -> dict[str, Any]:
     return part if part["type"] == "text" else {"type": "image"}
 
 
-def answer_tokens(engine: Engine, reply: dict[str, Any]) -> list[int]:
-    tokens: list[int] = engine.loaded.tokenizer.encode(
+def answer_tokens(engine: EngineClient, reply: dict[str, Any]) -> list[int]:
+    tokens: list[int] = engine.tokenizer.encode(
         reply["choices"][0]["message"]["content"], add_special_tokens=False
     )
     return tokens
@@ -183,19 +183,19 @@ def test_a_vision_model_is_served_as_vision(http: httpx.Client) -> None:
 
 
 def test_one_image_answers_as_mlx_vlm_does(
-    http: httpx.Client, vision_engine: Engine, vision_dir: Path
+    http: httpx.Client, vision_engine: EngineClient, vision_dir: Path
 ) -> None:
     body = chat([user_turn(data_uri("red"))], logprobs=True)
     reply = http.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
     got = [entry["token"] for entry in reply.json()["choices"][0]["logprobs"]["content"]]
     expected = reference_tokens(vision_dir, vision_engine, body)
-    tokenizer = vision_engine.loaded.tokenizer
+    tokenizer = vision_engine.tokenizer
     assert got == [tokenizer.decode([token]) for token in expected]
 
 
 def test_the_image_changes_the_answer_and_usage_counts_image_tokens(
-    http: httpx.Client, vision_engine: Engine
+    http: httpx.Client, vision_engine: EngineClient
 ) -> None:
     text_only = http.post("/v1/chat/completions", json=chat([user_turn()])).json()
     red = http.post("/v1/chat/completions", json=chat([user_turn(data_uri("red"))])).json()
@@ -363,7 +363,7 @@ def test_loopback_urls_are_never_fetched(
 
 
 def test_remote_urls_are_off_by_default(
-    vision_engine: Engine, recorder: tuple[int, list[str]]
+    vision_engine: EngineClient, recorder: tuple[int, list[str]]
 ) -> None:
     port, requests = recorder
     client = strict_client(vision_engine, MediaPolicy())
@@ -376,7 +376,7 @@ def test_remote_urls_are_off_by_default(
     assert requests == []
 
 
-def test_oversized_and_bomb_images(vision_engine: Engine) -> None:
+def test_oversized_and_bomb_images(vision_engine: EngineClient) -> None:
     client = strict_client(vision_engine, MediaPolicy(max_image_bytes=2000))
     big = Image.effect_noise((100, 100), 100).convert("RGB")
     buffer = io.BytesIO()

@@ -26,8 +26,11 @@ import uvicorn
 
 from ..chat.media import MediaPolicy
 from ..chat.parsers import known_tool_call_parsers
-from ..engine import Engine, EngineOptions
+from ..engine import EngineClient, EngineOptions
 from ..engine.distributed.group import EXIT_GROUP_FAILED, end_process, join_group
+from ..engine.local import local_client
+from ..engine.messages import EngineFailed, EngineSpec
+from ..engine.process import process_client
 from ..errors import StartupError
 from ..http.app import ServerOptions, create_app
 from ..http.guards import HostPolicy, is_loopback_host
@@ -42,6 +45,8 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PARENT_POLL_S = 0.5
 UNIX_SOCKET_MODE = 0o600  # only the user who started the server may connect
 FOLLOWER_MARGIN_S = 5.0
+EXIT_ENGINE_FAILED = 4  # the engine process died while serving
+ENGINE_FAILURE_EXIT_S = 1.0
 
 
 def serve(settings: Settings) -> int:
@@ -59,8 +64,11 @@ def serve(settings: Settings) -> int:
             f"choose one of {', '.join(known_tool_call_parsers())}"
         )
     group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
-    sharding = Sharding(group.handle, group.info.mode) if group is not None else None
-    engine = Engine(lambda: load_model(source, sharding), engine_options(settings), group)
+    if group is None:
+        engine = process_client(engine_spec(settings), settings.log_level, settings.log_format)
+    else:  # rank 0's signals and exit are tied to the HTTP process: the engine stays in it
+        sharding = Sharding(group.handle, group.info.mode)
+        engine = local_client(lambda: load_model(source, sharding), engine_options(settings), group)
     loaded = engine.start()
     if group is not None and not group.info.leads:
         return follow_rank_zero(engine, settings.shutdown_grace_s)
@@ -75,6 +83,7 @@ def serve(settings: Settings) -> int:
     warn_if_exposed(settings, options)
     app = create_app(engine, options)
     server = GracefulServer(uvicorn_config(app, settings), engine)
+    engine.on_failure = server.engine_failed
     server.on_started = lambda listeners: announce(settings, loaded.model_id, listeners)
     watch_for_exit(settings, server)
     try:
@@ -85,11 +94,11 @@ def serve(settings: Settings) -> int:
         if settings.ready_file is not None:
             settings.ready_file.unlink(missing_ok=True)
     if engine.failure is not None:
-        return EXIT_GROUP_FAILED
+        return EXIT_GROUP_FAILED if group is not None else EXIT_ENGINE_FAILED
     return 0 if server.started else 1
 
 
-def follow_rank_zero(engine: Engine, shutdown_grace_s: float) -> int:
+def follow_rank_zero(engine: EngineClient, shutdown_grace_s: float) -> int:
     """Ranks 1..N-1 of a group serve no HTTP: they step rank 0's batches until it ends the group.
 
     A signal does not end a follower at once (launchers signal every rank, and rank 0 first
@@ -283,7 +292,7 @@ class GracefulServer(uvicorn.Server):
     "killed by SIGTERM" even though every request was answered and the model was released.
     """
 
-    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: EngineClient) -> None:
         super().__init__(config)
         self.engine = engine
         self.on_started: Callable[[Sequence[socket.socket]], None] | None = None
@@ -293,6 +302,17 @@ class GracefulServer(uvicorn.Server):
         if self.started and self.on_started is not None:
             listeners = [sock for server in self.servers for sock in server.sockets]
             self.on_started(listeners)
+
+    def engine_failed(self, failure: EngineFailed) -> None:
+        """The engine process died: its streams end with an error, /health answers 503 for a
+        moment (a load balancer sees why), then the server exits with EXIT_ENGINE_FAILED."""
+        logger.error("the engine failed (%s); the server exits", failure.reason)
+        timer = threading.Timer(ENGINE_FAILURE_EXIT_S, self._exit_now)
+        timer.daemon = True
+        timer.start()
+
+    def _exit_now(self) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.engine.drain()
@@ -309,6 +329,17 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def engine_spec(settings: Settings) -> EngineSpec:
+    return EngineSpec(
+        model_path=settings.model_path,
+        adapter_path=settings.adapter_path,
+        model_id=settings.model_id,
+        cache_dir=str(settings.cache_dir),
+        trust_remote_code=settings.trust_remote_code,
+        options=engine_options(settings),
+    )
 
 
 def engine_options(settings: Settings) -> EngineOptions:

@@ -1,32 +1,44 @@
-"""The generation engine: one worker thread owns MLX and steps every live request as one batch."""
+"""The generation engine: one MLX thread steps every live request as one batch, in a process of
+its own (engine/process.py) or a thread (engine/local.py); the front reaches it only through
+EngineClient (engine/client.py) and the messages of engine/messages.py.
 
-from .engine import Engine, Generation
+Importing this package imports no MLX: the front's view of the engine is the client and messages.
+"""
+
+from .client import EngineClient, FrontModel, Generation
 from .messages import (
     Admitted,
     EngineOptions,
+    EngineReport,
     EngineStats,
     Event,
     Failed,
     Finished,
+    ModelInfo,
     SamplingParams,
     TextDelta,
     TokenLogprob,
     TopLogprob,
     Usage,
+    VisionPrompt,
 )
 
 __all__ = [
     "Admitted",
-    "Engine",
+    "EngineClient",
     "EngineOptions",
+    "EngineReport",
     "EngineStats",
     "Event",
     "Failed",
     "Finished",
+    "FrontModel",
     "Generation",
+    "ModelInfo",
     "SamplingParams",
     "TextDelta",
     "TokenLogprob",
     "TopLogprob",
     "Usage",
+    "VisionPrompt",
 ]

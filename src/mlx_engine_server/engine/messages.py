@@ -1,15 +1,23 @@
-"""Plain data that crosses the boundary between HTTP handlers and the MLX worker thread.
+"""The engine's whole vocabulary: plain data that crosses from the HTTP front to the engine and
+back, whether the engine runs in a thread or in a process of its own, and its one codec.
 
-No mx.array, pydantic model or Starlette object appears here: only ints, strs, floats and tuples.
+No mx.array, pydantic model or Starlette object appears here: only ints, strs, floats, bytes,
+tuples and (for a prompt's images) numpy arrays. In: Submit, Cancel, Drain, Stop, ReadReport.
+Out: Ready once, one StepEvents per engine step, Report per ReadReport, EngineFailed.
 """
 
 from __future__ import annotations
 
+import io
+import pickle
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 FinishReason = Literal["stop", "length"]
+DistributedMode = Literal["tensor", "pipeline"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +154,176 @@ class EngineStats:
     completion_tokens_total: int
     failures_total: int
     tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    backend: str
+    size: int
+    rank: int
+    mode: DistributedMode
+
+    @property
+    def leads(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front needs to know of the loaded model; `resolved_path` holds its tokenizer."""
+
+    model_id: str
+    model_path: str
+    resolved_path: str
+    adapter_path: str | None
+    kind: Literal["text", "vision"]
+    context_window: int
+    quantization: str | None
+    created: int
+    device: str
+    mlx_version: str
+    engine_pid: int
+    group: GroupInfo | None = None
+    warmup_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class VisionPrompt:
+    """A prompt with its images, processed: plain token ids and numpy arrays."""
+
+    token_ids: tuple[int, ...]
+    arrays: dict[str, np.ndarray[Any, Any]]
+    image_digest: str  # all images of the prompt, in order
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    cached_tokens_total: int
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """The engine's figures at one moment, for /v1/mlx/status and /metrics."""
+
+    stats: EngineStats
+    memory_budget: dict[str, int] | None
+    device_memory: dict[str, int]
+    prefix_cache: PrefixCacheStats | None
+    event_frames: int = 0  # StepEvents sent: one per step that had events
+    event_send_s: float = 0.0  # time the worker spent handing them over (encode and write)
+
+
+Choice = tuple[tuple[int, ...], SamplingParams]  # (prompt tokens, how to sample)
+
+
+@dataclass(frozen=True)
+class Submit:
+    """All sequences of one request (n choices, several prompts): admitted all or none."""
+
+    request_id: int
+    choices: tuple[Choice, ...]
+    deadline: float  # time.monotonic() seconds: one clock for every process of a machine
+    vision: VisionPrompt | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Shutting down: requests still running at `deadline` (monotonic seconds) end with an error."""
+
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End every request and the engine."""
+
+
+@dataclass(frozen=True)
+class ReadReport:
+    query_id: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    model: ModelInfo
+
+
+@dataclass(frozen=True)
+class StepEvents:
+    """Every event of one engine step: (request id, choice index, event)."""
+
+    events: tuple[tuple[int, int, Event], ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    query_id: int
+    report: EngineReport
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    """The engine could not start, or has stopped working; nothing more will come from it."""
+
+    reason: str
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """The first frame to an engine process: which model to load, and how to run it."""
+
+    model_path: str | None
+    adapter_path: str | None
+    model_id: str | None
+    cache_dir: str
+    trust_remote_code: bool
+    options: EngineOptions
+
+
+ToEngine = Submit | Cancel | Drain | Stop | ReadReport
+FromEngine = Ready | StepEvents | Report | EngineFailed
+
+_NUMPY_CLASSES = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "scalar"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "Path"),
+}
+_OURS = __name__.rsplit(".", 2)[0] + "."
+
+
+class _Unpickler(pickle.Unpickler):
+    """Only our own dataclasses, numpy arrays and paths: a frame names nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_OURS) or (module, name) in _NUMPY_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not an engine message")
+
+
+def encode(message: object) -> bytes:
+    """One message as one frame. Both ends are this package, so pickle's speed is safe to use
+    once find_class is limited to our own types."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(frame: bytes) -> Any:
+    return _Unpickler(io.BytesIO(frame)).load()

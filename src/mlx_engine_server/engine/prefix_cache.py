@@ -25,6 +25,8 @@ from typing import Any
 
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache
 
+from .messages import PrefixCacheStats
+
 TEXT_PARTITION = "text"  # prompts without images; others use their images' digest
 
 
@@ -39,16 +41,6 @@ class CacheHit:
 MISS = CacheHit(cache=None, cached_tokens=0)
 EntryKey = tuple[str, tuple[int, ...]]  # (partition, tokens)
 COMPARE_BLOCK = 64
-
-
-@dataclass(frozen=True)
-class PrefixCacheStats:
-    entries: int
-    bytes: int
-    max_bytes: int
-    hits: int
-    misses: int
-    cached_tokens_total: int
 
 
 class _Node:

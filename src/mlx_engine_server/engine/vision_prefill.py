@@ -15,7 +15,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..models.vision import VisionParts, VisionPrompt, vision_input_embeddings
+from ..models.vision import VisionParts, vision_input_embeddings
+from .messages import VisionPrompt
 from .prefix_cache import CacheHit
 
 

@@ -21,7 +21,6 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from ..models.loader import LoadedModel
-from ..models.vision import VisionPrompt
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
@@ -30,15 +29,18 @@ from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .messages import (
     Admitted,
+    Drain,
     EngineOptions,
     Event,
     Failed,
     Finished,
     FinishReason,
     SamplingParams,
+    Stop,
     TextDelta,
     TokenLogprob,
     Usage,
+    VisionPrompt,
 )
 from .messages import Cancellation as CancellationFlag
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
@@ -84,14 +86,7 @@ class LiveSequence:
     grammar: GrammarProcessor | None = None
 
 
-STOP = object()
-
-
-@dataclass(frozen=True)
-class Drain:
-    """Shutting down: requests still running at `deadline` (monotonic seconds) end with an error."""
-
-    deadline: float
+STOP = Stop()
 
 
 class Worker:
@@ -101,8 +96,11 @@ class Worker:
         options: EngineOptions,
         inbox: queue.Queue[Any],
         on_request_done: Callable[[], None],
+        *,
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
         self.loaded = loaded
+        self._flush = flush  # after each step: hand what the step posted to the front
         self.options = options
         self.inbox = inbox
         self.counters = Counters()
@@ -144,6 +142,8 @@ class Worker:
                 # Whatever went wrong ends the requests in flight, never the thread.
                 logger.exception("the generation loop failed")
                 self._fail_all("internal error in the generation engine")
+            self._flush()
+        self._flush()
         self._generator.close()
 
     def _share_plan(self) -> None:
@@ -165,7 +165,7 @@ class Worker:
                 item = self.inbox.get(block=block, timeout=IDLE_POLL_S if block else None)
             except queue.Empty:
                 return
-            if item is STOP:
+            if isinstance(item, Stop):
                 self._stopping = True
                 self._cancel_all()
                 return

@@ -17,9 +17,8 @@ from starlette.routing import Route
 from ..chat.output import OutputRules, split_whole
 from ..chat.overflow import Compaction, CompactionCounters
 from ..chat.prompt import completion_prompt_tokens
-from ..engine import Engine, Generation, Usage
+from ..engine import EngineClient, Usage, VisionPrompt
 from ..errors import InvalidRequestError
-from ..models.vision import VisionPrompt
 from ..pipeline.prepare import (
     CACHED_TOKENS_HEADER,
     COMPACTION_HEADER,
@@ -55,7 +54,7 @@ __all__ = ["ServerOptions", "create_app"]
 EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
 
 
-def create_app(engine: Engine, options: ServerOptions | None = None) -> Starlette:
+def create_app(engine: EngineClient, options: ServerOptions | None = None) -> Starlette:
     """An app around an engine whose model is already loaded; the app stops the engine on exit."""
 
     @asynccontextmanager
@@ -196,7 +195,7 @@ async def completions(request: Request) -> Response:
             f"at most {options.max_prompts} prompts per request (got {len(given)})",
             param="prompt",
         )
-    tokenizer = engine.loaded.tokenizer
+    tokenizer = engine.tokenizer
     tokens = [
         completion_prompt_tokens(tokenizer, prompt, _prompt_param(given, index))
         for index, prompt in enumerate(given)
@@ -224,7 +223,7 @@ async def _generate(
     vision: VisionPrompt | None = None,
 ) -> Response:
     """Admit every choice of the request, then stream the answers or wait for all of them."""
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     options: ServerOptions = request.app.state.options
     check_choice_count(engine, options, body.n, len(prompts.tokens))
     grammar = request_grammar(grammar, body)
@@ -234,12 +233,12 @@ async def _generate(
         for params in [sampling_params(engine, options, body, prompt, grammar)]
         for index in range(body.n)
     ]
-    generation = Generation(engine, choices, request.app.state.metrics, vision)
+    generation = engine.generate(choices, request.app.state.metrics, vision)
     cached_tokens = _cached_tokens(await admit(generation, request.receive), body.n)
     note_generation(
         request, sum(len(tokens) for tokens in prompts.tokens), cached_tokens, generation
     )
-    head = ResponseHeader.new(surface.id_prefix, engine.loaded.model_id)
+    head = ResponseHeader.new(surface.id_prefix, engine.model.model_id)
     with_logprobs = body.top_logprobs_count is not None
     echoes = _per_choice(prompts.echoes, body.n)
     summary = summary_usage(compaction)
@@ -274,20 +273,20 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
 
 
 async def list_models(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     return JSONResponse({"object": "list", "data": [_model_card(engine)]})
 
 
 async def get_model(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     model_id = request.path_params["model_id"]
-    if model_id != engine.loaded.model_id:
-        raise model_not_found(model_id, engine.loaded.model_id)
+    if model_id != engine.model.model_id:
+        raise model_not_found(model_id, engine.model.model_id)
     return JSONResponse(_model_card(engine))
 
 
-def _model_card(engine: Engine) -> dict[str, Any]:
-    loaded = engine.loaded
+def _model_card(engine: EngineClient) -> dict[str, Any]:
+    loaded = engine.model
     return {
         "id": loaded.model_id,
         "object": "model",

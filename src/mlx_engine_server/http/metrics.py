@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat.overflow import CompactionCounters
-from ..engine import Engine
+from ..engine import EngineClient
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 KNOWN_PATHS = frozenset(
@@ -37,7 +37,7 @@ KNOWN_PATHS = frozenset(
 class ServerMetrics:
     """What the HTTP side measures; also the Generation's timing observer."""
 
-    def __init__(self, engine: Engine, compactions: CompactionCounters | None = None) -> None:
+    def __init__(self, engine: EngineClient, compactions: CompactionCounters | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mlx_server_http_requests",
@@ -74,9 +74,9 @@ class ServerMetrics:
 
 
 class EngineCollector(Collector):
-    """Engine counters and gauges, read when Prometheus scrapes."""
+    """Engine counters and gauges: the last report, which /metrics asks for before it renders."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
@@ -93,7 +93,8 @@ class EngineCollector(Collector):
         )
         yield _gauge("mlx_server_batch_size", "Sequences in the batch.", stats.requests_active)
         yield _gauge("mlx_server_queue_depth", "Requests waiting.", stats.requests_queued)
-        cache = self.engine.prefix_cache_stats()
+        report = self.engine.last_report
+        cache = report.prefix_cache if report is not None else None
         if cache is not None:
             yield _gauge("mlx_server_prefix_cache_bytes", "Bytes held.", cache.bytes)
             yield _gauge("mlx_server_prefix_cache_entries", "Entries held.", cache.entries)

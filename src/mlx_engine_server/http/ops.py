@@ -12,35 +12,34 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from ..chat.overflow import CompactionCounters
-from ..engine import Engine
-from ..engine.device import device_name, memory_bytes, mlx_version
+from ..engine import EngineClient, EngineReport
 from .metrics import ServerMetrics
 
 
 async def health(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     if engine.draining or not engine.alive:
         return JSONResponse({"status": "unavailable", "reason": _down_reason(engine)}, 503)
-    return JSONResponse({"status": "ok", "model": engine.loaded.model_id})
+    return JSONResponse({"status": "ok", "model": engine.model.model_id})
 
 
-def _down_reason(engine: Engine) -> str:
+def _down_reason(engine: EngineClient) -> str:
     if engine.failure is not None:
         return engine.failure
     return "shutting down" if engine.draining else "the generation engine is not running"
 
 
 async def status(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
-    body = status_body(engine)
+    engine: EngineClient = request.app.state.engine
+    body = status_body(engine, await engine.report())
     compactions: CompactionCounters = request.app.state.compactions
     body["context_overflow"] = compactions.as_dict()
     return JSONResponse(body)
 
 
-def status_body(engine: Engine) -> dict[str, Any]:
-    loaded = engine.loaded
-    stats = engine.stats()
+def status_body(engine: EngineClient, report: EngineReport | None) -> dict[str, Any]:
+    loaded = engine.model
+    stats = engine.stats()  # as of `report`, or zeros
     return {
         "model": {
             "id": loaded.model_id,
@@ -51,17 +50,20 @@ def status_body(engine: Engine) -> dict[str, Any]:
             "context_window": loaded.context_window,
             "quantization": loaded.quantization,
         },
-        "device": {"name": device_name(), "memory": memory_bytes()},
+        "device": {"name": loaded.device, "memory": report.device_memory if report else None},
         "distributed": _group_body(engine),
-        "memory_budget": engine.memory_stats(),
+        "memory_budget": report.memory_budget if report else None,
         "engine": {
             "max_batch_size": engine.options.max_batch_size,
             "max_queue": engine.options.max_queue,
+            "process_id": loaded.engine_pid,
             "requests_active": stats.requests_active,
             "requests_queued": stats.requests_queued,
             "tokens_per_s": round(stats.tokens_per_s, 2),
+            "event_frames": report.event_frames if report else 0,
+            "event_send_s": round(report.event_send_s, 6) if report else 0.0,
         },
-        "prefix_cache": _prefix_cache_body(engine),
+        "prefix_cache": _prefix_cache_body(report),
         "counters": {
             "requests_total": stats.requests_total,
             "failures_total": stats.failures_total,
@@ -71,20 +73,20 @@ def status_body(engine: Engine) -> dict[str, Any]:
         "uptime_s": round(time.time() - engine.started_at, 3),
         "version": {
             "server": __version__,
-            "mlx": mlx_version(),
+            "mlx": loaded.mlx_version,
             "python": platform.python_version(),
         },
     }
 
 
-def _group_body(engine: Engine) -> dict[str, Any] | None:
+def _group_body(engine: EngineClient) -> dict[str, Any] | None:
     """The processes serving this model together; None for a process alone."""
-    info = engine.group_info
+    info = engine.model.group
     return dataclasses.asdict(info) if info is not None else None
 
 
-def _prefix_cache_body(engine: Engine) -> dict[str, float] | None:
-    stats = engine.prefix_cache_stats()
+def _prefix_cache_body(report: EngineReport | None) -> dict[str, float] | None:
+    stats = report.prefix_cache if report is not None else None
     if stats is None:
         return None
     lookups = stats.hits + stats.misses
@@ -95,5 +97,7 @@ def _prefix_cache_body(engine: Engine) -> dict[str, float] | None:
 
 
 async def metrics_text(request: Request) -> Response:
+    engine: EngineClient = request.app.state.engine
+    await engine.report()  # the engine's figures, as of now, for the collector
     metrics: ServerMetrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)

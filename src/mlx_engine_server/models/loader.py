@@ -16,11 +16,11 @@ from huggingface_hub.errors import HFValidationError
 from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
-from mlx_lm.utils import sharded_load
+from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
 from .gguf import convert_gguf, is_gguf_file
-from .vision import VisionParts, is_vision_config, load_vision_model
+from .vision import VisionParts, is_vision_config, load_vision_front, load_vision_model
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,30 @@ def load_model(source: ModelSource, sharding: Sharding | None = None) -> LoadedM
         created=int(path.stat().st_mtime),
         vision=vision,
     )
+
+
+@dataclass(frozen=True)
+class FrontParts:
+    """What the HTTP front loads for itself, without the weights."""
+
+    tokenizer: TokenizerWrapper
+    processor: Any | None = None  # a vision model's processor
+
+
+def load_front(resolved_path: Path, trust_remote_code: bool = False) -> FrontParts:
+    """The tokenizer (and a vision model's processor) of a model the engine has resolved."""
+    config = read_model_config(resolved_path)
+    if is_vision_config(config):
+        processor, tokenizer = load_vision_front(resolved_path, config, trust_remote_code)
+        return FrontParts(tokenizer, processor)
+    extra = {"trust_remote_code": True} if trust_remote_code else {}
+    try:
+        tokenizer = load_tokenizer(
+            resolved_path, extra, eos_token_ids=config.get("eos_token_id", None)
+        )
+    except (ValueError, OSError, KeyError) as exc:
+        raise StartupError(f"could not load the tokenizer of {resolved_path}: {exc}") from None
+    return FrontParts(tokenizer)
 
 
 def resolve_model_path(source: ModelSource) -> Path:

@@ -24,6 +24,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from ..engine.messages import VisionPrompt
 from ..errors import StartupError
 
 # Decoder state that depends on the images: such families cannot decode in a shared batch.
@@ -72,16 +73,6 @@ class VisionParts:
     model_type: str
 
 
-@dataclass(frozen=True)
-class VisionPrompt:
-    """A prompt with its images, processed: plain token ids and numpy arrays (no MLX arrays,
-    so it may cross from a request thread to the engine's)."""
-
-    token_ids: tuple[int, ...]
-    arrays: dict[str, np.ndarray[Any, Any]]
-    image_digest: str  # all images of the prompt, in order
-
-
 def load_vision_model(
     path: Path, config: dict[str, Any], adapter_path: str | None, trust_remote_code: bool
 ) -> tuple[VisionParts, TokenizerWrapper]:
@@ -103,6 +94,25 @@ def load_vision_model(
     _check_family(vlm, model_type)
     tokenizer = _tokenizer(path, config, processor)
     return VisionParts(vlm, processor, LanguageDecoder(vlm), model_type), tokenizer
+
+
+def load_vision_front(
+    path: Path, config: dict[str, Any], trust_remote_code: bool
+) -> tuple[Any, TokenizerWrapper]:
+    """The processor and tokenizer alone, for the HTTP front: no weights."""
+    from mlx_vlm.utils import (  # noqa: PLC0415 - only for vision models
+        load_image_processor,
+        load_processor,
+    )
+
+    # As mlx_vlm.utils.load builds it, less the model.
+    options = {"trust_remote_code": trust_remote_code}
+    eos_token_ids = config.get("eos_token_id")
+    processor = load_processor(path, True, eos_token_ids=eos_token_ids, **options)
+    image_processor = load_image_processor(path, **options)
+    if image_processor is not None:
+        processor.image_processor = image_processor
+    return processor, _tokenizer(path, config, processor)
 
 
 def _check_family(vlm: Module, model_type: str) -> None:
@@ -135,11 +145,10 @@ def _eos_token_ids(config: dict[str, Any]) -> list[int]:
 
 
 def prepare_vision_prompt(
-    vision: VisionParts, prompt_text: str, images: list[Any], image_digest: str
+    processor: Any, prompt_text: str, images: list[Any], image_digest: str
 ) -> VisionPrompt:
     """Run the processor: it resizes the images and expands each image placeholder of the
     rendered prompt into the model's image tokens. Blocking; call it off the event loop."""
-    processor = vision.processor
     inputs = processor(images=[images], text=[prompt_text], add_special_tokens=False)
     arrays = {
         key: np.array(value)

@@ -26,13 +26,12 @@ from ..chat.overflow import (
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
 from ..chat.structured import response_format_grammar
-from ..engine import Engine, Generation, SamplingParams, Usage
+from ..engine import EngineClient, Generation, SamplingParams, Usage, VisionPrompt
 from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from ..http.access_log import request_record
 from ..http.body import request_limits
 from ..http.guards import HostPolicy
 from ..http.sse import admit, collect
-from ..models.vision import VisionPrompt
 from ..protocols.openai.limits import RequestLimits, check_request_limits
 from ..protocols.openai.types import (
     ChatCompletionRequest,
@@ -73,8 +72,10 @@ class ChatPlanner:
     """Prompts built exactly as the engine will see them (messages, tools, template arguments);
     the overflow policy measures with it, and its last plan is reused when nothing was dropped."""
 
-    def __init__(self, engine: Engine, formats: ChatFormats, body: ChatCompletionRequest) -> None:
-        self.tokenizer = engine.loaded.tokenizer
+    def __init__(
+        self, engine: EngineClient, formats: ChatFormats, body: ChatCompletionRequest
+    ) -> None:
+        self.tokenizer = engine.tokenizer
         self.formats = formats
         self.body = body
         self._last: tuple[list[ChatMessage], ChatPlan] | None = None
@@ -97,12 +98,12 @@ def chat_formats_of(request: Request) -> ChatFormats:
     state = request.app.state
     if state.chat_formats is None:
         options: ServerOptions = state.options
-        loaded = state.engine.loaded
+        engine: EngineClient = state.engine
         state.chat_formats = chat_formats(
-            loaded.tokenizer,
+            engine.tokenizer,
             options.tool_call_parser,
             options.reasoning_parser,
-            multimodal=loaded.kind == "vision",
+            multimodal=engine.model.kind == "vision",
         )
     formats: ChatFormats = state.chat_formats
     return formats
@@ -123,14 +124,14 @@ def request_grammar(
 
 async def fit_conversation_for(
     request: Request,
-    engine: Engine,
+    engine: EngineClient,
     options: ServerOptions,
     body: ChatCompletionRequest,
     render: Callable[[list[ChatMessage]], list[int]],
 ) -> Fitted:
     """Apply the context-overflow policy to the messages, and count what it did."""
     policy = _overflow_policy(options, body)
-    window = engine.loaded.context_window
+    window = engine.model.context_window
     requested = body.requested_max_tokens
     limits = Limits(window, requested or _answer_reserve(options, window), requested is not None)
     summary = SummaryOptions(
@@ -178,22 +179,23 @@ class EngineSummarizer:
 
     def __init__(self, request: Request) -> None:
         self.request = request
-        self.engine: Engine = request.app.state.engine
+        self.engine: EngineClient = request.app.state.engine
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        loaded = self.engine.loaded
-        return chat_prompt_tokens(loaded.tokenizer, messages, multimodal=loaded.kind == "vision")
+        engine = self.engine
+        vision = engine.model.kind == "vision"
+        return chat_prompt_tokens(engine.tokenizer, messages, multimodal=vision)
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        generation = Generation(self.engine, [(prompt_tokens, params)])
+        generation = self.engine.generate([(prompt_tokens, params)])
         (result,), usage = await collect(generation, self.request.receive, 1, 1)
         return Summary(
             result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
         )
 
 
-def check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: int) -> None:
+def check_choice_count(engine: EngineClient, options: ServerOptions, n: int, prompts: int) -> None:
     if n > options.max_n:
         raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
     if n * prompts > engine.capacity:
@@ -204,11 +206,11 @@ def check_choice_count(engine: Engine, options: ServerOptions, n: int, prompts: 
         )
 
 
-def check_model(request: Request, requested: str | None) -> tuple[Engine, ServerOptions]:
+def check_model(request: Request, requested: str | None) -> tuple[EngineClient, ServerOptions]:
     """Any model name is accepted unless --strict-model-name: clients always send one."""
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     options: ServerOptions = request.app.state.options
-    served = engine.loaded.model_id
+    served = engine.model.model_id
     if options.strict_model_name and requested is not None and requested != served:
         raise model_not_found(requested, served)
     return engine, options
@@ -221,7 +223,7 @@ def model_not_found(requested: str, served: str) -> ModelNotFoundError:
 
 
 def sampling_params(
-    engine: Engine,
+    engine: EngineClient,
     options: ServerOptions,
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
@@ -231,7 +233,7 @@ def sampling_params(
         len(prompt),
         body.requested_max_tokens,
         options.max_tokens_default,
-        engine.loaded.context_window,
+        engine.model.context_window,
     )
     temperature = 1.0 if body.temperature is None else body.temperature
     if body.top_p == 0.0:  # nothing but the single most likely token survives
@@ -240,7 +242,7 @@ def sampling_params(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=_top_k(body.top_k, len(engine.loaded.tokenizer)),
+        top_k=_top_k(body.top_k, len(engine.tokenizer)),
         min_p=body.min_p or 0.0,
         seed=body.seed,
         repetition_penalty=body.repetition_penalty or 1.0,
@@ -269,10 +271,10 @@ def note_prompt(request: Request, prompt_text: Callable[[], str]) -> None:
         record.prompt = prompt_text()
 
 
-def _token_bias(engine: Engine, body: SamplingFields) -> tuple[tuple[int, float], ...]:
+def _token_bias(engine: EngineClient, body: SamplingFields) -> tuple[tuple[int, float], ...]:
     if not body.logit_bias:
         return ()
-    vocab_size = len(engine.loaded.tokenizer)
+    vocab_size = len(engine.tokenizer)
     bias = []
     for key, value in body.logit_bias.items():
         if not key.isdigit() or int(key) >= vocab_size:
@@ -324,7 +326,7 @@ async def plan_request(request: Request, body: ChatCompletionRequest) -> Planned
     note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
     messages = list(body.messages)
     refs = image_refs(messages)
-    check_image_refs(refs, messages, engine.loaded.kind == "vision", options.media)
+    check_image_refs(refs, messages, engine.model.kind == "vision", options.media)
     images = await load_images(refs, options.media)
     planner = ChatPlanner(engine, chat_formats_of(request), body)
     fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
@@ -334,7 +336,7 @@ async def plan_request(request: Request, body: ChatCompletionRequest) -> Planned
 
 
 async def _vision_prompt(
-    engine: Engine, plan: ChatPlan, images: list[LoadedImage]
+    engine: EngineClient, plan: ChatPlan, images: list[LoadedImage]
 ) -> VisionPrompt | None:
     """The prompt with its images through the model's processor; None without images."""
     if not images:
@@ -349,18 +351,18 @@ async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
     """Plan one chat request and admit it to the engine (a full queue is a 429 here)."""
     planned = await plan_request(request, body)
     plan, compaction, prompt = planned.plan, planned.compaction, planned.prompt_tokens
-    engine: Engine = request.app.state.engine
+    engine: EngineClient = request.app.state.engine
     options: ServerOptions = request.app.state.options
     grammar = request_grammar(plan.grammar, body)
     params = sampling_params(engine, options, body, prompt, grammar)
-    generation = Generation(engine, [(prompt, params)], request.app.state.metrics, planned.vision)
+    generation = engine.generate([(prompt, params)], request.app.state.metrics, planned.vision)
     admitted = await admit(generation, request.receive)  # one that cannot start: HTTP error
     note_generation(request, len(prompt), admitted[0], generation)
     return ChatRun(
         generation,
         plan.rules,
         len(prompt),
-        engine.loaded.model_id,
+        engine.model.model_id,
         engine.options.shutdown_grace_s,
         compaction,
         admitted[0],

@@ -19,14 +19,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import mlx.core as mx
 import numpy as np
 
+from ..messages import DistributedMode, GroupInfo
+
 logger = logging.getLogger(__name__)
 
-DistributedMode = Literal["tensor", "pipeline"]
 
 EXIT_GROUP_FAILED = 3
 FRAME_BYTES = 256  # fits a plan without new requests; new prompts take a second collective
@@ -43,18 +43,6 @@ _BACKEND_MARKERS = (
 
 class GroupError(Exception):
     """The group cannot go on: a peer is gone or stuck, or the ranks no longer agree."""
-
-
-@dataclass(frozen=True)
-class GroupInfo:
-    backend: str
-    size: int
-    rank: int
-    mode: DistributedMode
-
-    @property
-    def leads(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass(frozen=True)

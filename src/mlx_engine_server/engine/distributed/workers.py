@@ -37,8 +37,9 @@ class GroupWorker(Worker):
         *,
         group: Group,
         on_failure: Callable[[str], None],
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(loaded, options, inbox, on_request_done)
+        super().__init__(loaded, options, inbox, on_request_done, flush=flush)
         self.group = group
         self._channel = StepChannel(group.handle)
         self._on_failure = on_failure

@@ -15,8 +15,9 @@ from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
 
 async def tokenize(request: Request) -> Response:
     body = await read_model(request, TokenizeRequest)
-    loaded = request.app.state.engine.loaded
-    tokenizer = loaded.tokenizer
+    engine = request.app.state.engine
+    loaded = engine.model
+    tokenizer = engine.tokenizer
     if body.messages is not None:
         _refuse_images(list(body.messages))
         tokens = chat_prompt_tokens(
@@ -46,6 +47,6 @@ def _refuse_images(messages: list[ChatMessage]) -> None:
 
 async def detokenize(request: Request) -> Response:
     body = await read_model(request, DetokenizeRequest)
-    tokenizer = request.app.state.engine.loaded.tokenizer
+    tokenizer = request.app.state.engine.tokenizer
     check_token_ids(tokenizer, body.tokens, "tokens")
     return JSONResponse({"prompt": tokenizer.decode(body.tokens)})

@@ -46,7 +46,7 @@ async def responses(request: Request) -> Response:
 
 
 def _count_tokens(request: Request) -> Callable[[str], int]:
-    tokenizer = request.app.state.engine.loaded.tokenizer
+    tokenizer = request.app.state.engine.tokenizer
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
