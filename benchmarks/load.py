@@ -194,6 +194,7 @@ def median_run(
     runs = sorted((one_run(n, k) for k in range(plan.repeat)), key=lambda m: m.tokens_per_s)
     rates = ", ".join(f"{m.tokens_per_s:.1f}" for m in runs)
     print(f"  {system} x{n}: {rates} tok/s", flush=True)
+    note_phase(system, f"x{n}")
     return runs[len(runs) // 2]
 
 
@@ -361,11 +362,29 @@ def engine_figures(server: Server) -> tuple[int, float] | None:
     return int(engine["event_frames"]), float(engine["event_send_s"])
 
 
+def kernel_cache_files() -> int | None:
+    """Files in MLX's CUDA kernel cache (MLX_PTX_CACHE_DIR, when set): one per kernel that
+    NVRTC compiled. Printed after each phase, a count that keeps growing names a warm-up cost."""
+    root = os.environ.get("MLX_PTX_CACHE_DIR")
+    if not root or not Path(root).is_dir():
+        return None
+    return sum(1 for path in Path(root).rglob("*") if path.is_file())
+
+
+def note_phase(system: str, label: str) -> None:
+    count = kernel_cache_files()
+    if count is not None:
+        print(f"  {system} after {label}: {count} files in the CUDA kernel cache", flush=True)
+
+
 def cold_start(server: Server, plan: Plan) -> list[Measurement]:
     """The first request after start-up, then the first burst of the most clients: compiles and
     caches that only the first use pays show here, against the warm runs of the same size."""
+    note_phase(server.system, "start-up")
     first = measure(server, batch_messages(1, -2, plan), plan.max_tokens)
+    note_phase(server.system, f"the first request ({first.wall_s:.2f} s)")
     burst = measure(server, batch_messages(max(plan.clients), -3, plan), plan.max_tokens)
+    note_phase(server.system, f"the first burst ({burst.wall_s:.2f} s)")
     first.phase, burst.phase = "first request", "first burst"
     return [first, burst]
 

@@ -21,6 +21,7 @@ from mlx_engine_server.engine import (
     SamplingParams,
     TextDelta,
 )
+from mlx_engine_server.engine.device import KERNEL_CACHE_ENV, keep_kernels_in
 from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.engine.messages import EngineSpec
 from mlx_engine_server.engine.process import process_client
@@ -181,3 +182,39 @@ def test_draining_refuses_new_work_and_ends_running_work(fresh_client: EngineCli
         assert last.kind == "shutdown"
 
     asyncio.run(scenario())
+
+
+def test_a_warm_up_leaves_no_trace_but_its_time(long_model_dir: Path) -> None:
+    """On CUDA the engine warms up by itself (kernels compile at first use); here it is asked."""
+    options = EngineOptions(max_batch_size=8, warmup=True)
+    engine = make_client("thread", long_model_dir, options)
+    engine.start()
+    try:
+        assert engine.model.warmup_s > 0
+        report = engine.report_now()
+        assert report is not None
+        assert report.stats.requests_total == 0
+        assert report.stats.completion_tokens_total == 0
+        assert report.prefix_cache is not None
+        assert report.prefix_cache.entries == 0
+        assert report.prefix_cache.hits + report.prefix_cache.misses == 0
+        assert asyncio.run(text_of(engine, GREEDY))
+    finally:
+        engine.stop()
+
+
+def test_no_warm_up_on_a_cpu_unless_asked(client: EngineClient) -> None:
+    assert client.model.warmup_s == 0.0
+
+
+def test_compiled_kernels_are_kept_under_the_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KERNEL_CACHE_ENV, raising=False)
+    keep_kernels_in(tmp_path)
+    kept = Path(os.environ[KERNEL_CACHE_ENV])
+    assert kept.is_dir()
+    assert kept.is_relative_to(tmp_path / "cuda-kernels")
+    monkeypatch.setenv(KERNEL_CACHE_ENV, "/operator/choice")
+    keep_kernels_in(tmp_path)
+    assert os.environ[KERNEL_CACHE_ENV] == "/operator/choice"

@@ -27,6 +27,7 @@ import uvicorn
 from ..chat.media import MediaPolicy
 from ..chat.parsers import known_tool_call_parsers
 from ..engine import EngineClient, EngineOptions
+from ..engine.device import keep_kernels_in
 from ..engine.distributed.group import EXIT_GROUP_FAILED, end_process, join_group
 from ..engine.local import local_client
 from ..engine.messages import EngineFailed, EngineSpec
@@ -63,6 +64,7 @@ def serve(settings: Settings) -> int:
             f"unknown --tool-call-parser {settings.tool_call_parser!r}; "
             f"choose one of {', '.join(known_tool_call_parsers())}"
         )
+    keep_kernels_in(settings.cache_dir)
     group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
     if group is None:
         engine = process_client(engine_spec(settings), settings.log_level, settings.log_format)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import version
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -36,6 +37,23 @@ CUDA_SERVER_ENV = {
     "MLX_CUDA_USE_CUDNN_SDPA": "0",
     "MLX_ENABLE_CACHE_THRASHING_CHECK": "0",
 }
+
+
+KERNEL_CACHE_ENV = "MLX_PTX_CACHE_DIR"
+
+
+def keep_kernels_in(cache_dir: Path) -> None:
+    """MLX's CUDA backend compiles kernels at first use (NVRTC) and keeps them in
+    $MLX_PTX_CACHE_DIR, by default under $TMPDIR: under --cache-dir they outlive a restart.
+    Set before the engine starts; an operator's own value wins."""
+    if KERNEL_CACHE_ENV in os.environ:
+        return
+    path = cache_dir / "cuda-kernels" / mlx_version()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # MLX's own default then
+    os.environ[KERNEL_CACHE_ENV] = str(path)
 
 
 def apply_backend_defaults() -> None:

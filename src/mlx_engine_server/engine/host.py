@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import mlx.core as mx
+
 from ..errors import StartupError
 from ..models.loader import LoadedModel
 from .device import apply_backend_defaults, device_name, memory_bytes, mlx_version
@@ -36,6 +38,7 @@ from .messages import (
     ModelInfo,
     ReadReport,
     Report,
+    SamplingParams,
     StepEvents,
     Stop,
     Submit,
@@ -45,6 +48,11 @@ from .worker import STOP, Submission, Worker, run_worker_thread
 
 logger = logging.getLogger(__name__)
 
+# One long prompt (a full prefill chunk and more), then a group of short ones decoding together.
+WARMUP_SHAPES = ((600, 1), (40, 8))
+WARMUP_TOKENS = 4
+WARMUP_FIRST_ID = 100
+WARMUP_TIMEOUT_S = 600.0
 FAILURE_FLUSH_S = 1.0  # rank 0 of a failed group: time for the error events to reach clients
 DRAIN_BACKSTOP_S = 1.0  # within http/sse.SHUTDOWN_MARGIN_S, so the error event goes out first
 
@@ -100,10 +108,37 @@ class EngineHost:
             raise StartupError(f"loading the model failed: {type(result).__name__}: {result}")
         self._worker = result
         self.loaded = result.loaded
-        return self._model_info(result.loaded, time.monotonic() - began)
-
-    def _model_info(self, loaded: LoadedModel, load_s: float) -> ModelInfo:
+        load_s = time.monotonic() - began
         logger.info("model loaded in %.1f s", load_s)
+        warmup_s = self._warm_up(result) if _wants_warmup(self.options, self.group) else 0.0
+        return self._model_info(result.loaded, warmup_s)
+
+    def _warm_up(self, worker: Worker) -> float:
+        """Requests of the shapes that compile kernels at first use, before any user's: on CUDA,
+        NVRTC compiled each 4-bit prefill matmul tile for ~20 s (an 8B model's first request
+        took 44 s, the second 1 s; benchmarks/first_request.py)."""
+        began = time.monotonic()
+        finished = threading.Semaphore(0)
+
+        def post(event: Event) -> None:
+            if isinstance(event, Finished | Failed):
+                finished.release()
+
+        params = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0, ignore_eos=True)
+        deadline = time.monotonic() + WARMUP_TIMEOUT_S
+        vocabulary = len(worker.loaded.tokenizer._tokenizer)
+        for length, rows in WARMUP_SHAPES:
+            for row in range(rows):
+                prompt = tuple((WARMUP_FIRST_ID + row + i) % vocabulary for i in range(length))
+                self._inbox.put(Submission(prompt, params, deadline, Cancellation(), post))
+            for _ in range(rows):
+                finished.acquire(timeout=WARMUP_TIMEOUT_S)
+        worker.forget_warmup()
+        warmup_s = time.monotonic() - began
+        logger.info("warmed up in %.1f s", warmup_s)
+        return warmup_s
+
+    def _model_info(self, loaded: LoadedModel, warmup_s: float) -> ModelInfo:
         return ModelInfo(
             model_id=loaded.model_id,
             model_path=loaded.model_path,
@@ -117,6 +152,7 @@ class EngineHost:
             mlx_version=mlx_version(),
             engine_pid=os.getpid(),
             group=self.group.info if self.group is not None else None,
+            warmup_s=round(warmup_s, 3),
         )
 
     def _make_worker(self, loaded: LoadedModel) -> Worker:
@@ -254,6 +290,14 @@ class EngineHost:
         self._inbox.put(STOP)
         self._thread.join(timeout_s)
         self._thread = None
+
+
+def _wants_warmup(options: EngineOptions, group: Group | None) -> bool:
+    if group is not None:  # the ranks step rank 0's plans only: no side requests
+        return False
+    if options.warmup is not None:
+        return options.warmup
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
 
 
 def _nothing() -> None:

@@ -53,6 +53,9 @@ class EngineOptions:
     shutdown_grace_s: float = 10.0
     memory_budget_bytes: int | None = None
     fold_quantized_decode: bool = True
+    # Run a few requests through the batch before Ready, so that kernels compiled at first use
+    # are compiled then, not in a user's request; None: on CUDA only (NVRTC compiles there).
+    warmup: bool | None = None
 
 
 @dataclass(frozen=True)
