@@ -118,7 +118,8 @@ RULES = [
             *("http/", "cli/serve.py", "protocols/openai/tokenize.py"),
             *("protocols/openai/routes.py", "protocols/anthropic/routes.py"),
             "protocols/responses/routes.py",
-            "pipeline/prepare.py",  # the request's host policy and log record: M6 removes it
+            "pipeline/prepare.py",  # the request's state, host policy and log record: M6
+            "pipeline/run.py",
         ),
     ),
     (("llguidance",), ("engine/constraints.py", "chat/structured.py")),
@@ -172,7 +173,8 @@ ARROWS = {
 }
 # Files that still cross an arrow, each with the step that removes it.
 KNOWN_CROSSINGS = {
-    ("pipeline/prepare.py", "http"),  # host policy, body limits, log record, admit/collect: M1, M6
+    ("pipeline/prepare.py", "http"),  # host policy, body limits, the log record: M6
+    ("pipeline/run.py", "http"),  # the log record: M6
 }
 
 

@@ -1,6 +1,6 @@
-"""The steps every generating route shares, whatever protocol it speaks: the model-name check,
-chat planning (template, tools, reasoning), the context-overflow policy, sampling parameters and
-admission to the engine. OpenAI chat, Anthropic Messages and OpenAI Responses all run through here.
+"""Preparing a request, whatever protocol it speaks: the model-name check, chat planning
+(template, tools, reasoning), images, the context-overflow policy and sampling parameters.
+OpenAI chat, Anthropic Messages and OpenAI Responses all run through here, then pipeline/run.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from starlette.requests import Request
 
 from ..chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
 from ..chat.media import LoadedImage, MediaPolicy
-from ..chat.output import OutputRules
 from ..chat.overflow import (
     Compaction,
     CompactionCounters,
@@ -26,12 +25,11 @@ from ..chat.overflow import (
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
 from ..chat.structured import response_format_grammar
-from ..engine import EngineClient, Generation, SamplingParams, Usage, VisionPrompt
+from ..engine import EngineClient, SamplingParams, Usage, VisionPrompt
 from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from ..http.access_log import request_record
 from ..http.body import request_limits
 from ..http.guards import HostPolicy
-from ..http.sse import admit, collect
 from ..protocols.openai.limits import RequestLimits, check_request_limits
 from ..protocols.openai.types import (
     ChatCompletionRequest,
@@ -40,9 +38,7 @@ from ..protocols.openai.types import (
     OverflowPolicy,
     SamplingFields,
 )
-
-COMPACTION_HEADER = "x-context-compacted"
-CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
+from .admission import collect
 
 
 @dataclass(frozen=True)
@@ -287,26 +283,6 @@ def _token_bias(engine: EngineClient, body: SamplingFields) -> tuple[tuple[int, 
 
 
 @dataclass(frozen=True)
-class ChatRun:
-    """One admitted chat generation (a single choice), and what shaping its answer needs."""
-
-    generation: Generation
-    rules: OutputRules
-    prompt_tokens: int
-    model_id: str
-    shutdown_grace_s: float
-    compaction: Compaction | None
-    cached_tokens: int
-
-    def headers(self) -> dict[str, str]:
-        """What the response reports besides its body: cached prompt tokens, compaction."""
-        headers = {CACHED_TOKENS_HEADER: str(self.cached_tokens)}
-        if self.compaction is not None:
-            headers[COMPACTION_HEADER] = self.compaction.header_value()
-        return headers
-
-
-@dataclass(frozen=True)
 class PlannedChat:
     """A chat request's prompt as the engine will see it, with its images when it has any."""
 
@@ -345,39 +321,6 @@ async def _vision_prompt(
     return await asyncio.to_thread(
         engine.vision_prompt, plan.prompt_text, pictures, images_digest(images)
     )
-
-
-async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
-    """Plan one chat request and admit it to the engine (a full queue is a 429 here)."""
-    planned = await plan_request(request, body)
-    plan, compaction, prompt = planned.plan, planned.compaction, planned.prompt_tokens
-    engine: EngineClient = request.app.state.engine
-    options: ServerOptions = request.app.state.options
-    grammar = request_grammar(plan.grammar, body)
-    params = sampling_params(engine, options, body, prompt, grammar)
-    generation = engine.generate([(prompt, params)], request.app.state.metrics, planned.vision)
-    admitted = await admit(generation, request.receive)  # one that cannot start: HTTP error
-    note_generation(request, len(prompt), admitted[0], generation)
-    return ChatRun(
-        generation,
-        plan.rules,
-        len(prompt),
-        engine.model.model_id,
-        engine.options.shutdown_grace_s,
-        compaction,
-        admitted[0],
-    )
-
-
-def note_generation(
-    request: Request, prompt_tokens: int, cached_tokens: int, generation: Generation
-) -> None:
-    """The request's log line reports its tokens and time to first token."""
-    record = request_record(request)
-    if record is not None:
-        record.prompt_tokens = prompt_tokens
-        record.cached_tokens = cached_tokens
-        record.generation = generation
 
 
 def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:

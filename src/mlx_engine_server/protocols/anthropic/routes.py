@@ -20,8 +20,11 @@ from ...engine import Finished
 from ...engine.messages import FinishReason
 from ...errors import APIError, InternalError, MethodNotAllowedError
 from ...http.body import read_model, validate_model
-from ...http.sse import GenerationStream, collect, named_events
-from ...pipeline.prepare import ChatRun, count_chat_tokens, start_chat, summary_usage
+from ...http.sse import GenerationStream
+from ...pipeline.admission import collect
+from ...pipeline.events import named_events
+from ...pipeline.prepare import count_chat_tokens, summary_usage
+from ...pipeline.run import ChatRun, start_chat
 from ..openai.types import ChatCompletionRequest
 from .render import (
     ContentBlocks,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ...chat.output import ParsedOutput, ToolCallOut
 from ...engine import TokenLogprob, Usage
+from ...pipeline.admission import ChoiceResult
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,6 @@ class ResponseHeader:
     @classmethod
     def new(cls, prefix: str, model: str) -> ResponseHeader:
         return cls(id=f"{prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model)
-
-
-@dataclass
-class ChoiceResult:
-    """One choice of a whole (non-streamed) answer."""
-
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str = "stop"
-    stop_sequence: str | None = None  # the `stop` string that ended it, if one did
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:

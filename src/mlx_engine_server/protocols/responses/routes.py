@@ -14,8 +14,11 @@ from starlette.responses import JSONResponse, Response
 from ...chat.output import OutputSplitter
 from ...errors import APIError
 from ...http.body import read_model, validate_model
-from ...http.sse import GenerationStream, collect, named_events
-from ...pipeline.prepare import ChatRun, start_chat, summary_usage
+from ...http.sse import GenerationStream
+from ...pipeline.admission import collect
+from ...pipeline.events import named_events
+from ...pipeline.prepare import summary_usage
+from ...pipeline.run import ChatRun, start_chat
 from ..openai.types import ChatCompletionRequest
 from .render import (
     OutputItems,
