@@ -51,7 +51,8 @@ def start_server(model_dir: Path, port: int) -> subprocess.Popen[str]:
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError("mlx-server did not become healthy")
+    stderr = process.communicate()[1]
+    raise RuntimeError(f"mlx-server did not become healthy:\n{stderr[-3000:]}")
 
 
 def stream_lines(

@@ -26,6 +26,7 @@ from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..chat.test_media import image_bytes, png_header_only
+from ..cli.test_shutdown import free_port, start_server
 from ..conftest import LiveServer, run_live_server, start_engine
 from ..vision_factory import IMAGE_SEQ_LEN, build_tiny_smolvlm
 
@@ -523,3 +524,26 @@ def test_the_fetch_itself(monkeypatch: pytest.MonkeyPatch) -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_images_cross_to_an_engine_process(vision_dir: Path, http: httpx.Client) -> None:
+    """`mlx-server` as users run it: its front loads the processor itself (no weights) and
+    sends the processed image to the engine process; the answer equals the in-thread one."""
+    body = chat([user_turn(data_uri("green"))])
+    expected = http.post("/v1/chat/completions", json=body)
+    assert expected.status_code == 200, expected.text
+    port = free_port()
+    process = start_server(vision_dir, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        got = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        status = httpx.get(f"{base}/v1/mlx/status", timeout=10).json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert got.status_code == 200, got.text
+    assert status["model"]["kind"] == "vision"
+    assert status["engine"]["process_id"] != process.pid
+    assert got.json()["usage"]["prompt_tokens"] == expected.json()["usage"]["prompt_tokens"]
+    answer = got.json()["choices"][0]["message"]["content"]
+    assert answer == expected.json()["choices"][0]["message"]["content"]

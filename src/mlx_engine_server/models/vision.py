@@ -101,11 +101,14 @@ def load_vision_front(
 ) -> tuple[Any, TokenizerWrapper]:
     """The processor and tokenizer alone, for the HTTP front: no weights."""
     from mlx_vlm.utils import (  # noqa: PLC0415 - only for vision models
+        get_model_and_args,
         load_image_processor,
         load_processor,
     )
 
-    # As mlx_vlm.utils.load builds it, less the model.
+    # As mlx_vlm.utils.load builds it, less the weights. Importing the family's module first
+    # installs its processor (SmolVLM's, for one, needs no torchvision then).
+    get_model_and_args(config, path)
     options = {"trust_remote_code": trust_remote_code}
     eos_token_ids = config.get("eos_token_id")
     processor = load_processor(path, True, eos_token_ids=eos_token_ids, **options)
