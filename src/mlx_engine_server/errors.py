@@ -5,12 +5,25 @@ Imports nothing of ours, so any module may raise these.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 
 class StartupError(Exception):
     """A problem that stops the server from starting (bad model path, bad adapter, bad GGUF).
 
     The message is shown to the operator as it is: make it say what is wrong and what to do.
     """
+
+
+@dataclass(frozen=True)
+class ErrorDialect:
+    """How one protocol spells an APIError: its body and its status (Anthropic's SDK reads
+    `{"type": "error", ...}` and 529 for overload; everything else reads OpenAI's)."""
+
+    body: Callable[[APIError], dict[str, Any]]
+    status: Callable[[APIError], int]
 
 
 class APIError(Exception):

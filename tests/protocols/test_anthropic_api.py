@@ -20,7 +20,8 @@ from starlette.testclient import TestClient
 
 from mlx_engine_server.errors import GenerationTimeoutError, InternalError, OverloadedError
 from mlx_engine_server.http.app import ServerOptions, create_app
-from mlx_engine_server.protocols.anthropic.routes import error_response
+from mlx_engine_server.http.errors import error_response
+from mlx_engine_server.protocols.anthropic.render import ANTHROPIC
 
 from ..conftest import HERMES_ANSWER, LiveServer, chat_on_live, close_after_test
 
@@ -333,6 +334,11 @@ def test_other_errors_keep_anthropics_shape(client: TestClient, tiny_app: Starle
     wrong_method = client.get("/v1/messages")
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+    assert wrong_method.headers["allow"] == "POST"
+    mistyped = client.post("/v1/messages/batches", json={})
+    assert (mistyped.status_code, mistyped.json()["type"]) == (404, "error")
+    assert mistyped.json()["error"]["type"] == "not_found_error"
+    assert client.post("/v1/messagesx", json={}).json()["error"]["code"] == "unknown_url"
     strict = TestClient(create_app(tiny_app.state.engine, ServerOptions(strict_model_name=True)))
     unknown = strict.post(
         "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": ASK}
@@ -362,7 +368,7 @@ def test_the_sdk_raises_its_own_error_types(tiny_server: LiveServer) -> None:
     ],
 )
 def test_server_side_errors_map_to_anthropics_types(error: Any, status: int, kind: str) -> None:
-    response = error_response(error)
+    response = error_response(error, ANTHROPIC)
     assert response.status_code == status
     assert json.loads(bytes(response.body))["error"]["type"] == kind
     if status == 529:

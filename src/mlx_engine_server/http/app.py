@@ -19,7 +19,7 @@ from ..protocols.openai import routes as openai_routes
 from ..protocols.openai.tokenize import detokenize, tokenize
 from ..protocols.responses import routes as openai_responses_routes
 from .access_log import REQUEST_ID_HEADER, RequestLog
-from .errors import EXCEPTION_HANDLERS
+from .errors import EXCEPTION_HANDLERS, Dialects
 from .guards import ApiKeyGuard, HeaderLimit, HostGuard
 from .metrics import RequestCounter, ServerMetrics
 from .openapi import openapi_json
@@ -27,6 +27,7 @@ from .ops import health, metrics_text, status
 
 __all__ = ["ServerOptions", "create_app"]
 
+ROUTE_PATHS_ANTHROPIC = tuple(route.path for route in anthropic_routes.ROUTES)
 # What a browser page may read of a cross-origin response besides the safelisted headers.
 EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
 
@@ -61,6 +62,7 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    app.state.dialects = Dialects(dict.fromkeys(ROUTE_PATHS_ANTHROPIC, anthropic_routes.DIALECT))
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.options = options

@@ -1,4 +1,5 @@
-"""The one place that renders errors: every failure leaves as OpenAI's error JSON."""
+"""The one place that renders errors: every failure leaves as JSON in its route's dialect
+(OpenAI's unless the route table says otherwise), from the routes, the router and the guards."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
+from starlette._utils import get_route_path  # the router's own path: the one it routes by
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Scope
 
 from ..errors import (
     APIError,
+    ErrorDialect,
     InternalError,
     InvalidRequestError,
     MethodNotAllowedError,
@@ -22,17 +26,42 @@ from ..errors import (
 logger = logging.getLogger(__name__)
 
 
-def error_response(error: APIError) -> JSONResponse:
+OPENAI = ErrorDialect(body=lambda error: error.to_body(), status=lambda error: error.status_code)
+
+
+class Dialects:
+    """Which dialect each path speaks: a route's path and every path below it (a mistyped
+    `/v1/messages/...` still answers an Anthropic client in its own shape); OpenAI elsewhere."""
+
+    def __init__(self, by_path: Mapping[str, ErrorDialect] | None = None) -> None:
+        self._by_path = dict(by_path or {})
+
+    def of(self, scope: Scope) -> ErrorDialect:
+        path = get_route_path(scope)
+        for prefix, dialect in self._by_path.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return dialect
+        return OPENAI
+
+
+def error_response(error: APIError, dialect: ErrorDialect = OPENAI) -> JSONResponse:
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(error.retry_after_s)
     if isinstance(error, InternalError):
         headers["x-should-retry"] = "false"  # a bug does not go away on retry
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+    body, status = dialect.body(error), dialect.status(error)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _dialect(request: Request) -> ErrorDialect:
+    dialects: Dialects | None = getattr(request.app.state, "dialects", None)
+    return dialects.of(request.scope) if dialects is not None else OPENAI
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
-    return error_response(exc if isinstance(exc, APIError) else InternalError(str(exc)))
+    error = exc if isinstance(exc, APIError) else InternalError(str(exc))
+    return error_response(error, _dialect(request))
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
@@ -47,7 +76,7 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     else:
         error = InvalidRequestError(str(exc.detail), code=None)
         error.status_code = exc.status_code
-    response = error_response(error)
+    response = error_response(error, _dialect(request))
     if exc.headers:
         response.headers.update(exc.headers)
     return response
@@ -55,7 +84,8 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(InternalError("The server hit an internal error; see its log."))
+    error = InternalError("The server hit an internal error; see its log.")
+    return error_response(error, _dialect(request))
 
 
 EXCEPTION_HANDLERS: Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]] = {

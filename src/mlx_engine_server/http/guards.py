@@ -13,12 +13,10 @@ import ipaddress
 from dataclasses import dataclass
 
 from starlette._utils import get_route_path  # the router's own path: the one it routes by
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import APIError, AuthenticationError, HeadersTooLargeError, InvalidRequestError
-from ..protocols.anthropic.render import error_body, error_status
-from .errors import error_response
+from .errors import Dialects, error_response
 
 PUBLIC_PATHS = frozenset({"/health"})
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -161,16 +159,14 @@ async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    response = (
-        JSONResponse(error_body(error), status_code=error_status(error))
-        if _speaks_anthropic(scope)
-        else error_response(error)
-    )
+    response = error_response(error, _dialects(scope).of(scope))
     if isinstance(error, AuthenticationError):
         response.headers["WWW-Authenticate"] = "Bearer"
     await response(scope, receive, send)
 
 
-def _speaks_anthropic(scope: Scope) -> bool:
-    """Anthropic's SDK reads its own error shape; its routes refuse in that shape too."""
-    return get_route_path(scope).startswith("/v1/messages")
+def _dialects(scope: Scope) -> Dialects:
+    """The app's route table of dialects (middleware runs before routing, but the app is set)."""
+    app = scope.get("app")
+    dialects = getattr(getattr(app, "state", None), "dialects", None)
+    return dialects if isinstance(dialects, Dialects) else Dialects()

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...chat.output import Content, Part, Reasoning, ToolCallOut
 from ...engine import Finished, Usage
-from ...errors import APIError
+from ...errors import APIError, ErrorDialect
 
 # Our parameter names, as the Anthropic request spells them, for error messages.
 ANTHROPIC_PARAMS = {
@@ -58,6 +58,9 @@ def _message_naming_param(error: APIError) -> str:
 def error_body(error: APIError) -> dict[str, Any]:
     kind = ERROR_TYPES.get(error_status(error), "api_error")
     return {"type": "error", "error": {"type": kind, "message": _message_naming_param(error)}}
+
+
+ANTHROPIC = ErrorDialect(body=error_body, status=error_status)
 
 
 def new_message_id() -> str:

@@ -1,7 +1,7 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API on the chat pipeline.
 
 Errors on these routes leave in Anthropic's shape (`{"type": "error", "error": {"type",
-"message"}}`); every other route keeps OpenAI's.
+"message"}}`, its ANTHROPIC dialect); every other route keeps OpenAI's.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from ...chat.output import OutputSplitter
 from ...engine import Finished
 from ...engine.messages import FinishReason
-from ...errors import APIError, InternalError, MethodNotAllowedError
 from ...http.body import read_model, validate_model
 from ...http.sse import GenerationStream
 from ...pipeline.admission import collect
@@ -27,10 +25,9 @@ from ...pipeline.prepare import count_chat_tokens, summary_usage
 from ...pipeline.run import ChatRun, start_chat
 from ..openai.types import ChatCompletionRequest
 from .render import (
+    ANTHROPIC,
     ContentBlocks,
     MessageStream,
-    error_body,
-    error_status,
     message_body,
     new_message_id,
 )
@@ -40,43 +37,6 @@ from .types import CountTokensRequest, MessagesRequest
 logger = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def error_response(error: APIError) -> JSONResponse:
-    headers = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
-    if isinstance(error, InternalError):
-        headers["x-should-retry"] = "false"
-    return JSONResponse(error_body(error), status_code=error_status(error), headers=headers)
-
-
-def anthropic_errors(endpoint: Endpoint) -> Endpoint:
-    """Any failure of `endpoint`, a bug included, as Anthropic's error JSON."""
-
-    async def guarded(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except APIError as error:
-            return error_response(error)
-        except Exception:
-            logger.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(InternalError("The server hit an internal error; see its log."))
-
-    return guarded
-
-
-class AnthropicRoute(Route):
-    """A route whose wrong-method answer (405) is Anthropic-shaped as well."""
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.methods and scope["method"] not in self.methods:
-            error = MethodNotAllowedError(f"Method {scope['method']} is not allowed on this path")
-            response = error_response(error)
-            response.headers["Allow"] = ", ".join(sorted(self.methods))
-            await response(scope, receive, send)
-            return
-        await super().handle(scope, receive, send)
 
 
 async def messages(request: Request) -> Response:
@@ -129,7 +89,9 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse({"input_tokens": count_chat_tokens(request, chat)})
 
 
+# Errors on these paths leave in Anthropic's dialect: http/app.py gives the table to the renderer.
 ROUTES = [
-    AnthropicRoute("/v1/messages", anthropic_errors(messages), methods=["POST"]),
-    AnthropicRoute("/v1/messages/count_tokens", anthropic_errors(count_tokens), methods=["POST"]),
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
 ]
+DIALECT = ANTHROPIC
