@@ -299,6 +299,22 @@ def test_bad_config_file_is_a_settings_error(tmp_path: Path, content: str, expec
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("typed", ["~/no-such-pictures", "/no/such/pictures"])
+def test_bad_media_dir_is_printed_as_typed(typed: str) -> None:
+    """A repeated flag reaches the settings as a tuple; the message shows the folder typed."""
+    result = CliRunner().invoke(cli, ["--allowed-media-dir", typed])
+    assert result.exit_code == EXIT_BAD_SETTINGS, result.output
+    expected = f"mlx-server: invalid settings: allowed_media_dir: {typed} is not a directory\n"
+    assert result.output == expected
+
+
+def test_bad_list_value_is_shown_as_typed() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"image_formats": "png,bmp"})
+    assert "('" not in str(caught.value)
+    assert "'bmp'" in str(caught.value)
+
+
 def test_missing_config_file_is_a_settings_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     with pytest.raises(SettingsError, match=r"config file .*missing\.json: not found"):
