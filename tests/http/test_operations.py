@@ -8,13 +8,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mlx_engine_server.cli.logs import JsonFormatter, TextFormatter, escape_control
 from mlx_engine_server.http.app import ServerOptions, create_app
 
-from ..conftest import start_engine
+from ..conftest import LiveServer, start_engine
 
 ACCESS_LOGGER = "mlx_engine_server.access"
 SECRET_PROMPT = "my very private question about zebras"  # noqa: S105 - not a password
@@ -199,3 +201,60 @@ def test_status_reports_load_for_balancers(client: TestClient) -> None:
     engine = client.get("/v1/mlx/status").json()["engine"]
     assert engine["requests_active"] == 0
     assert engine["requests_queued"] == 0
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def http_request_labels(metrics_text: str) -> set[tuple[str, str]]:
+    return {
+        (sample.labels["path"], sample.labels["status"])
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "mlx_server_http_requests_total"
+    }
+
+
+def test_metrics_label_every_route_with_its_template(tiny_server: LiveServer) -> None:
+    base = tiny_server.base_url
+    calls = [
+        ("POST", "/v1/messages", {"model": "m", "max_tokens": 2, "messages": []}),
+        ("POST", "/v1/messages/count_tokens", {"model": "m", "messages": []}),
+        ("POST", "/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+        ("POST", "/tokenize", {"prompt": "Hi"}),
+        ("POST", "/detokenize", {"tokens": [1]}),
+        ("GET", "/openapi.json", None),
+        ("GET", "/v1/models/tiny-llama", None),
+        ("GET", "/v1/models/some/other/model", None),
+        ("GET", "/no/such/path", None),
+        ("GET", "/v1/messages", None),  # a route, the wrong method: 405 under its template
+    ]
+    answered = {path: httpx.request(method, base + path, json=body) for method, path, body in calls}
+    labels = http_request_labels(httpx.get(f"{base}/metrics").text)
+
+    for path in ("/v1/messages/count_tokens", "/v1/responses", "/tokenize", "/detokenize"):
+        assert (path, str(answered[path].status_code)) in labels, (path, labels)
+    assert ("/v1/messages", str(answered["/v1/messages"].status_code)) in labels
+    assert ("/v1/messages", "405") in labels
+    assert ("/openapi.json", "200") in labels
+    assert ("/v1/models/{model_id}", "200") in labels
+    assert ("/v1/models/{model_id}", "404") in labels
+    assert ("other", "404") in labels
+    assert {path for path, _ in labels} <= {*KNOWN_TEMPLATES, "other"}
+
+
+KNOWN_TEMPLATES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/models/{model_id}",
+    "/v1/mlx/status",
+    "/health",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/openapi.json",
+}
