@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mlx_engine_server.cli.logs import JsonFormatter, TextFormatter, escape_control
+from mlx_engine_server.engine import counters
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..conftest import LiveServer, start_engine
@@ -203,6 +205,28 @@ def test_status_reports_load_for_balancers(client: TestClient) -> None:
     assert engine["requests_queued"] == 0
 
 
+def test_tokens_per_s_falls_to_zero_when_idle(
+    fresh_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rate over the last window, as of the moment it is read, not of the last step."""
+    monkeypatch.setattr(counters, "RATE_WINDOW_S", 0.5)
+    fresh_client.post("/v1/chat/completions", json=chat_body(max_tokens=8, ignore_eos=True))
+    busy = fresh_client.get("/v1/mlx/status").json()["engine"]["tokens_per_s"]
+    time.sleep(0.6)
+    idle = fresh_client.get("/v1/mlx/status").json()["engine"]["tokens_per_s"]
+    assert busy > 0
+    assert idle == 0
+
+
+def test_rate_counts_only_the_window() -> None:
+    rates = counters.Counters()
+    rates.record_step(5)
+    rates.record_step(5)
+    now = time.monotonic()
+    assert rates.tokens_per_s(now) == pytest.approx(10 / counters.RATE_WINDOW_S)
+    assert rates.tokens_per_s(now + counters.RATE_WINDOW_S + 0.1) == 0
+
+
 # --- metrics --------------------------------------------------------------------------------
 
 
@@ -229,12 +253,16 @@ def test_metrics_label_every_route_with_its_template(tiny_server: LiveServer) ->
         ("GET", "/no/such/path", None),
         ("GET", "/v1/messages", None),  # a route, the wrong method: 405 under its template
     ]
-    answered = {path: httpx.request(method, base + path, json=body) for method, path, body in calls}
+    statuses = {
+        (method, path): str(httpx.request(method, base + path, json=body).status_code)
+        for method, path, body in calls
+    }
     labels = http_request_labels(httpx.get(f"{base}/metrics").text)
 
-    for path in ("/v1/messages/count_tokens", "/v1/responses", "/tokenize", "/detokenize"):
-        assert (path, str(answered[path].status_code)) in labels, (path, labels)
-    assert ("/v1/messages", str(answered["/v1/messages"].status_code)) in labels
+    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses"):
+        assert (path, statuses["POST", path]) in labels, (path, labels)
+    for path in ("/tokenize", "/detokenize"):
+        assert (path, statuses["POST", path]) in labels, (path, labels)
     assert ("/v1/messages", "405") in labels
     assert ("/openapi.json", "200") in labels
     assert ("/v1/models/{model_id}", "200") in labels
