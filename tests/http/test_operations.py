@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mlx_engine_server.cli.logs import JsonFormatter, TextFormatter, escape_control
-from mlx_engine_server.engine import counters
+from mlx_engine_server.engine import EngineOptions, counters
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..conftest import LiveServer, start_engine
@@ -117,6 +117,49 @@ def test_streamed_request_is_logged_once_it_ends(
     (record,) = access_records(caplog)
     assert fields_of(record)["completion_tokens"] == 4
     assert fields_of(record)["ttft_s"] > 0
+
+
+def test_stream_cut_by_shutdown_logs_the_tokens_it_streamed(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = start_engine(tiny_model_dir, EngineOptions(shutdown_grace_s=0.0))
+    body = {"prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with (
+        TestClient(create_app(engine)) as client,
+        caplog.at_level(logging.INFO, logger=ACCESS_LOGGER),
+        client.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        engine.drain()
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(first.removeprefix("data: "))] + [json.loads(x) for x in rest[:-2]]
+    assert json.loads(rest[-2])["error"]["code"] == "service_unavailable"
+    (record,) = access_records(caplog)
+    streamed = fields_of(record)["completion_tokens"]
+    assert len(chunks) <= streamed < 200
+
+
+def test_refusal_log_line_says_why(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        openai = client.post("/v1/chat/completions", json={"messages": []})
+        anthropic = client.post("/v1/messages", json={"model": "m", "messages": []})
+    assert (openai.status_code, anthropic.status_code) == (400, 400)
+    first, second = (fields_of(record) for record in access_records(caplog))
+    assert first["error_code"] == openai.json()["error"]["code"]
+    assert first["error_message"] == openai.json()["error"]["message"]
+    assert second["error_code"] == anthropic.json()["error"]["type"]
+    assert second["error_message"] == anthropic.json()["error"]["message"]
+    assert "error_message=" in TextFormatter().format(access_records(caplog)[0])
+
+
+def test_successful_log_line_has_no_error_fields(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        client.get("/v1/models")
+    (record,) = access_records(caplog)
+    assert "error_code" not in fields_of(record)
 
 
 def test_prompt_is_logged_only_with_log_prompts(

@@ -383,7 +383,13 @@ class Generation:
         self._early: deque[tuple[int, Event]] = deque()  # read while waiting for admission
         self._cancelled = False
         self.ttft_s: float | None = None
-        self.completion_tokens = 0
+        self._completion_tokens: dict[int, int] = {}  # choice index -> tokens read so far
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated for the reader so far: the usage of finished choices, and the
+        tokens streamed of the others (a stream cut by shutdown or an error still counts)."""
+        return sum(self._completion_tokens.values())
 
     def put(self, index: int, event: Event) -> None:
         """On the generation's loop: one event from the engine."""
@@ -438,12 +444,14 @@ class Generation:
                 self._admitted[index] = event.cached_tokens
                 continue
             if isinstance(event, Finished):
-                self.completion_tokens += event.usage.completion_tokens
+                self._completion_tokens[index] = event.usage.completion_tokens
             if isinstance(event, Finished | Failed):
                 self._running -= 1
             else:
                 self._observe_text()
                 event = self._with_waiting_text(index, event)
+                streamed = self._completion_tokens.get(index, 0) + len(event.token_ids)
+                self._completion_tokens[index] = streamed
             yield index, event
 
     def _with_waiting_text(self, index: int, delta: TextDelta) -> TextDelta:
