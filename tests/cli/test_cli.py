@@ -404,6 +404,23 @@ def test_missing_adapter_exits_1(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert_clean_failure(outcome, 1, "adapter", "no-such-adapter")
 
 
+def test_port_in_use_exits_5_before_loading_the_model(tmp_path: Path) -> None:
+    """The model path does not exist either: the address is checked first, and at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        outcome = run_cli(str(tmp_path / "no-such-model"), "--port", port)
+    assert_clean_failure(outcome, 5, f"cannot listen on 127.0.0.1:{port}", "already in use")
+    assert outcome.elapsed_s < FAST_EXIT_S
+
+
+def test_unusable_unix_socket_exits_5(tmp_path: Path) -> None:
+    where = tmp_path / "no-such-dir" / "mlx.sock"
+    outcome = run_cli(str(tmp_path / "no-such-model"), "--uds", str(where))
+    assert_clean_failure(outcome, 5, f"cannot listen on {where}")
+
+
 def test_help_lists_every_flag_in_readme() -> None:
     outcome = run_cli("--help")
     assert outcome.returncode == 0, outcome.stderr
