@@ -8,6 +8,7 @@ accepted; a graceful exit when the parent process dies (--parent-pid) or stdin c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -49,6 +50,7 @@ PARENT_POLL_S = 0.5
 UNIX_SOCKET_MODE = 0o600  # only the user who started the server may connect
 FOLLOWER_MARGIN_S = 5.0
 EXIT_ENGINE_FAILED = 4  # the engine process died while serving
+EXIT_INTERRUPTED = 130  # a second SIGINT/SIGTERM during the grace period (128 + SIGINT)
 ENGINE_FAILURE_EXIT_S = 1.0
 
 
@@ -114,6 +116,8 @@ def serve_http(
             settings.ready_file.unlink(missing_ok=True)
     if engine.failure is not None:
         return failed_exit
+    if server.interrupted:
+        return EXIT_INTERRUPTED
     return 0 if server.started else 1
 
 
@@ -340,19 +344,28 @@ def _wait_for_stdin_close() -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
+    """uvicorn that drains on SIGINT/SIGTERM, still answering, and then exits 0.
 
-    Running requests get the shutdown grace period to finish; the engine ends the rest with an
-    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
-    "killed by SIGTERM" even though every request was answered and the model was released.
+    uvicorn's own shutdown closes the listeners first. Here the first signal only drains: the
+    listeners stay open, so a new generation request gets 503 and /health 503 (a load balancer
+    sees why), while running requests get the shutdown grace period; the engine ends the rest
+    with an error. uvicorn's shutdown starts once nothing is in flight or the grace period is
+    over. A second signal ends every open request at once with an error event and the process
+    with EXIT_INTERRUPTED; a third one is uvicorn's forced exit. Signals are handled on the
+    event loop, never inside the signal handler (which may run while a lock is held).
     """
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient) -> None:
         super().__init__(config)
         self.engine = engine
         self.on_started: Callable[[Sequence[socket.socket]], None] | None = None
+        self.interrupted = False  # a second signal came during the grace period
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0
+        self._drain_ends_at: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and self.on_started is not None:
             listeners = [sock for server in self.servers for sock in server.sockets]
@@ -370,11 +383,39 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.engine.drain()
-        super().handle_exit(sig, frame)
+        """A signal (or the parent or stdin gone): handled on the event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.should_exit = True
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nothing left to drain
+            loop.call_soon_threadsafe(self._on_signal)
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            grace_s = self.engine.options.shutdown_grace_s
+            logger.warning("shutting down: new requests get 503; running ones get %g s", grace_s)
+            self._drain_ends_at = time.monotonic() + grace_s + SHUTDOWN_MARGIN_S
+            self.engine.drain()
+        elif self._signals == 2:  # noqa: PLR2004 - the second signal
+            logger.warning("a second signal: ending every open request now")
+            self.interrupted = True
+            self.engine.end_all("the server was interrupted")
+            self.should_exit = True
+        else:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        ends_at = self._drain_ends_at
+        if ends_at is not None and (self.engine.in_flight == 0 or time.monotonic() > ends_at):
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without re-raising the signal at the end: the process would end "killed
+        by SIGTERM" even though every request was answered and the model was released."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
