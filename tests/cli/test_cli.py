@@ -299,6 +299,22 @@ def test_bad_config_file_is_a_settings_error(tmp_path: Path, content: str, expec
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("typed", ["~/no-such-pictures", "/no/such/pictures"])
+def test_bad_media_dir_is_printed_as_typed(typed: str) -> None:
+    """A repeated flag reaches the settings as a tuple; the message shows the folder typed."""
+    result = CliRunner().invoke(cli, ["--allowed-media-dir", typed])
+    assert result.exit_code == EXIT_BAD_SETTINGS, result.output
+    expected = f"mlx-server: invalid settings: allowed_media_dir: {typed} is not a directory\n"
+    assert result.output == expected
+
+
+def test_bad_list_value_is_shown_as_typed() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"image_formats": "png,bmp"})
+    assert "('" not in str(caught.value)
+    assert "'bmp'" in str(caught.value)
+
+
 def test_missing_config_file_is_a_settings_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.json"
     with pytest.raises(SettingsError, match=r"config file .*missing\.json: not found"):
@@ -386,6 +402,23 @@ def test_missing_adapter_exits_1(tmp_path: Path, tiny_model_dir: Path) -> None:
         str(tiny_model_dir), "--adapter-path", str(missing), "--cache-dir", str(tmp_path)
     )
     assert_clean_failure(outcome, 1, "adapter", "no-such-adapter")
+
+
+def test_port_in_use_exits_5_before_loading_the_model(tmp_path: Path) -> None:
+    """The model path does not exist either: the address is checked first, and at once."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        outcome = run_cli(str(tmp_path / "no-such-model"), "--port", port)
+    assert_clean_failure(outcome, 5, f"cannot listen on 127.0.0.1:{port}", "already in use")
+    assert outcome.elapsed_s < FAST_EXIT_S
+
+
+def test_unusable_unix_socket_exits_5(tmp_path: Path) -> None:
+    where = tmp_path / "no-such-dir" / "mlx.sock"
+    outcome = run_cli(str(tmp_path / "no-such-model"), "--uds", str(where))
+    assert_clean_failure(outcome, 5, f"cannot listen on {where}")
 
 
 def test_help_lists_every_flag_in_readme() -> None:

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from mlx_engine_server.cli.logs import JsonFormatter, TextFormatter, escape_control
+from mlx_engine_server.engine import EngineOptions, counters
 from mlx_engine_server.http.app import ServerOptions, create_app
 
-from ..conftest import start_engine
+from ..conftest import LiveServer, start_engine
 
 ACCESS_LOGGER = "mlx_engine_server.access"
 SECRET_PROMPT = "my very private question about zebras"  # noqa: S105 - not a password
@@ -115,6 +119,49 @@ def test_streamed_request_is_logged_once_it_ends(
     assert fields_of(record)["ttft_s"] > 0
 
 
+def test_stream_cut_by_shutdown_logs_the_tokens_it_streamed(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = start_engine(tiny_model_dir, EngineOptions(shutdown_grace_s=0.0))
+    body = {"prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with (
+        TestClient(create_app(engine)) as client,
+        caplog.at_level(logging.INFO, logger=ACCESS_LOGGER),
+        client.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        engine.drain()
+        rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    chunks = [json.loads(first.removeprefix("data: "))] + [json.loads(x) for x in rest[:-2]]
+    assert json.loads(rest[-2])["error"]["code"] == "service_unavailable"
+    (record,) = access_records(caplog)
+    streamed = fields_of(record)["completion_tokens"]
+    assert len(chunks) <= streamed < 200
+
+
+def test_refusal_log_line_says_why(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        openai = client.post("/v1/chat/completions", json={"messages": []})
+        anthropic = client.post("/v1/messages", json={"model": "m", "messages": []})
+    assert (openai.status_code, anthropic.status_code) == (400, 400)
+    first, second = (fields_of(record) for record in access_records(caplog))
+    assert first["error_code"] == openai.json()["error"]["code"]
+    assert first["error_message"] == openai.json()["error"]["message"]
+    assert second["error_code"] == anthropic.json()["error"]["type"]
+    assert second["error_message"] == anthropic.json()["error"]["message"]
+    assert "error_message=" in TextFormatter().format(access_records(caplog)[0])
+
+
+def test_successful_log_line_has_no_error_fields(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        client.get("/v1/models")
+    (record,) = access_records(caplog)
+    assert "error_code" not in fields_of(record)
+
+
 def test_prompt_is_logged_only_with_log_prompts(
     prompt_logging_client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -199,3 +246,86 @@ def test_status_reports_load_for_balancers(client: TestClient) -> None:
     engine = client.get("/v1/mlx/status").json()["engine"]
     assert engine["requests_active"] == 0
     assert engine["requests_queued"] == 0
+
+
+def test_tokens_per_s_falls_to_zero_when_idle(
+    fresh_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rate over the last window, as of the moment it is read, not of the last step."""
+    monkeypatch.setattr(counters, "RATE_WINDOW_S", 0.5)
+    fresh_client.post("/v1/chat/completions", json=chat_body(max_tokens=8, ignore_eos=True))
+    busy = fresh_client.get("/v1/mlx/status").json()["engine"]["tokens_per_s"]
+    time.sleep(0.6)
+    idle = fresh_client.get("/v1/mlx/status").json()["engine"]["tokens_per_s"]
+    assert busy > 0
+    assert idle == 0
+
+
+def test_rate_counts_only_the_window() -> None:
+    rates = counters.Counters()
+    rates.record_step(5)
+    rates.record_step(5)
+    now = time.monotonic()
+    assert rates.tokens_per_s(now) == pytest.approx(10 / counters.RATE_WINDOW_S)
+    assert rates.tokens_per_s(now + counters.RATE_WINDOW_S + 0.1) == 0
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def http_request_labels(metrics_text: str) -> set[tuple[str, str]]:
+    return {
+        (sample.labels["path"], sample.labels["status"])
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "mlx_server_http_requests_total"
+    }
+
+
+def test_metrics_label_every_route_with_its_template(tiny_server: LiveServer) -> None:
+    base = tiny_server.base_url
+    calls = [
+        ("POST", "/v1/messages", {"model": "m", "max_tokens": 2, "messages": []}),
+        ("POST", "/v1/messages/count_tokens", {"model": "m", "messages": []}),
+        ("POST", "/v1/responses", {"input": "Hi", "max_output_tokens": 2}),
+        ("POST", "/tokenize", {"prompt": "Hi"}),
+        ("POST", "/detokenize", {"tokens": [1]}),
+        ("GET", "/openapi.json", None),
+        ("GET", "/v1/models/tiny-llama", None),
+        ("GET", "/v1/models/some/other/model", None),
+        ("GET", "/no/such/path", None),
+        ("GET", "/v1/messages", None),  # a route, the wrong method: 405 under its template
+    ]
+    statuses = {
+        (method, path): str(httpx.request(method, base + path, json=body).status_code)
+        for method, path, body in calls
+    }
+    labels = http_request_labels(httpx.get(f"{base}/metrics").text)
+
+    for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/responses"):
+        assert (path, statuses["POST", path]) in labels, (path, labels)
+    for path in ("/tokenize", "/detokenize"):
+        assert (path, statuses["POST", path]) in labels, (path, labels)
+    assert ("/v1/messages", "405") in labels
+    assert ("/openapi.json", "200") in labels
+    assert ("/v1/models/{model_id}", "200") in labels
+    assert ("/v1/models/{model_id}", "404") in labels
+    assert ("other", "404") in labels
+    assert {path for path, _ in labels} <= {*KNOWN_TEMPLATES, "other"}
+
+
+KNOWN_TEMPLATES = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/models/{model_id}",
+    "/v1/mlx/status",
+    "/health",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/openapi.json",
+}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -327,5 +328,17 @@ def _describe(exc: ValidationError) -> str:
         elif error["loc"] and error["loc"][0] in SECRET_FIELDS:
             problems.append(f"{name}: {error['msg']}")  # never echo a key
         else:
-            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            problems.append(f"{name}: {_problem(error)}")
     return "invalid settings: " + "; ".join(problems)
+
+
+def _problem(error: ErrorDetails) -> str:
+    """pydantic's message without its "Value error, " prefix, and the value as it was typed:
+    a repeated flag arrives as a tuple, which the user never wrote."""
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    items = value if isinstance(value, list | tuple) else [value]
+    typed = [str(item) for item in items]
+    if error["type"] == "value_error" and any(item in message for item in typed):
+        return message  # our own validators name the value they refuse
+    return f"{message} (got {', '.join(repr(item) for item in typed)})"

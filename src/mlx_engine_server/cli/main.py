@@ -17,7 +17,6 @@ from ..errors import StartupError
 from .config import SettingsError, load_settings
 from .logs import configure_logging
 
-EXIT_STARTUP_FAILED = 1
 EXIT_BAD_SETTINGS = 2
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -241,7 +240,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:
 
     try:
         code = serve(settings)
-    except StartupError as exc:
+    except StartupError as exc:  # 1, or 5 when the address cannot be bound
         click.echo(f"mlx-server: {exc}", err=True)
-        sys.exit(EXIT_STARTUP_FAILED)
+        sys.exit(exc.exit_status)
     sys.exit(code)

@@ -1,13 +1,16 @@
 """Running the app: load the model, then serve over TCP or a Unix socket until told to stop.
 
-The port opens only once the model is loaded. For programs that start the server as a child
+The address is bound first (in use: exit 5 at once); it accepts connections only once the
+model is loaded. For programs that start the server as a child
 (desktop applications): one JSON ready line on stdout, and in --ready-file, once requests are
 accepted; a graceful exit when the parent process dies (--parent-pid) or stdin closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -32,7 +35,7 @@ from ..engine.distributed.group import EXIT_GROUP_FAILED, end_process, join_grou
 from ..engine.local import local_client
 from ..engine.messages import EngineFailed, EngineSpec
 from ..engine.process import process_client
-from ..errors import StartupError
+from ..errors import CannotListenError, StartupError
 from ..http.app import ServerOptions, create_app
 from ..http.guards import HostPolicy, is_loopback_host
 from ..http.sse import SHUTDOWN_MARGIN_S
@@ -47,11 +50,16 @@ PARENT_POLL_S = 0.5
 UNIX_SOCKET_MODE = 0o600  # only the user who started the server may connect
 FOLLOWER_MARGIN_S = 5.0
 EXIT_ENGINE_FAILED = 4  # the engine process died while serving
+EXIT_INTERRUPTED = 130  # a second SIGINT/SIGTERM during the grace period (128 + SIGINT)
 ENGINE_FAILURE_EXIT_S = 1.0
 
 
 def serve(settings: Settings) -> int:
-    """Load the model, then serve until SIGINT/SIGTERM (or the parent or stdin goes away)."""
+    """Load the model, then serve until SIGINT/SIGTERM (or the parent or stdin goes away).
+
+    The address is bound first: one in use is an error at once (CannotListenError), not after
+    a model load of minutes. It accepts connections only once the model is loaded.
+    """
     source = ModelSource(
         model_path=settings.model_path,
         adapter_path=settings.adapter_path,
@@ -67,13 +75,25 @@ def serve(settings: Settings) -> int:
     keep_kernels_in(settings.cache_dir)
     group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
     if group is None:
-        engine = process_client(engine_spec(settings), settings.log_level, settings.log_format)
-    else:  # rank 0's signals and exit are tied to the HTTP process: the engine stays in it
-        sharding = Sharding(group.handle, group.info.mode)
-        engine = local_client(lambda: load_model(source, sharding), engine_options(settings), group)
-    loaded = engine.start()
-    if group is not None and not group.info.leads:
+        with bound_sockets(settings) as sockets:
+            engine = process_client(engine_spec(settings), settings.log_level, settings.log_format)
+            return serve_http(settings, engine, sockets, EXIT_ENGINE_FAILED)
+    # rank 0's signals and exit are tied to the HTTP process: the engine stays in it
+    sharding = Sharding(group.handle, group.info.mode)
+    engine = local_client(lambda: load_model(source, sharding), engine_options(settings), group)
+    if not group.info.leads:
+        engine.start()
         return follow_rank_zero(engine, settings.shutdown_grace_s)
+    with bound_sockets(settings) as sockets:
+        return serve_http(settings, engine, sockets, EXIT_GROUP_FAILED)
+
+
+def serve_http(
+    settings: Settings, engine: EngineClient, sockets: list[socket.socket], failed_exit: int
+) -> int:
+    """Start the engine, then serve on `sockets` until told to stop; `failed_exit` is the
+    status when the engine fails."""
+    loaded = engine.start()
     logger.info(
         "serving %s (%s, context window %d tokens) from %s",
         loaded.model_id,
@@ -89,14 +109,15 @@ def serve(settings: Settings) -> int:
     server.on_started = lambda listeners: announce(settings, loaded.model_id, listeners)
     watch_for_exit(settings, server)
     try:
-        with bound_sockets(settings) as sockets:
-            server.run(sockets=sockets)
+        server.run(sockets=sockets)
     finally:
         engine.stop()
         if settings.ready_file is not None:
             settings.ready_file.unlink(missing_ok=True)
     if engine.failure is not None:
-        return EXIT_GROUP_FAILED if group is not None else EXIT_ENGINE_FAILED
+        return failed_exit
+    if server.interrupted:
+        return EXIT_INTERRUPTED
     return 0 if server.started else 1
 
 
@@ -192,26 +213,62 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
 
 
 @contextlib.contextmanager
-def bound_sockets(settings: Settings) -> Iterator[list[socket.socket] | None]:
-    """A Unix socket only its owner may use (uvicorn's own would be world-writable)."""
-    if settings.uds is None:
-        yield None
-        return
-    path = settings.uds
+def bound_sockets(settings: Settings) -> Iterator[list[socket.socket]]:
+    """The sockets to serve on, bound (not yet listening): a TCP address's, or a Unix socket
+    only its owner may use (uvicorn's own would be world-writable). CannotListenError if the
+    address is taken or not ours to bind."""
+    sockets = _bind_unix(settings.uds) if settings.uds is not None else _bind_tcp(settings)
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+        if settings.uds is not None:
+            settings.uds.unlink(missing_ok=True)
+
+
+def _bind_tcp(settings: Settings) -> list[socket.socket]:
+    """Every address the host name stands for, as asyncio's create_server would bind them."""
+    where = f"{settings.host}:{settings.port}"
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise CannotListenError(f"cannot listen on {where}: {_reason(exc)}") from None
+    return sockets
+
+
+def _bind_unix(path: Path) -> list[socket.socket]:
     if path.is_socket():
         path.unlink()  # left over from a previous run
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     previous_umask = os.umask(0o177)
     try:
         sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise CannotListenError(f"cannot listen on {path}: {_reason(exc)}") from None
     finally:
         os.umask(previous_umask)
     os.chmod(path, UNIX_SOCKET_MODE)
-    try:
-        yield [sock]
-    finally:
-        sock.close()
-        path.unlink(missing_ok=True)
+    return [sock]
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the address is already in use (another server?); pick another --port"
+    return exc.strerror or str(exc)
 
 
 def ready_line(settings: Settings, model_id: str, listeners: Sequence[socket.socket]) -> str:
@@ -287,19 +344,28 @@ def _wait_for_stdin_close() -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn that drains the engine on SIGINT/SIGTERM and then exits 0.
+    """uvicorn that drains on SIGINT/SIGTERM, still answering, and then exits 0.
 
-    Running requests get the shutdown grace period to finish; the engine ends the rest with an
-    error. uvicorn re-raises the captured signal once it has shut down, so the process would end
-    "killed by SIGTERM" even though every request was answered and the model was released.
+    uvicorn's own shutdown closes the listeners first. Here the first signal only drains: the
+    listeners stay open, so a new generation request gets 503 and /health 503 (a load balancer
+    sees why), while running requests get the shutdown grace period; the engine ends the rest
+    with an error. uvicorn's shutdown starts once nothing is in flight or the grace period is
+    over. A second signal ends every open request at once with an error event and the process
+    with EXIT_INTERRUPTED; a third one is uvicorn's forced exit. Signals are handled on the
+    event loop, never inside the signal handler (which may run while a lock is held).
     """
 
     def __init__(self, config: uvicorn.Config, engine: EngineClient) -> None:
         super().__init__(config)
         self.engine = engine
         self.on_started: Callable[[Sequence[socket.socket]], None] | None = None
+        self.interrupted = False  # a second signal came during the grace period
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._signals = 0
+        self._drain_ends_at: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started and self.on_started is not None:
             listeners = [sock for server in self.servers for sock in server.sockets]
@@ -317,11 +383,39 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.engine.drain()
-        super().handle_exit(sig, frame)
+        """A signal (or the parent or stdin gone): handled on the event loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self.should_exit = True
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closing: nothing left to drain
+            loop.call_soon_threadsafe(self._on_signal)
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            grace_s = self.engine.options.shutdown_grace_s
+            logger.warning("shutting down: new requests get 503; running ones get %g s", grace_s)
+            self._drain_ends_at = time.monotonic() + grace_s + SHUTDOWN_MARGIN_S
+            self.engine.drain()
+        elif self._signals == 2:  # noqa: PLR2004 - the second signal
+            logger.warning("a second signal: ending every open request now")
+            self.interrupted = True
+            self.engine.end_all("the server was interrupted")
+            self.should_exit = True
+        else:
+            self.force_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        ends_at = self._drain_ends_at
+        if ends_at is not None and (self.engine.in_flight == 0 or time.monotonic() > ends_at):
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without re-raising the signal at the end: the process would end "killed
+        by SIGTERM" even though every request was answered and the model was released."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return

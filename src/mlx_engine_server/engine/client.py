@@ -9,6 +9,7 @@ transport carries the messages (a thread, or an engine process) it does not know
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -131,6 +132,11 @@ class EngineClient:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences submitted whose last event has not come back yet."""
+        return self._in_flight
 
     @property
     def alive(self) -> bool:
@@ -327,16 +333,29 @@ class EngineClient:
         if self._model is None:
             return
         logger.error("the engine failed: %s", message.reason)
+        self._end_open(message.reason)
+        if self.on_failure is not None and not self._stopped:
+            self.on_failure(message)
+
+    def end_all(self, reason: str) -> None:
+        """End every open sequence now with an error event, and tell the engine to drop them
+        (a second signal during the grace period: nothing more is waited for)."""
+        for request_id in self._end_open(reason):
+            with contextlib.suppress(OSError):
+                self._send(Cancel(request_id))
+
+    def _end_open(self, reason: str) -> list[int]:
+        """Route a shutdown failure to every sequence not ended yet; their request ids."""
         with self._lock:
+            open_requests = list(self._generations.items())
             ended = [
-                (request_id, index, Failed(message.reason, kind="shutdown"))
-                for request_id, generation in list(self._generations.items())
+                (request_id, index, Failed(reason, kind="shutdown"))
+                for request_id, generation in open_requests
                 for index in range(generation.choices)
                 if index not in generation.ended
             ]
         self._route(tuple(ended))
-        if self.on_failure is not None and not self._stopped:
-            self.on_failure(message)
+        return [request_id for request_id, _ in open_requests]
 
 
 def _deliver(batch: list[tuple[Generation, int, Event]]) -> None:
@@ -383,7 +402,13 @@ class Generation:
         self._early: deque[tuple[int, Event]] = deque()  # read while waiting for admission
         self._cancelled = False
         self.ttft_s: float | None = None
-        self.completion_tokens = 0
+        self._completion_tokens: dict[int, int] = {}  # choice index -> tokens read so far
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated for the reader so far: the usage of finished choices, and the
+        tokens streamed of the others (a stream cut by shutdown or an error still counts)."""
+        return sum(self._completion_tokens.values())
 
     def put(self, index: int, event: Event) -> None:
         """On the generation's loop: one event from the engine."""
@@ -438,12 +463,14 @@ class Generation:
                 self._admitted[index] = event.cached_tokens
                 continue
             if isinstance(event, Finished):
-                self.completion_tokens += event.usage.completion_tokens
+                self._completion_tokens[index] = event.usage.completion_tokens
             if isinstance(event, Finished | Failed):
                 self._running -= 1
             else:
                 self._observe_text()
                 event = self._with_waiting_text(index, event)
+                streamed = self._completion_tokens.get(index, 0) + len(event.token_ids)
+                self._completion_tokens[index] = streamed
             yield index, event
 
     def _with_waiting_text(self, index: int, delta: TextDelta) -> TextDelta:

@@ -1,7 +1,8 @@
-"""The worker's running totals, read by handlers for /v1/mlx/status and /metrics."""
+"""The worker's running totals, read by the host for /v1/mlx/status and /metrics."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -11,22 +12,30 @@ RATE_WINDOW_S = 10.0
 
 @dataclass
 class Counters:
-    """Written by the worker only; read (racily, which is fine for counters) by handlers."""
+    """Written by the worker only; read (racily, which is fine for totals) by the host."""
 
     requests_total: int = 0
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     failures_total: int = 0
     active: int = 0
-    tokens_per_s: float = 0.0
     recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
-    recent_tokens: int = 0
+    _steps_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_step(self, tokens: int) -> None:
-        """Generation rate over the last RATE_WINDOW_S seconds, kept as one readable float."""
         now = time.monotonic()
-        self.recent_steps.append((now, tokens))
-        self.recent_tokens += tokens
-        while self.recent_steps[0][0] < now - RATE_WINDOW_S:
-            self.recent_tokens -= self.recent_steps.popleft()[1]
-        self.tokens_per_s = self.recent_tokens / RATE_WINDOW_S
+        with self._steps_lock:
+            self.recent_steps.append((now, tokens))
+            self._forget_before(now - RATE_WINDOW_S)
+
+    def tokens_per_s(self, now: float | None = None) -> float:
+        """Tokens generated over the last RATE_WINDOW_S seconds, per second, as of `now`: it
+        falls to 0 once generation stops, whether or not another step comes."""
+        now = time.monotonic() if now is None else now
+        with self._steps_lock:
+            self._forget_before(now - RATE_WINDOW_S)
+            return sum(tokens for _, tokens in self.recent_steps) / RATE_WINDOW_S
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self.recent_steps and self.recent_steps[0][0] < cutoff:
+            self.recent_steps.popleft()

@@ -6,6 +6,7 @@ hop; anything else is replaced by a fresh one. Prompt text is logged only with -
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -22,12 +23,17 @@ logger = logging.getLogger("mlx_engine_server.access")
 REQUEST_ID_HEADER = "x-request-id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 RECORD_KEY = "mlx_engine_server.record"
+HTTP_ERROR_FIRST = 400
+ERROR_BODY_MAX_BYTES = 4096  # error bodies are small; a larger one is no error of ours
+ERROR_MESSAGE_MAX_CHARS = 300
 
 
 class GenerationFacts(Protocol):
     """What a finished (or ended) generation tells the log: engine.Generation has these."""
 
-    completion_tokens: int
+    @property
+    def completion_tokens(self) -> int: ...
+
     ttft_s: float | None
 
 
@@ -73,12 +79,16 @@ class RequestLog:
         scope[RECORD_KEY] = record
         started = time.monotonic()
         status = 500
+        error_body = bytearray()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
+            elif message["type"] == "http.response.body" and status >= HTTP_ERROR_FIRST:
+                room = ERROR_BODY_MAX_BYTES - len(error_body)
+                error_body.extend(message.get("body", b"")[: max(room, 0)])
             await send(message)
 
         try:
@@ -90,11 +100,31 @@ class RequestLog:
                 "path": scope["path"],
                 "status": status,
                 **record.fields(),
+                **_error_fields(bytes(error_body)),
                 "duration_s": _rounded(time.monotonic() - started),
             }
             logger.info(
                 "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields}
             )
+
+
+def _error_fields(body: bytes) -> dict[str, str | None]:
+    """Why a request was refused, from its error body (every error leaves as JSON whose
+    `error` holds a code or type, and a message: OpenAI's shape and Anthropic's)."""
+    if not body:
+        return {}
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(error, dict):
+        return {}
+    code = error.get("code") or error.get("type")
+    message = error.get("message")
+    return {
+        "error_code": str(code) if code is not None else None,
+        "error_message": str(message)[:ERROR_MESSAGE_MAX_CHARS] if message is not None else None,
+    }
 
 
 def _request_id(scope: Scope) -> str:

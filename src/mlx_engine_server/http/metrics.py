@@ -5,6 +5,7 @@ Each app owns its registry, so several apps in one process (tests, embedding) ne
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -22,16 +23,8 @@ from ..chat.overflow import CompactionCounters
 from ..engine import EngineClient
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-KNOWN_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/v1/mlx/status",
-        "/health",
-        "/metrics",
-    }
-)
+OTHER_PATH = "other"  # every path no route matched: the label set stays bounded
+PATH_CONVERTER = re.compile(r"\{(\w+):\w+\}")
 
 
 class ServerMetrics:
@@ -177,12 +170,14 @@ class RequestCounter:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            path = _route_label(scope["path"])
+            path = _route_label(scope)
             self.metrics.requests.labels(path=path, status=str(status)).inc()
 
 
-def _route_label(path: str) -> str:
-    """Bounded label values: unknown paths must not grow the metric without limit."""
-    if path in KNOWN_PATHS:
-        return path
-    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+def _route_label(scope: Scope) -> str:
+    """The template of the route that answered (`/v1/models/{model_id}`), which the router
+    leaves in the scope; "other" for a path no route matched."""
+    template = getattr(scope.get("route"), "path", None)
+    if not isinstance(template, str):
+        return OTHER_PATH
+    return PATH_CONVERTER.sub(r"{\1}", template)
