@@ -9,7 +9,6 @@ transport carries the messages (a thread, or an engine process) it does not know
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import threading
@@ -191,9 +190,7 @@ class EngineClient:
         self._generations[request_id] = generation
         deadline = time.monotonic() + self.options.request_timeout_s
         frozen: tuple[Choice, ...] = tuple((tuple(prompt), params) for prompt, params in choices)
-        try:
-            self._send(Submit(request_id, frozen, deadline, vision))
-        except OSError:
+        if not self._send(Submit(request_id, frozen, deadline, vision)):
             self._engine_failed(EngineFailed("the engine cannot be reached"))
         return generation
 
@@ -255,9 +252,7 @@ class EngineClient:
             return None
         query_id = next(self._request_ids)
         self._reports[query_id] = answer
-        try:
-            self._send(ReadReport(query_id))
-        except OSError:
+        if not self._send(ReadReport(query_id)):
             self._reports.pop(query_id, None)
             return None
         return query_id
@@ -275,8 +270,14 @@ class EngineClient:
             return report.stats
         return EngineStats(0, 0, 0, 0, 0, 0, 0.0)
 
-    def _send(self, message: ToEngine) -> None:
-        self._transport.send(message)
+    def _send(self, message: ToEngine) -> bool:
+        """False once the engine cannot be reached: the reader then reports why it is gone,
+        and a Cancel or Stop sent from a response's `finally` must not raise there."""
+        try:
+            self._transport.send(message)
+        except OSError:
+            return False
+        return True
 
     def _receive(self, message: FromEngine) -> None:
         """Every message from the engine, on whichever thread the transport delivers it."""
@@ -341,8 +342,7 @@ class EngineClient:
         """End every open sequence now with an error event, and tell the engine to drop them
         (a second signal during the grace period: nothing more is waited for)."""
         for request_id in self._end_open(reason):
-            with contextlib.suppress(OSError):
-                self._send(Cancel(request_id))
+            self._send(Cancel(request_id))
 
     def _end_open(self, reason: str) -> list[int]:
         """Route a shutdown failure to every sequence not ended yet; their request ids."""
