@@ -177,3 +177,19 @@ def test_serve_setup_installs_what_snippets_and_examples_import() -> None:
     serve_extras = re.search(r'^extras="([^"]*)"', setup, re.M)
     assert serve_extras, "scripts/setup_venv.sh sets no extras"
     assert "examples" in serve_extras.group(1).split(",")
+
+
+def test_every_example_is_run_by_a_test() -> None:
+    """examples/client.py: tests/cli/test_cli.py; embedded.py: tests/models/test_embedding.py;
+    nginx/nginx.conf: tests/http/test_nginx.py. A new example needs a test that runs it."""
+    tests = "\n".join(
+        path.read_text(encoding="utf-8") for path in (REPO_ROOT / "tests").rglob("test_*.py")
+    )
+    examples = [
+        path
+        for path in (REPO_ROOT / "examples").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
+    assert examples
+    untested = [path.name for path in examples if f'"{path.name}"' not in tests]
+    assert not untested, f"examples no test runs: {untested}"
