@@ -1,6 +1,6 @@
 """Talk to a running mlx-server with the official openai SDK, without and with streaming.
 
-python examples/client.py [--base-url http://127.0.0.1:8000/v1]
+.venv/bin/python examples/client.py [--base-url http://127.0.0.1:8000/v1]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run mlx-server inside a Python program: start it, wait for its ready line, use it, stop it.
 
-python examples/embedded.py [MODEL_PATH] [--max-tokens N]
+.venv/bin/python examples/embedded.py [MODEL_PATH] [--max-tokens N]
 
 The server runs as a child process on a free port (`--port 0`) and prints one JSON line on
 stdout once it accepts requests: {"event": "ready", "url": ..., "host": ..., "port": ...,

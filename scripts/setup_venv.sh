@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# vision: mlx-vlm, for vision-language models (no torch; see pyproject.toml).
-extras="vision"
+# vision: mlx-vlm, for vision-language models (no torch; see pyproject.toml). examples: the
+# openai and anthropic SDKs, so the README's snippets and examples/ run with .venv/bin/python.
+extras="examples,vision"
 stamp_name="installed"
 if [[ "${1:-}" == "--test" ]]; then
-    extras="test,vision"
+    extras="examples,test,vision"
     stamp_name="installed-test"
 fi
 

@@ -286,3 +286,13 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_readme_example_client_exists() -> None:
     assert "examples/client.py" in readme_text()
     assert (REPO_ROOT / "examples" / "client.py").is_file()
+
+
+REPO_PATH = re.compile(r"`((?:benchmarks|docs|examples|scripts|src|tests)/[^`\s]*)`")
+
+
+def test_every_repository_path_in_the_readme_exists() -> None:
+    paths = REPO_PATH.findall(readme_text())
+    assert len(paths) >= 5, "README's repository paths were not found"
+    missing = sorted({path for path in paths if not (REPO_ROOT / path).exists()})
+    assert not missing, f"README names paths that do not exist: {missing}"
