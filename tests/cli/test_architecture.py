@@ -124,6 +124,7 @@ RULES = [
     ),
     (("llguidance",), ("engine/constraints.py", "chat/structured.py")),
     (("prometheus_client",), ("http/metrics.py",)),
+    (("tqdm",), ("models/progress.py",)),
     (("click",), ("cli/main.py",)),
     (("pydantic_settings",), ("cli/config.py",)),
 ]

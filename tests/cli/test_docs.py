@@ -160,6 +160,7 @@ def test_negative_forms_exist_for_the_boolean_flags() -> None:
         "--no-allow-request-overflow-policy",
         "--no-log-prompts",
         "--no-exit-on-stdin-close",
+        "--no-quiet",
         "--no-allow-remote-media",
     }
     assert "`--no-...` forms" in readme_section("Settings")

@@ -3,6 +3,8 @@ fail with a StartupError that says why, and the tiny random llama the suite uses
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -187,3 +189,35 @@ def test_tiny_llama_loads_and_generates(converted_smollm: Path, tmp_path: Path) 
     weights_a = dict(tree_flatten(model.parameters()))
     weights_b = cast("dict[str, mx.array]", mx.load(str(second / "model.safetensors")))
     assert all(mx.array_equal(weights_a[name], weights_b[name]) for name in weights_b)
+
+
+def test_conversion_logs_its_phases(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A line per phase with sizes, and (stderr is no terminal here) plain progress lines."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama_tensors(), tiny_llama_metadata())
+    with caplog.at_level(logging.INFO, logger="mlx_engine_server.models"):
+        convert_gguf(path, tmp_path / "cache")
+        first = [record.getMessage() for record in caplog.records]
+        caplog.clear()
+        convert_gguf(path, tmp_path / "cache")
+    assert any(
+        re.fullmatch(r"hashing m\.gguf \(\d+\.\d KB\) to find its converted copy", m) for m in first
+    )
+    assert "hashing m.gguf: 100% " in "\n".join(first)
+    assert any(re.fullmatch(r"converting 11 tensors \(.+\) to float32", m) for m in first)
+    assert "converting tensors: 50% " in "\n".join(first)
+    assert "writing model.safetensors" in first
+    assert f"building the tokenizer ({len(SP_TOKENS)} tokens)" in first
+    assert any(m.startswith("converted m.gguf in ") for m in first)
+    again = [record.getMessage() for record in caplog.records]
+    assert len(again) == 1
+    assert again[0].endswith(", converted before")
+
+
+def test_conversion_is_silent_at_warning_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--quiet` sets the level to warning: no phase lines and no progress."""
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama_tensors(), tiny_llama_metadata())
+    with caplog.at_level(logging.WARNING):
+        convert_gguf(path, tmp_path / "cache")
+    assert caplog.records == []

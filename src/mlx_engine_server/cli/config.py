@@ -154,6 +154,10 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Exit when the process with this id has ended."
     )
     exit_on_stdin_close: bool = Field(default=False, description="Exit when stdin closes.")
+    quiet: bool = Field(
+        default=False,
+        description="Log warnings and errors only: no start-up lines, no progress bars.",
+    )
 
     @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -251,6 +255,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+
+def effective_log_level(settings: Settings) -> LogLevel:
+    """The level both processes log at: `quiet` raises info and debug to warning."""
+    if settings.quiet and settings.log_level in ("info", "debug"):
+        return "warning"
+    return settings.log_level
 
 
 def api_keys(settings: Settings) -> tuple[str, ...]:

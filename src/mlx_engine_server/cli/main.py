@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import StartupError
-from .config import SettingsError, load_settings
+from .config import SettingsError, effective_log_level, load_settings
 from .logs import configure_logging
 
 EXIT_BAD_SETTINGS = 2
@@ -176,6 +176,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="Exit when standard input closes.",
 )
 @click.option(
+    "--quiet/--no-quiet",
+    default=None,
+    help="Log warnings and errors only: no start-up lines or progress bars (for embedders).",
+)
+@click.option(
     "--allowed-media-dir",
     metavar="DIR",
     multiple=True,
@@ -235,7 +240,7 @@ def cli(ctx: click.Context, /, config_file: Path | None, **values: Any) -> None:
     except SettingsError as exc:
         click.echo(f"mlx-server: {exc}", err=True)
         sys.exit(EXIT_BAD_SETTINGS)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(effective_log_level(settings), settings.log_format)
     from .serve import serve  # noqa: PLC0415 - imports MLX: only once the settings are good
 
     try:

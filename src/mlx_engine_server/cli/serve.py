@@ -41,7 +41,7 @@ from ..http.guards import HostPolicy, is_loopback_host
 from ..http.sse import SHUTDOWN_MARGIN_S
 from ..models.loader import ModelSource, Sharding, load_model
 from ..protocols.openai.limits import RequestLimits
-from .config import Settings, api_keys
+from .config import Settings, api_keys, effective_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,9 @@ def serve(settings: Settings) -> int:
     group = join_group(settings.distributed_mode, settings.distributed_timeout_s)
     if group is None:
         with bound_sockets(settings) as sockets:
-            engine = process_client(engine_spec(settings), settings.log_level, settings.log_format)
+            engine = process_client(
+                engine_spec(settings), effective_log_level(settings), settings.log_format
+            )
             return serve_http(settings, engine, sockets, EXIT_ENGINE_FAILED)
     # rank 0's signals and exit are tied to the HTTP process: the engine stays in it
     sharding = Sharding(group.handle, group.info.mode)
@@ -202,7 +204,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
-        log_level=settings.log_level,
+        log_level=effective_log_level(settings),
         log_config=None,  # our handler on the root logger (logs.py) formats uvicorn's lines too
         access_log=False,  # request_log.py writes one line per request instead
         http="h11",  # the parser whose header limit is a setting

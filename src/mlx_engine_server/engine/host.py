@@ -118,6 +118,10 @@ class EngineHost:
         NVRTC compiled each 4-bit prefill matmul tile for ~20 s (an 8B model's first request
         took 44 s, the second 1 s; benchmarks/first_request.py)."""
         began = time.monotonic()
+        logger.info(
+            "warming up: %d requests compile kernels before any user's",
+            sum(rows for _, rows in WARMUP_SHAPES),
+        )
         finished = threading.Semaphore(0)
 
         def post(event: Event) -> None:

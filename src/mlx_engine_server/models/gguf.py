@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +27,9 @@ from typing import Any, cast
 import mlx.core as mx
 
 from ..errors import StartupError
+from .progress import describe_bytes, progress
 
+logger = logging.getLogger(__name__)
 Weights = dict[str, mx.array]
 Metadata = dict[str, Any]
 
@@ -73,16 +77,19 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         raise StartupError(f"GGUF file {gguf_path} does not exist or is not a file.")
     _make_cache_root(cache_root)
     dtype = compute_dtype()
-    dtype_name = str(dtype).rpartition(".")[2]
-    model_dir = cache_root / f"{file_sha256(gguf_path, cache_root)}-{dtype_name}"
+    model_dir = cache_root / f"{file_sha256(gguf_path, cache_root)}-{_dtype_name(dtype)}"
     if (model_dir / "config.json").is_file():
+        logger.info("using %s, converted before", model_dir)
         return model_dir
+    began = time.monotonic()
+    logger.info("converting %s to an MLX model in %s (once)", gguf_path.name, model_dir)
     weights, metadata = _read_gguf(gguf_path)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=".converting-") as tmp:
         staging = Path(tmp) / "model"
         staging.mkdir()
         _write_model_dir(staging, (weights, metadata), dtype, gguf_path)
         _publish(staging, model_dir)
+    logger.info("converted %s in %.1f s", gguf_path.name, time.monotonic() - began)
     return model_dir
 
 
@@ -95,10 +102,13 @@ def file_sha256(path: Path, cache_root: Path) -> str:
     entry = index.get(key)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
         return str(entry["sha256"])
+    what = f"hashing {path.name}"
+    logger.info("%s (%s) to find its converted copy", what, describe_bytes(stat.st_size))
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with path.open("rb") as handle, progress(logger, what, stat.st_size) as advance:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
+            advance(len(chunk))
     index[key] = {**stamp, "sha256": digest.hexdigest()}
     _write_json_atomically(cache_root / HASH_INDEX_NAME, index)
     return digest.hexdigest()
@@ -137,6 +147,7 @@ def _publish(staging: Path, model_dir: Path) -> None:
 
 
 def _read_gguf(path: Path) -> tuple[Weights, Metadata]:
+    logger.info("reading %s (%s)", path.name, describe_bytes(path.stat().st_size))
     try:
         loaded = mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError, OSError) as exc:
@@ -161,10 +172,11 @@ def _write_model_dir(
     renamed = _rename_tensors(weights, source)
     quantization = _quantization_config(renamed)
     config = _model_config(metadata, renamed, quantization)
-    mx.save_safetensors(
-        str(dest / "model.safetensors"), _cast_floats(renamed, dtype), {"format": "mlx"}
-    )
+    converted = _cast_floats(renamed, dtype)
+    logger.info("writing model.safetensors")
+    mx.save_safetensors(str(dest / "model.safetensors"), converted, {"format": "mlx"})
     _write_json_atomically(dest / "config.json", config)
+    logger.info("building the tokenizer (%d tokens)", len(metadata["tokenizer.ggml.tokens"]))
     _write_tokenizer(dest, metadata, source)
 
 
@@ -240,12 +252,27 @@ def compute_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device().type == mx.cpu else mx.bfloat16
 
 
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rpartition(".")[2]
+
+
 def _cast_floats(weights: Weights, dtype: mx.Dtype) -> Weights:
-    """Scales, biases, norms and unquantized tensors in the model's compute dtype."""
-    return {
-        name: tensor.astype(dtype) if tensor.dtype in _FLOAT_DTYPES else tensor
-        for name, tensor in weights.items()
-    }
+    """Scales, biases, norms and unquantized tensors in the model's compute dtype, evaluated
+    one tensor at a time so that the progress shown is the work done."""
+    total_bytes = sum(tensor.nbytes for tensor in weights.values())
+    logger.info(
+        "converting %d tensors (%s) to %s",
+        len(weights),
+        describe_bytes(total_bytes),
+        _dtype_name(dtype),
+    )
+    converted: Weights = {}
+    with progress(logger, "converting tensors", total_bytes) as advance:
+        for name, tensor in weights.items():
+            converted[name] = tensor.astype(dtype) if tensor.dtype in _FLOAT_DTYPES else tensor
+            mx.eval(converted[name])
+            advance(tensor.nbytes)
+    return converted
 
 
 def _scalar(metadata: Metadata, key: str, default: Any = None) -> Any:

@@ -20,6 +20,7 @@ from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
 from .gguf import convert_gguf, is_gguf_file
+from .progress import describe_bytes
 from .vision import VisionParts, is_vision_config, load_vision_front, load_vision_model
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def load_model(source: ModelSource, sharding: Sharding | None = None) -> LoadedM
     """Load the model named by `source`. Call on the worker thread: it owns every MLX array."""
     path = resolve_model_path(source)
     config = read_model_config(path)
+    logger.info(
+        "loading the weights from %s (%s on disk)", path, describe_bytes(_weights_bytes(path))
+    )
     vision = None
     if is_vision_config(config):
         if sharding is not None:
@@ -139,6 +143,7 @@ def resolve_model_path(source: ModelSource) -> Path:
     """A local mlx-lm directory: as given, converted from GGUF, or from the HF cache."""
     name = source.model_path
     path = Path(name).expanduser() if name else bundled_model_path()
+    logger.info("model: %s%s", path if name is None else name, "" if name else " (the bundled one)")
     if is_gguf_file(path):
         return convert_gguf(path, source.cache_dir / "gguf")
     if path.is_dir():
@@ -150,6 +155,11 @@ def resolve_model_path(source: ModelSource) -> Path:
     raise StartupError(
         f"model path {name!r} not found (expected a directory, .gguf file or repo id)"
     )
+
+
+def _weights_bytes(path: Path) -> int:
+    """Bytes of the weight files mlx-lm and mlx-vlm load (`*.safetensors`)."""
+    return sum(file.stat().st_size for file in path.glob("*.safetensors"))
 
 
 def _looks_like_repo_id(name: str) -> bool:
