@@ -185,6 +185,7 @@ ENV_CASES = [
     ("UDS", "/run/app/mlx.sock", "uds", Path("/run/app/mlx.sock")),
     ("PARENT_PID", "4242", "parent_pid", 4242),
     ("EXIT_ON_STDIN_CLOSE", "1", "exit_on_stdin_close", True),
+    ("QUIET", "true", "quiet", True),
     ("ALLOWED_MEDIA_DIR", "/", "allowed_media_dir", (Path("/"),)),
     ("ALLOW_REMOTE_MEDIA", "true", "allow_remote_media", True),
     ("MAX_IMAGE_BYTES", "1000", "max_image_bytes", 1000),
