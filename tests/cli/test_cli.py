@@ -368,7 +368,9 @@ def test_cli_flag_beats_a_bad_config_value(tmp_path: Path) -> None:
 def assert_clean_failure(outcome: Outcome, code: int, *needles: str) -> None:
     assert outcome.returncode == code, (outcome.returncode, outcome.stderr)
     assert "Traceback" not in outcome.stderr, outcome.stderr
-    assert outcome.stderr.startswith("mlx-server: "), outcome.stderr
+    # Start-up logs its phases first (model path, loading); the failure is the last word.
+    last_line = outcome.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("mlx-server: "), outcome.stderr
     for needle in needles:
         assert needle in outcome.stderr, outcome.stderr
 
