@@ -161,7 +161,7 @@ class EngineHost:
 
     def _make_worker(self, loaded: LoadedModel) -> Worker:
         if self.group is None:
-            return Worker(loaded, self.options, self._inbox, _nothing, flush=self._flush)
+            return Worker(loaded, self.options, self._inbox, flush=self._flush)
         if self.group.info.leads:
             role: type[LeaderWorker | FollowerWorker] = LeaderWorker
         else:
@@ -170,7 +170,6 @@ class EngineHost:
             loaded,
             self.options,
             self._inbox,
-            _nothing,
             group=self.group,
             on_failure=self._group_failed,
             flush=self._flush,
@@ -302,10 +301,6 @@ def _wants_warmup(options: EngineOptions, group: Group | None) -> bool:
     if options.warmup is not None:
         return options.warmup
     return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
-
-
-def _nothing() -> None:
-    """The front counts requests in flight from their last events: the worker need not."""
 
 
 def _memory_budget(worker: Worker | None) -> dict[str, int] | None:

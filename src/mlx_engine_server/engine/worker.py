@@ -105,7 +105,6 @@ class Worker:
         loaded: LoadedModel,
         options: EngineOptions,
         inbox: queue.Queue[Any],
-        on_request_done: Callable[[], None],
         *,
         flush: Callable[[], None] = lambda: None,
     ) -> None:
@@ -114,7 +113,6 @@ class Worker:
         self.options = options
         self.inbox = inbox
         self.counters = Counters()
-        self._on_request_done = on_request_done
         self._live: dict[int, LiveSequence] = {}
         self._stopping = False
         self._drain_deadline: float | None = None
@@ -425,7 +423,6 @@ class Worker:
             self.counters.failures_total += 1
         submission.post(event)
         self.counters.active = len(self._live)
-        self._on_request_done()
 
     def _drop_abandoned(self) -> None:
         """Requests whose client left or whose deadline passed leave the batch before the step."""

@@ -33,13 +33,12 @@ class GroupWorker(Worker):
         loaded: LoadedModel,
         options: EngineOptions,
         inbox: queue.Queue[Any],
-        on_request_done: Callable[[], None],
         *,
         group: Group,
         on_failure: Callable[[str], None],
         flush: Callable[[], None] = lambda: None,
     ) -> None:
-        super().__init__(loaded, options, inbox, on_request_done, flush=flush)
+        super().__init__(loaded, options, inbox, flush=flush)
         self.group = group
         self._channel = StepChannel(group.handle)
         self._on_failure = on_failure
