@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +77,7 @@ class Plan:
     repeat: int
     server_flags: tuple[str, ...]
     log_dir: Path
+    launch: tuple[str, ...] = ()  # a launcher our server runs under, e.g. mlx.launch ... --
 
 
 @dataclass
@@ -238,7 +240,7 @@ def raw_batch(
 def server_command(system: str, plan: Plan, port: int) -> list[str]:
     batch = plan.max_batch_size
     if system == OURS:
-        command = [sys.executable, "-m", "mlx_engine_server", str(plan.model_dir)]
+        command = [*plan.launch, sys.executable, "-m", "mlx_engine_server", str(plan.model_dir)]
         command += ["--port", str(port)]
         command += ["--log-level", "warning", *plan.server_flags]
         return command + (["--max-batch-size", str(batch)] if batch else [])
@@ -262,7 +264,7 @@ class Server:
     def __enter__(self) -> Server:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(  # noqa: S603 - our own command line
-                self.command, stdout=log, stderr=subprocess.STDOUT
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -276,11 +278,12 @@ class Server:
         raise RuntimeError(f"{self.system} did not start; see {self.log_path}")
 
     def __exit__(self, *_: object) -> None:
-        self.process.terminate()
+        # The whole session: a launcher's ranks end with it.
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
     def chat(self, messages: Messages, max_tokens: int) -> Stream:
@@ -624,6 +627,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-batch-size", type=int, help="for all three (default: each's 32)")
     parser.add_argument("--server-flags", default="", help="extra flags for mlx-server")
+    parser.add_argument(
+        "--launch", default="", help="run our server under this launcher (mlx.launch ... --)"
+    )
     parser.add_argument("--multi-turn", action="store_true")
     parser.add_argument("--history-tokens", type=int, default=4000)
     parser.add_argument("--multi-turn-rounds", type=int, default=3, help="median of this many")
@@ -648,6 +654,7 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         repeat=args.repeat,
         server_flags=tuple(shlex.split(args.server_flags)),
+        launch=tuple(shlex.split(args.launch)),
         log_dir=Path(tempfile.mkdtemp(prefix="mlx-load-")),
     )
     settings = {
