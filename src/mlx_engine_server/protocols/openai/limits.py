@@ -1,6 +1,6 @@
 """Request limits: how much a client may send, each refusal an OpenAI-shaped 400 or 413.
 
-The values are settings (see README's limits table); these checks run after the body has been
+The values are settings (see docs/security.md's limits table); these checks run after the body has been
 parsed and validated, before any tokenization.
 """
 
