@@ -4,30 +4,30 @@ in Chromium."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
 
-from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.http.latency import RecentLatencies, nearest_rank
-from mlx_engine_server.http.pages import ASSET_TYPES, CONTENT_SECURITY_POLICY
+from mlx_engine_server.http.pages import ASSET_TYPES, CONTENT_SECURITY_POLICY, PAGES
 
+from ..conftest import start_engine
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KEY = "page-test-key"  # a made-up key
 
 
 @pytest.fixture(scope="module")
-def keyed_client(tiny_app_engine: EngineClient) -> Iterator[TestClient]:
-    with TestClient(create_app(tiny_app_engine, ServerOptions(api_keys=(KEY,)))) as client:
+def keyed_client(tiny_model_dir: Path) -> Iterator[TestClient]:
+    """An engine of its own: leaving the client's lifespan stops the app's engine."""
+    app = create_app(start_engine(tiny_model_dir), ServerOptions(api_keys=(KEY,)))
+    with TestClient(app) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def tiny_app_engine(client: TestClient) -> EngineClient:
-    """The session's engine; the keyed app around it stops it only at the session's end."""
-    engine: EngineClient = client.app.state.engine  # type: ignore[attr-defined]
-    return engine
 
 
 @pytest.mark.parametrize(("path", "marker"), [("/", 'id="chat-form"'), ("/docs", 'id="toc"')])
@@ -117,3 +117,17 @@ def test_nearest_rank() -> None:
     assert nearest_rank([1, 2, 3, 4], 50) == 2
     assert nearest_rank([1, 2, 3, 4], 99) == 4
     assert nearest_rank([7], 1) == 7
+
+
+def test_every_static_file_is_served_and_shipped() -> None:
+    """Each file of http/static/ is a page or a named asset, and pyproject's package data
+    (matched with the same globs setuptools uses) puts it in the wheel."""
+    static = REPO_ROOT / "src" / "mlx_engine_server" / "http" / "static"
+    names = {path.name for path in static.iterdir()}
+    assert names == set(PAGES.values()) | set(ASSET_TYPES)
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    package_data = re.search(r"^mlx_engine_server = \[(.*?)\]", pyproject, re.M)
+    assert package_data, "pyproject.toml declares no package data"
+    globs = re.findall(r'"([^"]+)"', package_data.group(1))
+    for name in names:
+        assert any(fnmatch(f"http/static/{name}", pattern) for pattern in globs), name
