@@ -21,6 +21,7 @@ from playwright.sync_api import Browser, ConsoleMessage, Page, Route, expect, sy
 
 from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.http.app import ServerOptions
+from mlx_engine_server.http.guards import HostPolicy
 
 from ..conftest import LiveServer, run_live_server, start_engine
 
@@ -67,7 +68,12 @@ def server(engine: EngineClient) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def keyed_server(engine: EngineClient) -> Iterator[LiveServer]:
-    live = run_live_server(engine, ServerOptions(api_keys=(KEY,)), root_path=ROOT_PATH)
+    """Keys, and the Host check and CORS as `mlx-server` on loopback with --cors-origin has them:
+    neither may get in the way of a page calling its own origin."""
+    options = ServerOptions(
+        api_keys=(KEY,), host_policy=HostPolicy(), cors_origins=("https://app.example",)
+    )
+    live = run_live_server(engine, options, root_path=ROOT_PATH)
     yield live
     live.stop()
 
