@@ -1,4 +1,8 @@
-"""README, config.example.json and the scripts agree with the code, in both directions."""
+"""README, docs/, config.example.json and the scripts agree with the code, in both directions.
+
+The settings table is in docs/settings.md, the endpoints table in README.md; each is found by its
+page and heading, so a table that moves must move here too.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from mlx_engine_server.models.loader import LoadedModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+SETTINGS_PAGE = DOCS / "settings.md"
 CONFIG_EXAMPLE = REPO_ROOT / "config.example.json"
 
 # Options every click command has; the README's settings table is about settings.
@@ -42,10 +48,24 @@ def readme_text() -> str:
     return README.read_text(encoding="utf-8")
 
 
-def readme_section(title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", readme_text(), re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
-    return match.group(1)
+def doc_pages() -> list[Path]:
+    """README.md and every page of docs/."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def section(page: Path, title: str) -> str:
+    """The text under a heading of any level, up to the next heading of the same or a higher one."""
+    text = page.read_text(encoding="utf-8")
+    heading = re.search(rf"^(#+) {re.escape(title)}\n", text, re.M)
+    assert heading, f"{page.name} has no '{title}' heading"
+    level = len(heading.group(1))
+    rest = text[heading.end() :]
+    end = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: end.start()] if end else rest
+
+
+def settings_section() -> str:
+    return section(SETTINGS_PAGE, "Settings")
 
 
 def table_rows(section: str) -> list[list[str]]:
@@ -76,7 +96,7 @@ def option_names() -> dict[str, str]:
 def readme_settings_rows() -> list[SettingsRow]:
     rows = []
     names = option_names()
-    for cells in table_rows(readme_section("Settings")):
+    for cells in table_rows(settings_section()):
         flag, env = unquote(cells[0]), unquote(cells[1])
         if flag == CONFIG_FLAG:
             field = None
@@ -85,13 +105,13 @@ def readme_settings_rows() -> list[SettingsRow]:
         else:
             field = flag.lower()
         rows.append(SettingsRow(flag, env, cells[2], field))
-    assert len(rows) > 10, "the README settings table was not found or not parsed"
+    assert len(rows) > 10, "the settings table of docs/settings.md was not found or not parsed"
     return rows
 
 
 def readme_endpoints() -> set[tuple[str, str]]:
     endpoints = set()
-    for cells in table_rows(readme_section("Endpoints")):
+    for cells in table_rows(section(README, "Endpoints")):
         method, path = unquote(cells[0]).split(" ", 1)
         endpoints.add((method, normalize_path(path)))
     assert endpoints, "the README endpoints table was not found or not parsed"
@@ -163,7 +183,7 @@ def test_negative_forms_exist_for_the_boolean_flags() -> None:
         "--no-quiet",
         "--no-allow-remote-media",
     }
-    assert "`--no-...` forms" in readme_section("Settings")
+    assert "`--no-...` forms" in settings_section()
 
 
 def test_every_readme_env_var_is_a_settings_field() -> None:
@@ -292,8 +312,71 @@ def test_readme_example_client_exists() -> None:
 REPO_PATH = re.compile(r"`((?:benchmarks|docs|examples|scripts|src|tests)/[^`\s]*)`")
 
 
-def test_every_repository_path_in_the_readme_exists() -> None:
-    paths = REPO_PATH.findall(readme_text())
-    assert len(paths) >= 5, "README's repository paths were not found"
+def test_every_repository_path_in_the_docs_exists() -> None:
+    """Backquoted paths from the repository root, in README.md and docs/*.md."""
+    paths = [path for page in doc_pages() for path in REPO_PATH.findall(page.read_text("utf-8"))]
+    assert len(paths) >= 20, "the docs' repository paths were not found"
     missing = sorted({path for path in paths if not (REPO_ROOT / path).exists()})
-    assert not missing, f"README names paths that do not exist: {missing}"
+    assert not missing, f"the docs name paths that do not exist: {missing}"
+
+
+# --- links: every relative link in README.md and docs/ reaches a file and its anchor ----------
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.M | re.S)
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors: lower case, punctuation dropped, spaces to hyphens, `-1` for repeats."""
+    anchors: set[str] = set()
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    for title in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+def relative_links(page: Path) -> list[str]:
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    return [
+        target
+        for target in LINK.findall(text)
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target)  # http:, https:, mailto:
+    ]
+
+
+def broken_link(page: Path, target: str) -> str | None:
+    path_part, _, anchor = target.partition("#")
+    linked = (page.parent / path_part).resolve() if path_part else page
+    if not linked.exists():
+        return f"{page.name}: {target} (no such file)"
+    if anchor and (linked.suffix != ".md" or anchor not in heading_anchors(linked)):
+        return f"{page.name}: {target} (no such heading)"
+    return None
+
+
+def test_every_relative_link_reaches_its_file_and_heading() -> None:
+    links = [(page, target) for page in doc_pages() for target in relative_links(page)]
+    assert len(links) >= 30, "the docs' links were not found"
+    broken = [problem for page, target in links if (problem := broken_link(page, target))]
+    assert not broken, broken
+
+
+def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# A page\n\n## Two words\n", encoding="utf-8")
+    assert broken_link(page, "#two-words") is None
+    assert broken_link(page, "page.md#a-page") is None
+    assert broken_link(page, "#three-words") is not None
+    assert broken_link(page, "other.md") is not None
+
+
+def test_every_docs_page_is_in_the_table_of_contents() -> None:
+    index = DOCS / "README.md"
+    listed = {target.partition("#")[0] for target in relative_links(index)}
+    pages = {page.name for page in DOCS.glob("*.md")} - {index.name}
+    assert pages <= listed, f"pages missing from docs/README.md: {sorted(pages - listed)}"

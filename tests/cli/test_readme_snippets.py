@@ -1,22 +1,26 @@
-"""The README's snippets that talk to the server run as printed, against a live test server.
+"""The snippets of README.md and docs/*.md that talk to the server run as printed, against a live
+test server.
 
-Which snippets run (the rule): every fenced ```bash or ```python block, and every inline `curl ...`
-command, that contains README_URL, the address `./run_server.sh` serves on. The others are not
-meant to run against it: setup commands, `mlx.launch` lines, fragments such as the image request
-that reuses an earlier snippet's `client`. `test_every_snippet_that_calls_the_server_is_run`
+Which snippets run (the rule): every fenced ```bash, ```python or ```js block, and every inline
+`curl ...` command, that contains README_URL, the address `./run_server.sh` serves on. The others
+are not meant to run against it: setup commands, `mlx.launch` lines, fragments such as the image
+request that reuses an earlier snippet's `client`. `test_every_snippet_that_calls_the_server_is_run`
 keeps that rule honest: a client or curl call aimed anywhere else fails it.
 
 Only the address changes: README_URL becomes the test server's. Python snippets run with this
 interpreter (the .venv's, where the setup installs the SDKs); shell ones with `bash -o pipefail`,
 curl reading a `.curlrc` that adds `--fail-with-body`, so an HTTP error status fails the snippet
-as the SDKs' exceptions do. The model is the tiny random-weight one: its answers are gibberish,
-so each snippet must exit 0 and print something, nothing more.
+as the SDKs' exceptions do; JavaScript ones with `node`, the `openai` npm package taken from npm's
+global folder (`.ci/run` installs it; without node or the package they skip, saying so). The model
+is the tiny random-weight one: its answers are gibberish, so each snippet must exit 0 and print
+something, nothing more.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from ..conftest import LiveServer
 from .test_cli import REPO_ROOT, clean_env
 
 README = REPO_ROOT / "README.md"
+PAGES = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 README_URL = "http://127.0.0.1:8000"
 SNIPPET_TIMEOUT_S = 120
 
@@ -39,47 +44,74 @@ CALLS_A_SERVER = re.compile(r"\b(?:OpenAI|Anthropic)\(|^\s*curl\s|\|\s*curl\s", 
 
 @dataclass(frozen=True)
 class Snippet:
-    language: str  # "bash" or "python"
+    language: str  # "bash", "python" or "js"
     code: str
-    line: int  # where it starts in README.md
+    line: int  # where it starts in its page
+    page: str = "README.md"  # relative to the repository root
 
     @property
     def name(self) -> str:
-        return f"{self.language}-line-{self.line}"
+        return f"{self.page}-{self.language}-line-{self.line}"
 
     @property
     def runs(self) -> bool:
-        return self.language in {"bash", "python"} and README_URL in self.code
+        return self.language in {"bash", "python", "js"} and README_URL in self.code
 
 
 def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def readme_snippets() -> list[Snippet]:
+def page_snippets(page: Path) -> list[Snippet]:
     """Every fenced block, then every inline curl command outside them."""
-    text = README.read_text(encoding="utf-8")
+    text = page.read_text(encoding="utf-8")
+    name = page.relative_to(REPO_ROOT).as_posix()
     snippets = [
-        Snippet(match.group(1), match.group(2), line_of(text, match.start()))
+        Snippet(match.group(1), match.group(2), line_of(text, match.start()), name)
         for match in FENCED_BLOCK.finditer(text)
     ]
     outside = FENCED_BLOCK.sub(lambda match: "\n" * match.group(0).count("\n"), text)
     snippets += [
-        Snippet("bash", match.group(1), line_of(outside, match.start()))
+        Snippet("bash", match.group(1), line_of(outside, match.start()), name)
         for match in INLINE_CURL.finditer(outside)
     ]
     return snippets
 
 
+def readme_snippets() -> list[Snippet]:
+    return [snippet for page in PAGES for snippet in page_snippets(page)]
+
+
 RUNNABLE = [snippet for snippet in readme_snippets() if snippet.runs]
+
+
+def global_node_modules() -> Path | None:
+    """npm's global folder when node runs and the `openai` package is installed there."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    done = subprocess.run(
+        ["npm", "root", "-g"], capture_output=True, text=True, timeout=60, check=False
+    )
+    folder = Path(done.stdout.strip())
+    return folder if done.returncode == 0 and (folder / "openai").is_dir() else None
+
+
+def snippet_command(snippet: Snippet, code: str, home: Path) -> list[str]:
+    if snippet.language == "python":
+        return [sys.executable, "-c", code]
+    if snippet.language == "js":
+        modules = global_node_modules()
+        if modules is None:
+            pytest.skip("node or the openai npm package (npm install -g openai) is missing")
+        (home / "node_modules").symlink_to(modules)  # ES modules resolve from the file's folder
+        (home / "snippet.mjs").write_text(code, encoding="utf-8")
+        return ["node", str(home / "snippet.mjs")]
+    return ["bash", "-euo", "pipefail", "-c", code]
 
 
 def run_snippet(snippet: Snippet, base_url: str, home: Path) -> subprocess.CompletedProcess[str]:
     code = snippet.code.replace(README_URL, base_url)
-    if snippet.language == "python":
-        command = [sys.executable, "-c", code]
-    else:
-        command = ["bash", "-euo", "pipefail", "-c", code]
+    command = snippet_command(snippet, code, home)
     (home / ".curlrc").write_text("fail-with-body\nshow-error\n", encoding="utf-8")
     return subprocess.run(
         command,
@@ -97,7 +129,9 @@ def test_readme_snippet_runs_as_printed(
     snippet: Snippet, tiny_server: LiveServer, tmp_path: Path
 ) -> None:
     done = run_snippet(snippet, tiny_server.base_url, tmp_path)
-    report = f"README.md line {snippet.line}:\n{snippet.code}\nstdout: {done.stdout}\n{done.stderr}"
+    report = (
+        f"{snippet.page} line {snippet.line}:\n{snippet.code}\nstdout: {done.stdout}\n{done.stderr}"
+    )
     assert done.returncode == 0, report
     assert done.stdout.strip(), report
 
@@ -115,12 +149,17 @@ def test_readme_snippet_answers_paris_with_the_real_model(
     """Greedy and short, as printed: the bundled SmolLM2 answers rather than rambles."""
     done = run_snippet(snippet, smollm_server.base_url, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Paris" in done.stdout, f"README.md line {snippet.line}: {done.stdout}"
+    assert "Paris" in done.stdout, f"{snippet.page} line {snippet.line}: {done.stdout}"
 
 
 def test_the_rule_finds_the_snippets_it_should() -> None:
-    """The chat curl and the status curl, the openai chat, Anthropic and Responses snippets."""
+    """The chat curls and the status curl, the openai chat, Anthropic and Responses snippets, the
+    JavaScript one; the first four in README.md itself."""
     found = {(snippet.language, snippet.code.split("\n", 1)[0]) for snippet in RUNNABLE}
+    in_readme = [snippet for snippet in RUNNABLE if snippet.page == "README.md"]
+    assert {snippet.language for snippet in in_readme} == {"bash", "python", "js"}
+    assert any('"stream": true' in snippet.code for snippet in in_readme)
+    assert ("js", 'import OpenAI from "openai";') in found
     assert ("python", "from openai import OpenAI") in found
     assert ("python", "from anthropic import Anthropic") in found
     assert sum(snippet.language == "python" for snippet in RUNNABLE) >= 3
@@ -131,7 +170,7 @@ def test_the_rule_finds_the_snippets_it_should() -> None:
 def test_every_snippet_that_calls_the_server_is_run() -> None:
     """A client or curl call in a snippet the rule skips must not aim at a server at all."""
     skipped = [s for s in readme_snippets() if not s.runs and CALLS_A_SERVER.search(s.code)]
-    assert not skipped, [f"README.md line {s.line}: {s.code}" for s in skipped]
+    assert not skipped, [f"{s.page} line {s.line}: {s.code}" for s in skipped]
 
 
 def failing_snippet_is_caught(code: str, tiny_server: LiveServer, tmp_path: Path) -> bool:

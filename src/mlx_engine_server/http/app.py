@@ -24,6 +24,7 @@ from .guards import ApiKeyGuard, HeaderLimit, HostGuard
 from .metrics import RequestCounter, ServerMetrics
 from .openapi import openapi_json
 from .ops import health, metrics_text, status
+from .pages import docs_page, static_file, status_page
 
 __all__ = ["ServerOptions", "create_app"]
 
@@ -58,6 +59,9 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
             *anthropic_routes.ROUTES,
             Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/", status_page, methods=["GET"]),
+            Route("/docs", docs_page, methods=["GET"]),
+            Route("/static/{name}", static_file, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

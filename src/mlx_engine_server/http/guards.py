@@ -17,8 +17,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import APIError, AuthenticationError, HeadersTooLargeError, InvalidRequestError
 from .errors import Dialects, error_response
+from .pages import PAGE_PATHS
 
-PUBLIC_PATHS = frozenset({"/health"})
+# The browser pages hold no secret; what they fetch needs the key (they ask for it).
+PUBLIC_PATHS = frozenset({"/health", *PAGE_PATHS})
 LOOPBACK_NAMES = frozenset({"localhost"})
 
 
@@ -101,7 +103,8 @@ class HostGuard:
 
 
 class ApiKeyGuard:
-    """`Authorization: Bearer KEY` or `x-api-key: KEY` on every path but PUBLIC_PATHS."""
+    """`Authorization: Bearer KEY` or `x-api-key: KEY` on every path but PUBLIC_PATHS: /health
+    and the pages (/, /docs and their files)."""
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...]) -> None:
         self.app = app

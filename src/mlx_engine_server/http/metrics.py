@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..chat.overflow import CompactionCounters
 from ..engine import EngineClient
+from .latency import RecentLatencies
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 OTHER_PATH = "other"  # every path no route matched: the label set stays bounded
@@ -50,15 +51,27 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.recent_ttft = RecentLatencies()
+        self.recent_itl = RecentLatencies()
         self.registry.register(EngineCollector(engine))
         if compactions is not None:
             self.registry.register(CompactionCollector(compactions))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
+        self.recent_ttft.add(seconds)
 
     def next_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
+        self.recent_itl.add(seconds)
+
+    def recent_latency(self) -> dict[str, object]:
+        """The last minute's TTFT and inter-token latency percentiles, for /v1/mlx/status."""
+        return {
+            "window_s": self.recent_ttft.window_s,
+            "ttft_s": self.recent_ttft.summary(),
+            "itl_s": self.recent_itl.summary(),
+        }
 
     content_type = CONTENT_TYPE_LATEST
 

@@ -132,6 +132,7 @@ class Status(OpenModel):
     device: dict[str, Any]
     engine: dict[str, Any]
     counters: dict[str, Any]
+    latency: dict[str, Any]
     uptime_s: float
     version: dict[str, Any]
 
@@ -240,6 +241,27 @@ def _get(answer: str, description: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def _page(description: str, media_type: str, **extra: Any) -> dict[str, Any]:
+    """A file for browsers (http/pages.py); public even when the server has API keys."""
+    content = {media_type: {"schema": {"type": "string"}}}
+    ok = {"description": description, "content": content}
+    return {"get": {"summary": description, "security": [{}], "responses": {"200": ok}, **extra}}
+
+
+def _pages() -> dict[str, Any]:
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    asset = _page("A script or style sheet of the pages", "text/plain", parameters=[name])
+    asset["get"]["responses"]["default"] = {
+        "description": "an error",
+        "content": _json("ErrorBody"),
+    }
+    return {
+        "/": _page("The status page, with a chat box", "text/html"),
+        "/docs": _page("This API reference, drawn from /openapi.json", "text/html"),
+        "/static/{name}": asset,
+    }
+
+
 def _paths() -> dict[str, Any]:
     model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
     health = _get("Health", "200 while serving")
@@ -279,6 +301,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        **_pages(),
     }
 
 

@@ -34,6 +34,8 @@ async def status(request: Request) -> Response:
     body = status_body(engine, await engine.report())
     compactions: CompactionCounters = request.app.state.compactions
     body["context_overflow"] = compactions.as_dict()
+    metrics: ServerMetrics = request.app.state.metrics
+    body["latency"] = metrics.recent_latency()
     return JSONResponse(body)
 
 

@@ -1,7 +1,7 @@
 """Request limits: how much a client may send, each refusal an OpenAI-shaped 400 or 413.
 
-The values are settings (see README's limits table); these checks run after the body has been
-parsed and validated, before any tokenization.
+The values are settings (see the limits table of docs/security.md); these checks run after the
+body has been parsed and validated, before any tokenization.
 """
 
 from __future__ import annotations
