@@ -285,6 +285,21 @@ def test_bad_chat_requests_are_400_naming_the_parameter(
     assert error["param"] == param
 
 
+# Keys that str.isdigit() takes but are no ASCII decimal token id, signs, spaces, huge and
+# out-of-vocabulary ids: each one a 400 naming logit_bias on every route that takes it.
+NOT_TOKEN_ID_KEYS = ["²", "①", "٣", "３", " 3", "3 ", "+3", "-1", "3.0", "", "9" * 5000, "49152"]
+
+
+@pytest.mark.parametrize("key", NOT_TOKEN_ID_KEYS)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_logit_bias_keys_are_ascii_token_ids(client: TestClient, path: str, key: str) -> None:
+    body: dict[str, Any] = {"max_tokens": 1, "logit_bias": {"7": 1, key: 5}}
+    body |= {"messages": HELLO} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    error = error_of(client.post(path, json=body), 400)
+    assert error["param"] == "logit_bias"
+    assert key[:20] in error["message"] or len(key) > 20
+
+
 @pytest.mark.parametrize(
     "raw",
     [b"{not json", b"[1, 2]", b'"text"', b"", b'{"messages": NaN}', b"\xff\xfe", b"[" * 100_000],
