@@ -108,9 +108,29 @@ def completion_prompt_tokens(
 ) -> list[int]:
     if isinstance(prompt, list):
         check_token_ids(tokenizer, prompt, param)
-        return list(prompt)
-    tokens: list[int] = tokenizer.encode(prompt)
-    return tokens
+        tokens = list(prompt)
+    else:
+        tokens = tokenizer.encode(prompt)
+    return tokens or start_of_text(tokenizer, param)
+
+
+def start_of_text(tokenizer: Any, param: str) -> list[int]:
+    """What an empty prompt is completed from: OpenAI generates from the start of a text
+    (`<|endoftext|>`). The tokenizer's beginning-of-sequence token, else its end-of-sequence
+    token (GPT-2-style vocabularies put it between documents: after it a new text starts)."""
+    for token_id in (_token_id(tokenizer, "bos_token_id"), _token_id(tokenizer, "eos_token_id")):
+        if token_id is not None:
+            return [token_id]
+    raise InvalidRequestError(
+        "This model's tokenizer has no beginning- or end-of-sequence token to start an empty "
+        "prompt from; send at least one token.",
+        param=param,
+    )
+
+
+def _token_id(tokenizer: Any, name: str) -> int | None:
+    value = getattr(tokenizer, name, None)
+    return value if isinstance(value, int) and 0 <= value < len(tokenizer) else None
 
 
 def check_token_ids(tokenizer: Any, token_ids: list[int], param: str) -> None:
