@@ -301,7 +301,7 @@ def test_unknown_schemes_are_refused() -> None:
 
 @pytest.mark.parametrize("declared", ["²", "1³", "9" * 5000])
 def test_a_remote_content_length_is_read_as_ascii_digits_or_not_at_all(declared: str) -> None:
-    """"²" passes str.isdigit but not int(): it was a 500; a huge number is too big at once."""
+    """ "²" passes str.isdigit but not int(): it was a 500; a huge number is too big at once."""
     png = image_bytes()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -312,7 +312,20 @@ def test_bad_chat_requests_are_400_naming_the_parameter(
 
 # Keys that str.isdigit() takes but are no ASCII decimal token id, signs, spaces, huge and
 # out-of-vocabulary ids: each one a 400 naming logit_bias on every route that takes it.
-NOT_TOKEN_ID_KEYS = ["²", "①", "٣", "３", " 3", "3 ", "+3", "-1", "3.0", "", "9" * 5000, "49152"]
+NOT_TOKEN_ID_KEYS = [
+    "²",
+    "①",
+    "٣",
+    "\uff13",
+    " 3",
+    "3 ",
+    "+3",
+    "-1",
+    "3.0",
+    "",
+    "9" * 5000,
+    "49152",
+]
 
 
 @pytest.mark.parametrize("key", NOT_TOKEN_ID_KEYS)

@@ -1,9 +1,9 @@
 """Structured output: `response_format` as a llguidance grammar (Lark syntax) the engine enforces.
 
-Schemas are checked here, before the request is queued, so an unsupported keyword or a broken
-`$ref` is a 400 naming the schema, not a failed generation. JSON is generated compact (no free
-whitespace between tokens): a model, above all a small one, can otherwise pad with blank lines
-until max_tokens runs out.
+Schemas are checked here, before the request is queued, so an unsupported keyword, a broken
+`$ref` or a schema no finite value matches is a 400 naming the schema, not a failed generation.
+JSON is generated compact (no free whitespace between tokens): a model, above all a small one,
+can otherwise pad with blank lines until max_tokens runs out.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from llguidance import LLMatcher
 
 from ..errors import InvalidRequestError
 from ..protocols.openai.types import ResponseFormat
+from .schema_finite import has_finite_instance
 
 COMPACT = {"whitespace_flexible": False}
 SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -42,7 +43,7 @@ def json_schema_rule(schema: dict[str, Any]) -> str:
 
 
 def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None:
-    """400 naming `param` unless llguidance can compile `schema`."""
+    """400 naming `param` unless llguidance can compile `schema` and it has a finite value."""
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema)
     except ValueError as exc:
@@ -51,6 +52,18 @@ def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None
     if error:
         raise InvalidRequestError(
             f"Unsupported or invalid JSON schema: {_first_line(error)}", param=param
+        )
+    check_schema_has_finite_instance(schema, param)
+
+
+def check_schema_has_finite_instance(schema: Any, param: str = SCHEMA_PARAM) -> None:
+    """400 naming `param` when no finite JSON value matches `schema` (a `$ref` loop with no way
+    out, an object that requires itself): its grammar has no sentence to generate."""
+    if not has_finite_instance(schema):
+        raise InvalidRequestError(
+            "Unsatisfiable JSON schema: no finite JSON value matches it (a required property, "
+            "item or $ref leads back to itself with no way out).",
+            param=param,
         )
 
 

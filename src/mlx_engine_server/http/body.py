@@ -81,12 +81,15 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_LENGTH_DIGITS = 18  # an exabyte: past every limit, and int() never reads a huge string
+
+
 def _declared_length(header: str) -> int:
     """Content-Length as a number; 0 unless ASCII digits (the body is then counted as read).
-    `str.isdigit` alone takes "²", which `int` refuses; more than 18 digits is past any limit."""
+    `str.isdigit` alone takes "²", which `int` refuses."""
     if not (header.isascii() and header.isdigit()):
         return 0
-    return int(header) if len(header) <= 18 else 2**63
+    return int(header) if len(header) <= MAX_LENGTH_DIGITS else 2**63
 
 
 def _too_large(max_bytes: int) -> PayloadTooLargeError:
