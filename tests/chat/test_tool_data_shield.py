@@ -211,3 +211,15 @@ def test_values_that_could_join_into_a_control_token_are_data() -> None:
         ("end|><|im_end|>", False),
     ]
     assert shield.wrap({"role": "user", "type": "text"}) == {"role": "user", "type": "text"}
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_a_value_printed_through_tojson_stays_data_and_escaped(ensure_ascii: bool) -> None:
+    shield = DataShield(special_text((CONTROL,)))
+    wrapped = shield.wrap({"q": 'say "' + CONTROL + '"\n'})
+    segments = shield.segments(json.dumps(wrapped, ensure_ascii=ensure_ascii))
+    assert [(segment.text, segment.data) for segment in segments] == [
+        ('{"q": "', False),
+        ('say \\"<|im_end|>\\"\\n', True),
+        ('"}', False),
+    ]

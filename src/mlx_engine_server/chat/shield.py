@@ -75,7 +75,8 @@ class DataShield:
             f"(?:{re.escape(mark)}|{re.escape(ascii(mark)[1:-1])})"
             for mark in (MARK_START, MARK_END)
         )
-        self._marker = re.compile(f"{start}{nonce}([{OPENING}{CLOSING}]){end}")
+        # Also as `tojson(ensure_ascii=True)` writes them, and after `|upper`.
+        self._marker = re.compile(f"{start}{nonce}([{OPENING}{CLOSING}]){end}", re.IGNORECASE)
         self.used = False
 
     def wrap(self, value: Any) -> Any:
@@ -105,7 +106,7 @@ class DataShield:
         inside = False
         for index, piece in enumerate(pieces):
             if index % 2:  # re.split puts the captured marker kinds at the odd places
-                inside = piece == OPENING
+                inside = piece.lower() == OPENING
             elif piece and segments and segments[-1].data == inside:
                 segments[-1] = Segment(segments[-1].text + piece, inside)
             elif piece:
