@@ -194,6 +194,11 @@ def test_the_finite_value_check_on_its_own() -> None:
         assert has_finite_instance(schema), name
     for name in ("pure $ref loop", "required self-reference", "mutual recursion through an array"):
         assert not has_finite_instance(NO_FINITE_VALUE[name]), name
+    # Integers of any size are compared exactly (float() of one would overflow).
+    assert not has_finite_instance({"type": "integer", "minimum": 10**400, "maximum": 1})
+    assert has_finite_instance({"type": "integer", "minimum": 10**400})
+    assert not has_finite_instance({"type": "integer", "exclusiveMinimum": 1.5, "maximum": 1.9})
+    assert has_finite_instance({"type": "number", "exclusiveMinimum": 1.5, "maximum": 1.9})
     chain: dict[str, Any] = {
         f"a{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/a{i + 1}"}}}
         for i in range(200)

@@ -252,10 +252,19 @@ def _number_range_holds(node: dict[str, Any], *, integer: bool) -> bool:
     if low is None or high is None:
         return True
     if integer:
-        first = math.floor(low) + 1 if low_open and float(low).is_integer() else math.ceil(low)
-        last = math.ceil(high) - 1 if high_open and float(high).is_integer() else math.floor(high)
-        return bool(first <= last)
+        return bool(_first_integer(low, low_open) <= _last_integer(high, high_open))
     return bool(low < high if (low_open or high_open) else low <= high)
+
+
+def _first_integer(low: float, is_open: bool) -> int:
+    """The least integer above `low` (or at it, unless open); exact for huge integers."""
+    whole = isinstance(low, int) or low.is_integer()
+    return (int(low) + 1 if is_open else int(low)) if whole else math.ceil(low)
+
+
+def _last_integer(high: float, is_open: bool) -> int:
+    whole = isinstance(high, int) or high.is_integer()
+    return (int(high) - 1 if is_open else int(high)) if whole else math.floor(high)
 
 
 def _bound(node: dict[str, Any], inclusive: str, exclusive: str, tighter: Any) -> tuple[Any, bool]:
@@ -272,4 +281,7 @@ def _bound(node: dict[str, Any], inclusive: str, exclusive: str, tighter: Any) -
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number: an int of any size (never converted to float), or a finite float."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
