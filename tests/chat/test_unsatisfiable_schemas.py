@@ -56,6 +56,17 @@ NO_FINITE_VALUE = {
     "minimum above maximum": {"type": "integer", "minimum": 5, "maximum": 1},
     "minLength above maxLength": {"type": "string", "minLength": 3, "maxLength": 1},
     "required property false": {"type": "object", "properties": {"a": False}, "required": ["a"]},
+    "required property forbidden": {
+        "type": "object",
+        "required": ["a"],
+        "additionalProperties": False,
+    },
+    "more required than maxProperties": {
+        "type": "object",
+        "required": ["a", "b"],
+        "maxProperties": 1,
+    },
+    "minItems above maxItems": {"type": "array", "minItems": 2, "maxItems": 1},
 }
 # Recursive schemas with a way out: they must stay accepted.
 FINITE_RECURSION = {
