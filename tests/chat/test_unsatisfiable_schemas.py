@@ -16,6 +16,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from mlx_engine_server.chat.schema_depth import reference_depth
 from mlx_engine_server.chat.schema_finite import has_finite_instance
 from mlx_engine_server.chat.structured import json_schema_rule
 from mlx_engine_server.engine import Failed, SamplingParams
@@ -35,6 +36,18 @@ MUTUAL = {
     },
     "$ref": "#/$defs/a",
 }
+
+
+def ref_chain(links: int) -> dict[str, Any]:
+    """`links` definitions, each an object whose property refers to the next; the last is null."""
+    defs: dict[str, Any] = {
+        f"a{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/a{i + 1}"}}}
+        for i in range(links)
+    }
+    defs[f"a{links}"] = {"type": "null"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
 NO_FINITE_VALUE = {
     "pure $ref loop": {"$defs": {"n": {"$ref": "#/$defs/n"}}, "$ref": "#/$defs/n"},
     "required self-reference": SELF_REQUIRED,
@@ -67,6 +80,9 @@ NO_FINITE_VALUE = {
         "maxProperties": 1,
     },
     "minItems above maxItems": {"type": "array", "minItems": 2, "maxItems": 1},
+    # Not unsatisfiable but too deep to compile: 1,000 links crashed the whole server (SIGSEGV
+    # in llguidance's compiler); the check measures the depth along $ref chains first.
+    "a $ref chain of 1,000 links": ref_chain(1000),
 }
 # Recursive schemas with a way out: they must stay accepted.
 FINITE_RECURSION = {
@@ -197,6 +213,25 @@ def test_a_recursive_schema_with_a_way_out_is_accepted(
     choice = response.json()["choices"][0]
     if route == "chat" and choice["finish_reason"] == "stop":
         json.loads(choice["message"]["content"])
+
+
+def test_the_depth_along_references() -> None:
+    """Each link's own nesting counts; so does every member of a cycle of references."""
+    assert reference_depth({"type": "string"}) == 1
+    assert reference_depth(ref_chain(10)) == reference_depth(ref_chain(9)) + 3
+    ring = {f"a{i}": {"properties": {"x": {"$ref": f"#/$defs/a{(i + 1) % 50}"}}} for i in range(50)}
+    assert reference_depth({"$defs": ring, "$ref": "#/$defs/a0"}) >= 50 * 3
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_a_long_ref_chain_within_the_depth_limit_compiles_and_runs(
+    random_hermes_agent_server: LiveServer, route: str
+) -> None:
+    """150 links (depth 456 of 512) pass the check, and the engine compiles and runs them."""
+    path, body, _ = ROUTES[route](ref_chain(150), False)
+    body |= {"max_tokens": 8, "temperature": 0}
+    response = httpx.post(f"{random_hermes_agent_server.base_url}{path}", json=body, timeout=120)
+    assert response.status_code == 200, response.text
 
 
 def test_the_finite_value_check_on_its_own() -> None:

@@ -34,33 +34,17 @@ def has_finite_instance(schema: Any) -> bool:
 class _Finiteness:
     def __init__(self, root: Any) -> None:
         self.root = root
-        self.targets: dict[str, Any] = {}
-        self._collect_targets(root)
+        self.targets = reference_targets(root)
         self.known: set[str] = set()
 
     def of_root(self) -> bool:
         self._settle_references()
         return self.finite(self.root)
 
-    def _collect_targets(self, node: Any) -> None:
-        """Every local `$ref` in the schema (in `$defs` too) and the subschema it names."""
-        stack = [node]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, dict):
-                ref = value.get("$ref")
-                if isinstance(ref, str) and ref not in self.targets:
-                    target = resolve_pointer(self.root, ref)
-                    if target is not _MISSING:
-                        self.targets[ref] = target
-                stack.extend(value.values())
-            elif isinstance(value, list):
-                stack.extend(value)
-
     def _settle_references(self) -> None:
         users: dict[str, set[str]] = {ref: set() for ref in self.targets}
         for ref, target in self.targets.items():
-            for used in _references_in(target):
+            for used in references_in(target):
                 if used in users:
                     users[used].add(ref)
         pending = list(self.targets)
@@ -143,6 +127,17 @@ class _Finiteness:
 _MISSING = object()
 
 
+def reference_targets(root: Any) -> dict[str, Any]:
+    """Every local `$ref` in the schema (in `$defs` too) and the subschema it names."""
+    targets: dict[str, Any] = {}
+    for ref in references_in(root):
+        if ref not in targets:
+            target = resolve_pointer(root, ref)
+            if target is not _MISSING:
+                targets[ref] = target
+    return targets
+
+
 def resolve_pointer(root: Any, ref: str) -> Any:
     """The subschema a local reference (`#`, `#/$defs/a~1b`) names; _MISSING for any other."""
     if ref != "#" and not ref.startswith("#/"):
@@ -159,7 +154,8 @@ def resolve_pointer(root: Any, ref: str) -> Any:
     return node
 
 
-def _references_in(node: Any) -> Iterator[str]:
+def references_in(node: Any) -> Iterator[str]:
+    """Every `$ref` string anywhere inside `node`."""
     stack = [node]
     while stack:
         value = stack.pop()

@@ -15,10 +15,13 @@ from llguidance import LLMatcher
 
 from ..errors import InvalidRequestError
 from ..protocols.openai.types import ResponseFormat
+from .schema_depth import reference_depth
 from .schema_finite import has_finite_instance
 
 COMPACT = {"whitespace_flexible": False}
 SCHEMA_PARAM = "response_format.json_schema.schema"
+# Objects and arrays nested along $ref chains; llguidance crashed near 2,800 (8 MiB stack).
+MAX_SCHEMA_DEPTH = 512
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
@@ -44,6 +47,7 @@ def json_schema_rule(schema: dict[str, Any]) -> str:
 
 def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None:
     """400 naming `param` unless llguidance can compile `schema` and it has a finite value."""
+    check_schema_depth(schema, param)  # first: llguidance itself crashes on a too deep one
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema)
     except ValueError as exc:
@@ -54,6 +58,18 @@ def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None
             f"Unsupported or invalid JSON schema: {_first_line(error)}", param=param
         )
     check_schema_has_finite_instance(schema, param)
+
+
+def check_schema_depth(schema: Any, param: str = SCHEMA_PARAM) -> None:
+    """400 naming `param` when `schema`, its `$ref`s followed, nests deeper than llguidance's
+    compiler can recurse safely (it overflowed its stack near 2,800 levels, ending the server)."""
+    depth = reference_depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"JSON schema too deeply nested: its $ref chains reach {depth} levels, "
+            f"at most {MAX_SCHEMA_DEPTH} are allowed.",
+            param=param,
+        )
 
 
 def check_schema_has_finite_instance(schema: Any, param: str = SCHEMA_PARAM) -> None:
