@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
 import struct
 import sys
 import threading
@@ -21,6 +22,8 @@ from PIL import Image
 
 from mlx_engine_server.chat.media import (
     MediaPolicy,
+    RemoteTarget,
+    _http_get,
     decode_image,
     is_public_address,
     load_image,
@@ -294,3 +297,30 @@ def test_remote_urls_are_off_unless_allowed() -> None:
 def test_unknown_schemes_are_refused() -> None:
     for url in ("ftp://example.com/a.png", "gopher://x/", "javascript:alert(1)", "C:\\a.png"):
         refused(url, MediaPolicy(allow_remote=True, allowed_dirs=(Path("/"),)))
+
+
+@pytest.mark.parametrize("declared", ["²", "1³", "9" * 5000])
+def test_a_remote_content_length_is_read_as_ascii_digits_or_not_at_all(declared: str) -> None:
+    """ "²" passes str.isdigit but not int(): it was a 500; a huge number is too big at once."""
+    png = image_bytes()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        reply = f"HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nConnection: close\r\n\r\n"
+        serving = threading.Thread(target=_answer_once, args=(listener, reply, png), daemon=True)
+        serving.start()
+        port = listener.getsockname()[1]
+        target = RemoteTarget("http", "127.0.0.1", f"127.0.0.1:{port}", "127.0.0.1", port, "/a")
+        if len(declared) > 20:
+            with pytest.raises(InvalidRequestError, match="larger than"):
+                _http_get(target, PARAM, MediaPolicy(allow_remote=True))
+        else:
+            assert _http_get(target, PARAM, MediaPolicy(allow_remote=True)) == png
+        serving.join(timeout=5)
+
+
+def _answer_once(listener: socket.socket, head: str, body: bytes) -> None:
+    connection, _ = listener.accept()
+    with connection:
+        connection.recv(65536)
+        connection.sendall(head.encode("latin-1") + body)

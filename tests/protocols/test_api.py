@@ -115,6 +115,31 @@ def test_completion_accepts_token_ids_and_a_one_string_list(client: TestClient) 
     assert ids["usage"]["prompt_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    ("prompt", "prompt_tokens"),
+    [("", 1), ([""], 1), (["a", ""], 2), ([[]], 1), ([[5], []], 2)],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_prompt_is_completed_from_the_start_of_a_text(
+    client: TestClient, prompt: Any, prompt_tokens: int, stream: bool
+) -> None:
+    """As OpenAI does: an empty prompt is one beginning-of-sequence token (SmolLM2's is id 1)."""
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+        payloads = sse_payloads(client, "/v1/completions", body)
+        assert payloads[-1] == "[DONE]"
+        usage = json.loads(payloads[-2])["usage"]
+    else:
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert len(answer["choices"]) == (len(prompt) if isinstance(prompt, list) else 1)
+        usage = answer["usage"]
+    assert usage["completion_tokens"] > 0
+    assert usage["prompt_tokens"] == prompt_tokens
+
+
 def test_stop_string_cuts_the_text_and_is_not_returned(client: TestClient) -> None:
     text = chat(client, max_tokens=12)["choices"][0]["message"]["content"]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
@@ -283,6 +308,34 @@ def test_bad_chat_requests_are_400_naming_the_parameter(
     error = error_of(client.post("/v1/chat/completions", json=body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+# Keys that str.isdigit() takes but are no ASCII decimal token id, signs, spaces, huge and
+# out-of-vocabulary ids: each one a 400 naming logit_bias on every route that takes it.
+NOT_TOKEN_ID_KEYS = [
+    "²",
+    "①",
+    "٣",
+    "\uff13",
+    " 3",
+    "3 ",
+    "+3",
+    "-1",
+    "3.0",
+    "",
+    "9" * 5000,
+    "49152",
+]
+
+
+@pytest.mark.parametrize("key", NOT_TOKEN_ID_KEYS)
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_logit_bias_keys_are_ascii_token_ids(client: TestClient, path: str, key: str) -> None:
+    body: dict[str, Any] = {"max_tokens": 1, "logit_bias": {"7": 1, key: 5}}
+    body |= {"messages": HELLO} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    error = error_of(client.post(path, json=body), 400)
+    assert error["param"] == "logit_bias"
+    assert key[:20] in error["message"] or len(key) > 20
 
 
 @pytest.mark.parametrize(

@@ -255,7 +255,7 @@ def _http_get(target: RemoteTarget, param: str, policy: MediaPolicy) -> bytes:
                 param,
             )
         declared = response.getheader("Content-Length", "")
-        if declared.isdigit() and int(declared) > policy.max_image_bytes:
+        if _ascii_digits(declared) and int(declared[:18]) > policy.max_image_bytes:
             raise _too_big(param, policy)
         data = response.read(policy.max_image_bytes + 1)
     except (OSError, http.client.HTTPException) as exc:
@@ -265,6 +265,11 @@ def _http_get(target: RemoteTarget, param: str, policy: MediaPolicy) -> bytes:
     if len(data) > policy.max_image_bytes:
         raise _too_big(param, policy)
     return data
+
+
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9: `str.isdigit` alone also takes "²", which `int` refuses (a 500 otherwise)."""
+    return text.isascii() and text.isdigit()
 
 
 def _connection(target: RemoteTarget, timeout_s: float) -> http.client.HTTPConnection:

@@ -1,15 +1,12 @@
 """Prompt building: the model's own chat template, then a check against the context window.
 
-Message text is data. A client who types a control token's text (`<|im_start|>`) into a message
-gets the characters, never the control token: such values are replaced by unguessable sentinels
-before the template runs, and tokenized on their own, with special-token matching off, where the
-sentinels land. The template's own markers stay special. Other prompts tokenize exactly as before.
+Client data is data. A client who types a control token's text (`<|im_start|>`) into a message,
+a tool call, a tool's description or schema gets the characters, never the control token: see
+shield.py. The template's own markers stay special.
 """
 
 from __future__ import annotations
 
-import re
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +14,7 @@ from jinja2 import TemplateError
 
 from ..errors import ContextLengthExceededError, InvalidRequestError
 from ..protocols.openai.types import ChatMessage
+from .shield import DataShield, encode_segments, special_text
 from .tools import template_messages
 
 
@@ -39,14 +37,18 @@ def chat_prompt(
             "This model's chat template does not render tools, so the model cannot call them.",
             param="tools",
         )
-    conversation = [dict(entry) for entry in conversation]
-    shielded = _shield_special_text(conversation, special_tokens(tokenizer))
+    shield = DataShield(special_text(tuple(special_tokens(tokenizer))))
+    conversation = shield.wrap(conversation)
     if template:
-        text = _render_template(tokenizer, conversation, tools, kwargs or {})
+        text = _render_template(
+            tokenizer, conversation, shield.wrap(tools), shield.wrap(kwargs or {})
+        )
     else:
         text = _plain_transcript(conversation)
-    if shielded:
-        return _encode_with_data(tokenizer, text, shielded)
+    if shield.used:
+        segments = shield.segments(text)
+        rendered = "".join(segment.text for segment in segments)
+        return ChatPrompt(encode_segments(tokenizer, segments), rendered)
     tokens: list[int] = tokenizer.encode(text, add_special_tokens=False)
     return ChatPrompt(tokens, text)
 
@@ -66,51 +68,34 @@ def special_tokens(tokenizer: Any) -> list[str]:
     return list(getattr(tokenizer, "all_special_tokens", []))
 
 
-# Message fields templates print as they are. Tool-call arguments and tool schemas go through
-# `tojson` in templates, where a sentinel could not be swapped back: they are not shielded.
-SHIELDED_FIELDS = ("content", "name", "reasoning_content")
-
-
-def _shield_special_text(conversation: list[dict[str, Any]], specials: list[str]) -> dict[str, str]:
-    """Swap each message field holding special-token text for a sentinel; sentinel -> text."""
-    if not specials:
-        return {}
-    pattern = re.compile("|".join(re.escape(token) for token in specials if token))
-    nonce = secrets.token_hex(8)
-    shielded: dict[str, str] = {}
-    for entry in conversation:
-        for key in SHIELDED_FIELDS:
-            value = entry.get(key)
-            if isinstance(value, str) and pattern.search(value):
-                sentinel = f"\ue000{nonce}-{len(shielded)}\ue001"
-                shielded[sentinel] = value
-                entry[key] = sentinel
-    return shielded
-
-
-def _encode_with_data(tokenizer: Any, text: str, shielded: dict[str, str]) -> ChatPrompt:
-    """Template text with its special tokens; shielded values as plain text where they land."""
-    parts = re.split("(" + "|".join(re.escape(sentinel) for sentinel in shielded) + ")", text)
-    tokens: list[int] = []
-    for index, part in enumerate(parts):
-        if index % 2:  # re.split puts the captured sentinels at the odd places
-            tokens += tokenizer.encode(
-                shielded[part], add_special_tokens=False, split_special_tokens=True
-            )
-        elif part:
-            tokens += tokenizer.encode(part, add_special_tokens=False)
-    rendered = "".join(shielded.get(part, part) for part in parts)
-    return ChatPrompt(tokens, rendered)
-
-
 def completion_prompt_tokens(
     tokenizer: Any, prompt: str | list[int], param: str = "prompt"
 ) -> list[int]:
     if isinstance(prompt, list):
         check_token_ids(tokenizer, prompt, param)
-        return list(prompt)
-    tokens: list[int] = tokenizer.encode(prompt)
-    return tokens
+        tokens = list(prompt)
+    else:
+        tokens = tokenizer.encode(prompt)
+    return tokens or start_of_text(tokenizer, param)
+
+
+def start_of_text(tokenizer: Any, param: str) -> list[int]:
+    """What an empty prompt is completed from: OpenAI generates from the start of a text
+    (`<|endoftext|>`). The tokenizer's beginning-of-sequence token, else its end-of-sequence
+    token (GPT-2-style vocabularies put it between documents: after it a new text starts)."""
+    for token_id in (_token_id(tokenizer, "bos_token_id"), _token_id(tokenizer, "eos_token_id")):
+        if token_id is not None:
+            return [token_id]
+    raise InvalidRequestError(
+        "This model's tokenizer has no beginning- or end-of-sequence token to start an empty "
+        "prompt from; send at least one token.",
+        param=param,
+    )
+
+
+def _token_id(tokenizer: Any, name: str) -> int | None:
+    value = getattr(tokenizer, name, None)
+    return value if isinstance(value, int) and 0 <= value < len(tokenizer) else None
 
 
 def check_token_ids(tokenizer: Any, token_ids: list[int], param: str) -> None:

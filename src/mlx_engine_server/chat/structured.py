@@ -1,9 +1,9 @@
 """Structured output: `response_format` as a llguidance grammar (Lark syntax) the engine enforces.
 
-Schemas are checked here, before the request is queued, so an unsupported keyword or a broken
-`$ref` is a 400 naming the schema, not a failed generation. JSON is generated compact (no free
-whitespace between tokens): a model, above all a small one, can otherwise pad with blank lines
-until max_tokens runs out.
+Schemas are checked here, before the request is queued, so an unsupported keyword, a broken
+`$ref` or a schema no finite value matches is a 400 naming the schema, not a failed generation.
+JSON is generated compact (no free whitespace between tokens): a model, above all a small one,
+can otherwise pad with blank lines until max_tokens runs out.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from llguidance import LLMatcher
 
 from ..errors import InvalidRequestError
 from ..protocols.openai.types import ResponseFormat
+from .schema_depth import reference_depth
+from .schema_finite import has_finite_instance
 
 COMPACT = {"whitespace_flexible": False}
 SCHEMA_PARAM = "response_format.json_schema.schema"
+# Objects and arrays nested along $ref chains; llguidance crashed near 2,800 (8 MiB stack).
+MAX_SCHEMA_DEPTH = 512
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
@@ -42,7 +46,8 @@ def json_schema_rule(schema: dict[str, Any]) -> str:
 
 
 def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None:
-    """400 naming `param` unless llguidance can compile `schema`."""
+    """400 naming `param` unless llguidance can compile `schema` and it has a finite value."""
+    check_schema_depth(schema, param)  # first: llguidance itself crashes on a too deep one
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema)
     except ValueError as exc:
@@ -51,6 +56,30 @@ def check_json_schema(schema: dict[str, Any], param: str = SCHEMA_PARAM) -> None
     if error:
         raise InvalidRequestError(
             f"Unsupported or invalid JSON schema: {_first_line(error)}", param=param
+        )
+    check_schema_has_finite_instance(schema, param)
+
+
+def check_schema_depth(schema: Any, param: str = SCHEMA_PARAM) -> None:
+    """400 naming `param` when `schema`, its `$ref`s followed, nests deeper than llguidance's
+    compiler can recurse safely (it overflowed its stack near 2,800 levels, ending the server)."""
+    depth = reference_depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"JSON schema too deeply nested: its $ref chains reach {depth} levels, "
+            f"at most {MAX_SCHEMA_DEPTH} are allowed.",
+            param=param,
+        )
+
+
+def check_schema_has_finite_instance(schema: Any, param: str = SCHEMA_PARAM) -> None:
+    """400 naming `param` when no finite JSON value matches `schema` (a `$ref` loop with no way
+    out, an object that requires itself): its grammar has no sentence to generate."""
+    if not has_finite_instance(schema):
+        raise InvalidRequestError(
+            "Unsatisfiable JSON schema: no finite JSON value matches it (a required property, "
+            "item or $ref leads back to itself with no way out).",
+            param=param,
         )
 
 

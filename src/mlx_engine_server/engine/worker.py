@@ -62,6 +62,10 @@ PREFILL_BATCH = 8  # prompts prefilled together
 # the burst's time. A request that arrives when nothing decodes starts at once.
 ADMIT_WINDOW_S = 0.05
 NO_STOP = StopSequences(None)
+# What a client is told when a grammar breaks; the parser's own words (its grammar and state)
+# go to the log only.
+GRAMMAR_INVALID = "the grammar could not be used"
+CONSTRAINED_DECODING_FAILED = "constrained decoding failed"
 
 
 @dataclass(frozen=True)
@@ -271,8 +275,8 @@ class Worker:
         try:
             processors, grammar = self._processors(params)
             if grammar is not None and grammar.error is not None:
-                message = f"the grammar is invalid: {grammar.error}"
-                self._end_unstarted(submission, need_bytes, message)
+                logger.warning("a request's grammar is invalid: %s", grammar.error)
+                self._end_unstarted(submission, need_bytes, GRAMMAR_INVALID)
                 return None
             with mx.stream(self._generator.stream):
                 (uid,) = self._generator.insert(
@@ -325,7 +329,7 @@ class Worker:
         except Exception as exc:
             # One bad step (an allocation failure, a kernel error) ends the requests in it.
             logger.exception("a generation step failed")
-            self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+            self._fail_all(f"generation failed: {type(exc).__name__}")
             return
         self.counters.record_step(len(responses))
         logprobs = self._logprobs(responses)
@@ -334,9 +338,8 @@ class Worker:
             if sequence is None:
                 continue
             if sequence.grammar is not None and sequence.grammar.error is not None:
-                self._fail_one(
-                    response.uid, f"constrained decoding failed: {sequence.grammar.error}"
-                )
+                logger.warning("constrained decoding failed: %s", sequence.grammar.error)
+                self._fail_one(response.uid, CONSTRAINED_DECODING_FAILED)
                 continue
             try:
                 self._on_token(response.uid, sequence, response, logprobs.get(response.uid))

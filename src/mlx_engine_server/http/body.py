@@ -69,8 +69,7 @@ def _reject_lone_surrogates(data: dict[str, Any]) -> None:
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
     """Refuse by Content-Length before reading; count a chunked body as it arrives."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if _declared_length(request.headers.get("content-length", "")) > max_bytes:
         raise _too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
@@ -80,6 +79,17 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
             raise _too_large(max_bytes)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+MAX_LENGTH_DIGITS = 18  # an exabyte: past every limit, and int() never reads a huge string
+
+
+def _declared_length(header: str) -> int:
+    """Content-Length as a number; 0 unless ASCII digits (the body is then counted as read).
+    `str.isdigit` alone takes "²", which `int` refuses."""
+    if not (header.isascii() and header.isdigit()):
+        return 0
+    return int(header) if len(header) <= MAX_LENGTH_DIGITS else 2**63
 
 
 def _too_large(max_bytes: int) -> PayloadTooLargeError:

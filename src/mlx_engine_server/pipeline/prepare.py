@@ -6,6 +6,7 @@ OpenAI chat, Anthropic Messages and OpenAI Responses all run through here, then 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ from ..protocols.openai.types import (
     SamplingFields,
 )
 from .admission import collect
+
+# Ten digits hold every vocabulary size; longer keys are refused before int() reads them.
+TOKEN_ID_KEY = re.compile("[0-9]{1,10}")
 
 
 @dataclass(frozen=True)
@@ -273,13 +277,23 @@ def _token_bias(engine: EngineClient, body: SamplingFields) -> tuple[tuple[int, 
     vocab_size = len(engine.tokenizer)
     bias = []
     for key, value in body.logit_bias.items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        token_id = token_id_key(key)
+        if token_id is None or token_id >= vocab_size:
             raise InvalidRequestError(
-                f"logit_bias key {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                f"logit_bias key {key[:32]!r} is not a token id of this model "
+                f"(a decimal number 0..{vocab_size - 1})",
                 param="logit_bias",
             )
-        bias.append((int(key), value))
+        bias.append((token_id, value))
     return tuple(bias)
+
+
+def token_id_key(key: str) -> int | None:
+    """A token id written as a JSON object key: ASCII digits only (`str.isdigit` also takes
+    "²" and "٣", which `int` refuses or reads as another number); None for anything else."""
+    if not TOKEN_ID_KEY.fullmatch(key):
+        return None
+    return int(key)
 
 
 @dataclass(frozen=True)

@@ -15,13 +15,17 @@ from ...chat.output import Content, Part, Reasoning, ToolCallOut
 from ...engine import Finished, Usage
 from ...errors import APIError, ErrorDialect
 
-# Our parameter names, as the Anthropic request spells them, for error messages.
-ANTHROPIC_PARAMS = {
-    "response_format": "output_config.format",
-    "stop": "stop_sequences",
-    "chat_template_kwargs": "thinking",
-    "reasoning_effort": "output_config.effort",
-}
+# Our parameter names, as the Anthropic request spells them, for error messages: the first
+# prefix that matches is replaced.
+ANTHROPIC_PARAMS = (
+    ("response_format.json_schema.schema", "output_config.format.schema"),
+    ("response_format", "output_config.format"),
+    ("stop", "stop_sequences"),
+    ("chat_template_kwargs", "thinking"),
+    ("reasoning_effort", "output_config.effort"),
+)
+# Inside tools[i]: OpenAI's function fields, Anthropic's names.
+ANTHROPIC_TOOL_FIELDS = ((".function.parameters", ".input_schema"), (".function.", "."))
 
 # Anthropic's type for each status we send; a full queue is Anthropic's 529 "overloaded".
 ERROR_TYPES = {
@@ -48,11 +52,22 @@ def error_status(error: APIError) -> int:
 def _message_naming_param(error: APIError) -> str:
     if not error.param:
         return error.message
-    head = re.match(r"[A-Za-z_]*", error.param).group()  # type: ignore[union-attr]
-    param = ANTHROPIC_PARAMS.get(head, head) + error.param[len(head) :]
+    param = anthropic_param(error.param)
     if error.param in error.message:
         return error.message.replace(f"'{error.param}'", f"'{param}'")
     return f"{param}: {error.message}"
+
+
+def anthropic_param(param: str) -> str:
+    """A chat request's parameter name as the Anthropic request spells it."""
+    head = re.match(r"[A-Za-z_.]*", param).group()  # type: ignore[union-attr]
+    for ours, theirs in ANTHROPIC_PARAMS:
+        if head == ours or head.startswith(ours + "."):
+            return theirs + param[len(ours) :]
+    if param.startswith("tools["):
+        for ours, theirs in ANTHROPIC_TOOL_FIELDS:
+            param = param.replace(ours, theirs)
+    return param
 
 
 def error_body(error: APIError) -> dict[str, Any]:

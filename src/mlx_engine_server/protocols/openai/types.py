@@ -276,10 +276,17 @@ class ChatCompletionRequest(SamplingFields):
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+# One prompt of a list may be empty, like an empty string: completed from the start of a text.
+MaybeEmptyTokenIds = list[Annotated[int, Field(ge=0)]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | TokenIds | list[str] | list[TokenIds] = Field(min_length=1)
+    prompt: (
+        str
+        | TokenIds
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[MaybeEmptyTokenIds], Field(min_length=1)]
+    )
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
