@@ -139,6 +139,37 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, ge=1)
     max_logit_bias: int = Field(default=1024, ge=0)
+    # --- state: stored responses, conversations, sessions, rate limits ------------------------
+    state_dir: Path | None = Field(
+        default=None,
+        description="Directory of the SQLite state file; default: <cache-dir>/state.",
+    )
+    state_url: str | None = Field(
+        default=None,
+        pattern=r"^rediss?://",
+        description="A Redis URL (redis://host:port/db): state shared by several instances.",
+    )
+    state_retention_s: float = Field(
+        default=30 * 24 * 3600.0,
+        gt=0,
+        description="How long stored responses and conversations live.",
+    )
+    state_max_records: int = Field(
+        default=100_000, ge=1, description="Most stored records (SQLite); the oldest go first."
+    )
+    session_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="A session is forgotten this long after its last turn.",
+    )
+    rate_limit_rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute per API key (client address without keys).",
+    )
+    rate_limit_tpm: int | None = Field(
+        default=None, ge=1, description="Tokens (prompt + completion) per minute per key."
+    )
     # --- operations ---------------------------------------------------------------------------
     log_format: LogFormat = "text"
     log_prompts: bool = Field(default=False, description="Log prompt text (off: never logged).")
@@ -250,6 +281,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand_state_home(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
 
     @field_validator("log_level", mode="before")
     @classmethod
