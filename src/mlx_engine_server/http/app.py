@@ -67,7 +67,7 @@ def create_app(
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
             *anthropic_routes.ROUTES,
-            Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
+            *_responses_routes(),
             Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -82,6 +82,17 @@ def create_app(
     app.state.chat_formats = None  # worked out from the model's tokenizer on first use
     app.state.limits = options.limits
     return app
+
+
+def _responses_routes() -> list[Route]:
+    routes = openai_responses_routes
+    one = "/v1/responses/{response_id}"
+    return [
+        Route("/v1/responses", routes.responses, methods=["POST"]),
+        Route(one, routes.get_response, methods=["GET"]),
+        Route(one, routes.delete_response, methods=["DELETE"]),
+        Route(f"{one}/input_items", routes.list_input_items, methods=["GET"]),
+    ]
 
 
 def _middleware(
