@@ -40,7 +40,9 @@ def test_a_continued_response_is_the_whole_conversation_with_its_prefix_cached(
     )
     assert second.previous_response_id == first.id
     assert second.output_text == whole.output_text
-    assert first.usage is not None and second.usage is not None and whole.usage is not None
+    assert first.usage is not None
+    assert second.usage is not None
+    assert whole.usage is not None
     assert second.usage.input_tokens == whole.usage.input_tokens > first.usage.input_tokens
     # the first turn's prompt was computed once; the continuation reuses it from the cache
     assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 1
@@ -53,7 +55,8 @@ def test_a_stored_response_is_retrieved_listed_and_deleted(tiny_server: LiveServ
     client = sdk(tiny_server)
     conversation = [{"role": "user", "content": f"message {i}"} for i in range(3)]
     created = client.responses.create(input=conversation, instructions="Be brief.", **TURN)
-    assert created.model_extra is not None and created.model_extra["store"] is True
+    assert created.model_extra is not None
+    assert created.model_extra["store"] is True
     fetched = client.responses.retrieve(created.id)
     assert (fetched.id, fetched.output_text, fetched.instructions) == (
         created.id,
@@ -91,7 +94,8 @@ def test_a_streamed_response_is_stored(tiny_server: LiveServer) -> None:
 def test_store_false_keeps_nothing(tiny_server: LiveServer) -> None:
     client = sdk(tiny_server)
     response = client.responses.create(input="Hello", store=False, **TURN)
-    assert response.model_extra is not None and response.model_extra["store"] is False
+    assert response.model_extra is not None
+    assert response.model_extra["store"] is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(response.id)
 
