@@ -118,6 +118,7 @@ RULES = [
             *("http/", "cli/serve.py", "protocols/openai/tokenize.py"),
             *("protocols/openai/routes.py", "protocols/anthropic/routes.py"),
             "protocols/responses/routes.py",
+            "protocols/conversations/routes.py",
             "pipeline/prepare.py",  # the request's state, host policy and log record: M6
             "pipeline/run.py",
         ),

@@ -15,6 +15,7 @@ from ..engine import EngineClient
 from ..pipeline.prepare import ServerOptions
 from ..pipeline.run import CACHED_TOKENS_HEADER, COMPACTION_HEADER
 from ..protocols.anthropic import routes as anthropic_routes
+from ..protocols.conversations import routes as conversations_routes
 from ..protocols.openai import routes as openai_routes
 from ..protocols.openai.tokenize import detokenize, tokenize
 from ..protocols.responses import routes as openai_responses_routes
@@ -68,6 +69,10 @@ def create_app(
             Route("/metrics", metrics_text, methods=["GET"]),
             *anthropic_routes.ROUTES,
             *_responses_routes(),
+            *(
+                Route(path, endpoint, methods=[method])
+                for path, endpoint, method in conversations_routes.ROUTES_TABLE
+            ),
             Route("/openapi.json", openapi_json, methods=["GET"]),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -118,9 +118,11 @@ def check_items(items: list[Any], param: str = "items") -> list[Json]:
     try:
         parsed = ITEMS.validate_python(items)
     except ValidationError as exc:
-        location = ".".join(str(part) for part in exc.errors()[0]["loc"][:2])
+        first = exc.errors()[0]
+        index, field = first["loc"][0], first["loc"][2:]  # [1]: the item type, a union's tag
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in field)
         raise InvalidRequestError(
-            f"Invalid item: {exc.errors()[0]['msg']}", param=f"{param}[{location}]"
+            f"Invalid item: {first['msg']}", param=f"{param}[{index}]{where}"
         ) from None
     return [
         stored_item({**item.model_dump(by_alias=True, exclude_none=True), **_given_id(raw)})
