@@ -61,6 +61,8 @@ def create_app(
             Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
             Route("/v1/completions", openai_routes.completions, methods=["POST"]),
             Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", openai_routes.get_session, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", openai_routes.remove_session, methods=["DELETE"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/v1/models/{model_id:path}", openai_routes.get_model, methods=["GET"]),
