@@ -9,7 +9,15 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
+from ..cli.test_cli import (
+    MLX_SERVER,
+    ServerProcess,
+    assert_clean_failure,
+    clean_env,
+    free_port,
+    run_cli,
+    wait_until_healthy,
+)
 
 TURN = {"model": "m", "max_output_tokens": 3, "temperature": 0}
 
@@ -54,3 +62,13 @@ def test_a_finished_response_survives_kill_9(tiny_model_dir: Path, tmp_path: Pat
     finally:
         second.process.terminate()
         second.process.wait(timeout=20)
+
+
+def test_an_unusable_state_dir_exits_1_before_loading_the_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    outcome = run_cli(str(tiny_model_dir), "--state-dir", str(blocker / "state"))
+    assert_clean_failure(outcome, 1, "state store", "--state-dir")
+    assert "loading" not in outcome.stderr.lower()

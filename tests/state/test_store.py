@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_engine_server.errors import StartupError
 from mlx_engine_server.state.redis import RedisStore
 from mlx_engine_server.state.sqlite import SqliteStore
 from mlx_engine_server.state.store import RecordKey, Retention, StateStore, owner_of
@@ -137,3 +138,10 @@ def test_owners_are_hashes_of_keys() -> None:
     assert ALICE != BOB
     assert "alice" not in ALICE
     assert owner_of(b"alice-key") == ALICE
+
+
+def test_a_state_dir_that_cannot_be_made_is_a_startup_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    with pytest.raises(StartupError, match="--state-dir"):
+        SqliteStore(blocker / "state" / "state.sqlite3")

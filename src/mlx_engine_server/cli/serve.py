@@ -98,6 +98,7 @@ def serve_http(
 ) -> int:
     """Start the engine, then serve on `sockets` until told to stop; `failed_exit` is the
     status when the engine fails."""
+    store = state_store(settings)  # a state dir that cannot be used fails before the model loads
     loaded = engine.start()
     logger.info(
         "serving %s (%s, context window %d tokens) from %s",
@@ -108,7 +109,7 @@ def serve_http(
     )
     options = server_options(settings)
     warn_if_exposed(settings, options)
-    app = create_app(engine, options, state_store(settings))
+    app = create_app(engine, options, store)
     server = GracefulServer(uvicorn_config(app, settings), engine)
     engine.on_failure = server.engine_failed
     server.on_started = lambda listeners: announce(settings, loaded.model_id, listeners)

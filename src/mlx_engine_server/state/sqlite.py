@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import StartupError
 from .store import ItemPage, Json, RecordKey, Retention, WindowCount
 
 T = TypeVar("T")
@@ -51,7 +52,14 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._counters_db: sqlite3.Connection | None = None
         self._writes = 0
-        self._thread.submit(self._open).result()
+        try:
+            self._thread.submit(self._open).result()
+        except (OSError, sqlite3.Error) as exc:
+            self._thread.shutdown(wait=False)
+            where = self.path if self.path is not None else "memory"
+            raise StartupError(
+                f"cannot open the state store {where}: {exc}; choose another --state-dir"
+            ) from None
 
     def _open(self) -> None:
         if self.path is not None:
