@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from mlx_engine_server.errors import StartupError
+from mlx_engine_server.state.open import open_store
 from mlx_engine_server.state.redis import RedisStore
 from mlx_engine_server.state.sqlite import SqliteStore
 from mlx_engine_server.state.store import RecordKey, Retention, StateStore, owner_of
+
+from .conftest import free_port
 
 ALICE, BOB = owner_of(b"alice-key"), owner_of(b"bob-key")
 Scenario = Callable[[StateStore], Awaitable[None]]
@@ -145,3 +148,14 @@ def test_a_state_dir_that_cannot_be_made_is_a_startup_error(tmp_path: Path) -> N
     blocker.write_text("not a directory", encoding="utf-8")
     with pytest.raises(StartupError, match="--state-dir"):
         SqliteStore(blocker / "state" / "state.sqlite3")
+
+
+def test_open_store_checks_that_redis_answers(redis_url: str, tmp_path: Path) -> None:
+    store = open_store(tmp_path, redis_url, Retention())
+    assert isinstance(store, RedisStore)
+    asyncio.run(store.close())
+    port = free_port()  # nothing listens there
+    with pytest.raises(StartupError, match=f"127.0.0.1:{port}") as error:
+        open_store(tmp_path, f"redis://:secret@127.0.0.1:{port}/0", Retention())
+    assert "secret" not in str(error.value)
+    assert isinstance(open_store(tmp_path, None, Retention()), SqliteStore)

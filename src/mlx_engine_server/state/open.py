@@ -10,7 +10,8 @@ from .store import Retention, StateStore
 
 def open_store(directory: Path, url: str | None, retention: Retention) -> StateStore:
     if url is not None:
-        from .redis import RedisStore  # noqa: PLC0415 - an optional extra
+        from .redis import RedisStore, check_reachable  # noqa: PLC0415 - an optional extra
 
+        check_reachable(url)
         return RedisStore(url, retention)
     return SqliteStore(directory / STATE_FILE, retention)

@@ -11,12 +11,31 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
 
+from ..errors import StartupError
 from .store import ItemPage, Json, RecordKey, Retention, WindowCount
 
 PREFIX = "mlx-state"
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(url: str) -> None:
+    """At start-up: a Redis server that does not answer is an error now, not at the first
+    request. The message names host and port only: the URL may hold a password."""
+    parts = urlsplit(url)
+    where = f"{parts.hostname}:{parts.port or 6379}"
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S) as client:
+            client.ping()
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise StartupError(
+            f"cannot reach the Redis state store at {where} ({type(exc).__name__}); "
+            "check --state-url"
+        ) from None
 
 
 class RedisStore:
