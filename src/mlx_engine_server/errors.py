@@ -139,6 +139,12 @@ class ServiceUnavailableError(APIError):
     default_code = "service_unavailable"
 
 
+class StateUnavailableError(ServiceUnavailableError):
+    """The state store (SQLite file, Redis server) failed a read or a write."""
+
+    default_code = "state_store_unavailable"
+
+
 class GenerationTimeoutError(APIError):
     status_code = 504
     error_type = "server_error"

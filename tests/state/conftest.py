@@ -23,11 +23,10 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def start_redis(directory: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """A redis-server of its own (no persistence) and its URL, once it accepts connections."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
-    directory = tmp_path_factory.mktemp("redis")
     port = free_port()
     command = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
     command += ["--save", "", "--appendonly", "no"]
@@ -36,12 +35,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return f"redis://127.0.0.1:{port}/0", process
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
                 process.kill()
                 raise RuntimeError("redis-server did not start") from None
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url, process = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
     process.terminate()
     process.wait(timeout=10)

@@ -15,8 +15,10 @@ from openai import OpenAI
 from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
 from mlx_engine_server.state.redis import RedisStore
+from mlx_engine_server.state.store import owner_of
 
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
+from .conftest import start_redis
 
 KEY = "shared-key"
 RPM = 5
@@ -68,3 +70,34 @@ def test_state_is_shared_and_so_are_the_rate_limits(pair: tuple[LiveServer, Live
         assert refused.status_code == 429
         assert refused.headers["x-ratelimit-limit-requests"] == str(RPM)
         assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_failing_store_is_a_503_and_the_server_keeps_serving(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    url, redis_process = start_redis(tmp_path)
+    limited = {owner_of(b"limited-key"): RateLimits(100, None)}
+    options = ServerOptions(
+        api_keys=("limited-key", "free-key"), rate_limits=RatePolicy(per_owner=limited)
+    )
+    live = run_live_server(start_engine(tiny_model_dir), options, store=RedisStore(url))
+    try:
+        redis_process.kill()
+        redis_process.wait(timeout=10)
+        free = {"Authorization": "Bearer free-key"}
+        for method, path, headers in (
+            ("GET", "/v1/responses/resp_1", free),
+            ("GET", "/v1/models", {"Authorization": "Bearer limited-key"}),  # counted first
+        ):
+            answer = httpx.request(method, f"{live.base_url}{path}", headers=headers, timeout=30)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "state_store_unavailable"
+        chat = httpx.post(
+            f"{live.base_url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            headers=free,
+            timeout=60,
+        )
+        assert chat.status_code == 200, chat.text  # no state asked for: served as before
+    finally:
+        live.stop()

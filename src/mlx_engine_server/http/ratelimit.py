@@ -7,17 +7,20 @@ inside the access log, whose record gives the tokens a request used once it is a
 
 from __future__ import annotations
 
+import logging
+
 from starlette._utils import get_route_path
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import RateLimitError
+from ..errors import APIError, RateLimitError
 from ..state.limits import RateDecision, RatePolicy, add_tokens, admit_request
 from ..state.store import StateStore
 from .access_log import RECORD_KEY, RequestRecord
 from .errors import error_response
 from .guards import OWNER_KEY, PUBLIC_PATHS, dialect_of
 
+logger = logging.getLogger(__name__)
 RATE_LIMIT_HEADERS = tuple(
     f"x-ratelimit-{what}-{unit}"
     for unit in ("requests", "tokens")
@@ -40,14 +43,18 @@ class RateLimit:
         if not limits.active:
             await self.app(scope, receive, send)
             return
-        decision = await admit_request(self.store, limits, counter)
+        try:
+            decision = await admit_request(self.store, limits, counter)
+        except APIError as error:  # the store failed: middleware renders its own errors
+            await error_response(error, dialect_of(scope))(scope, receive, send)
+            return
         if decision.refused_for is not None:
             await _refuse(decision, scope, receive, send)
             return
         try:
             await self.app(scope, receive, _with_headers(send, decision))
         finally:
-            await add_tokens(self.store, counter, _tokens_used(scope))
+            await _count_tokens(self.store, counter, _tokens_used(scope))
 
 
 def rate_counter(scope: Scope) -> str:
@@ -82,6 +89,14 @@ async def _refuse(decision: RateDecision, scope: Scope, receive: Receive, send: 
     response = error_response(error, dialect_of(scope))
     response.headers.update(decision.headers())
     await response(scope, receive, send)
+
+
+async def _count_tokens(store: StateStore, counter: str, tokens: int) -> None:
+    """After the answer: a failing store can only be logged now."""
+    try:
+        await add_tokens(store, counter, tokens)
+    except APIError:
+        logger.warning("could not count %d tokens: the state store failed", tokens)
 
 
 def _tokens_used(scope: Scope) -> int:

@@ -8,19 +8,22 @@ Redis's own `maxmemory` policy bounds the count. Durability is Redis's (appendon
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
 
-from ..errors import StartupError
+from ..errors import StartupError, StateUnavailableError
 from .store import ItemPage, Json, RecordKey, Retention, WindowCount
 
 PREFIX = "mlx-state"
 CONNECT_TIMEOUT_S = 5.0
+Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
 
 
 def check_reachable(url: str) -> None:
@@ -38,11 +41,25 @@ def check_reachable(url: str) -> None:
         ) from None
 
 
+def _unavailable_on_failure(method: Method) -> Method:
+    """A Redis failure is the client's 503 (the server keeps serving), not a stray exception."""
+
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except (redis.RedisError, OSError) as exc:
+            raise StateUnavailableError(f"The state store failed: {type(exc).__name__}.") from exc
+
+    return cast(Method, guarded)
+
+
 class RedisStore:
     def __init__(self, url: str, retention: Retention | None = None) -> None:
         self.retention = retention or Retention()
         self._redis = aioredis.Redis.from_url(url, decode_responses=True)
 
+    @_unavailable_on_failure
     async def put(
         self, key: RecordKey, body: Json, items: Sequence[Json] = (), ttl_s: float | None = None
     ) -> None:
@@ -57,14 +74,17 @@ class RedisStore:
             pipe.pexpire(_bodies(key), ttl_ms)
             await pipe.execute()
 
+    @_unavailable_on_failure
     async def get(self, key: RecordKey) -> Json | None:
         text = await self._redis.get(_record(key))
         return None if text is None else _loads(text)
 
+    @_unavailable_on_failure
     async def delete(self, key: RecordKey) -> bool:
         gone = await self._redis.delete(_record(key), _order(key), _bodies(key))
         return bool(gone)
 
+    @_unavailable_on_failure
     async def add_items(self, key: RecordKey, items: Sequence[Json]) -> bool:
         ttl_ms = await self._redis.pttl(_record(key))
         if ttl_ms is None or ttl_ms < 0:
@@ -76,6 +96,7 @@ class RedisStore:
             await pipe.execute()
         return True
 
+    @_unavailable_on_failure
     async def list_items(
         self, key: RecordKey, *, limit: int, after: str | None = None, descending: bool = False
     ) -> ItemPage:
@@ -90,10 +111,12 @@ class RedisStore:
         bodies = await self._redis.hmget(_bodies(key), page[:limit])
         return ItemPage([_loads(body) for body in bodies if body is not None], len(page) > limit)
 
+    @_unavailable_on_failure
     async def get_item(self, key: RecordKey, item_id: str) -> Json | None:
         text = await self._redis.hget(_bodies(key), item_id)
         return None if text is None else _loads(text)
 
+    @_unavailable_on_failure
     async def delete_item(self, key: RecordKey, item_id: str) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hdel(_bodies(key), item_id)
@@ -101,6 +124,7 @@ class RedisStore:
             removed, _ = await pipe.execute()
         return bool(removed)
 
+    @_unavailable_on_failure
     async def count(self, counter: str, window_s: int, requests: int, tokens: int) -> WindowCount:
         now = time.time()
         window = int(now // window_s) * window_s

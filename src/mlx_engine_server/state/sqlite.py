@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import StartupError
+from ..errors import StartupError, StateUnavailableError
 from .store import ItemPage, Json, RecordKey, Retention, WindowCount
 
 T = TypeVar("T")
@@ -71,7 +71,10 @@ class SqliteStore:
         self._prune()
 
     async def _run(self, work: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        except sqlite3.Error as exc:
+            raise StateUnavailableError(f"The state store failed: {type(exc).__name__}.") from exc
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
