@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 
 from mlx_engine_server.cli.config import load_settings
-from mlx_engine_server.cli.serve import rate_policy
+from mlx_engine_server.cli.state import rate_policy
 from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
 from mlx_engine_server.state.store import owner_of

@@ -27,6 +27,7 @@ from ..chat.media import (
     ImageFormat,
 )
 from ..protocols.openai.types import OverflowPolicy
+from .keys import check_api_key, read_api_key_file
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
@@ -36,7 +37,6 @@ SecretList = Annotated[list[SecretStr], NoDecode]
 SECRET_FIELDS = frozenset({"api_keys"})
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
-PRINTABLE_ASCII_FIRST, PRINTABLE_ASCII_LAST = 0x21, 0x7E
 
 
 class SettingsError(Exception):
@@ -306,53 +306,6 @@ def api_keys(settings: Settings) -> tuple[str, ...]:
     if settings.api_key_file is not None:
         keys += read_api_key_file(settings.api_key_file)
     return tuple(dict.fromkeys(keys))
-
-
-def read_api_key_file(path: Path) -> list[str]:
-    return list(read_key_limits(path))
-
-
-KeyLimits = dict[str, int]  # "rpm" and "tpm", when a key file line gives them
-KEY_LIMIT_NAMES = frozenset({"rpm", "tpm"})
-
-
-def read_key_limits(path: Path) -> dict[str, KeyLimits]:
-    """Each key of the file with its own limits: `KEY`, or `KEY rpm=60 tpm=20000` (a key has
-    no spaces, so files of bare keys read as before)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the API key file: {type(exc).__name__}") from None
-    keys: dict[str, KeyLimits] = {}
-    for number, line in enumerate(lines, start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, *options = line.split()
-            check_api_key(key)
-            keys[key] = _key_limits(options, number)
-    if not keys:
-        raise ValueError("the API key file holds no key")
-    return keys
-
-
-def _key_limits(options: list[str], line_number: int) -> KeyLimits:
-    limits: KeyLimits = {}
-    for option in options:
-        name, _, value = option.partition("=")
-        if name not in KEY_LIMIT_NAMES or not value.isdigit() or int(value) < 1:
-            raise ValueError(
-                f"API key file line {line_number}: after the key, only rpm=N and tpm=N "
-                "(positive integers) may follow"
-            )
-        limits[name] = int(value)
-    return limits
-
-
-def check_api_key(key: str) -> None:
-    """A key travels in an HTTP header: printable ASCII, no spaces (the message names no key)."""
-    if not key or not all(
-        PRINTABLE_ASCII_FIRST <= ord(char) <= PRINTABLE_ASCII_LAST for char in key
-    ):
-        raise ValueError("an API key must be printable ASCII characters without spaces")
 
 
 def _split_list(value: Any) -> Any:

@@ -41,10 +41,8 @@ from ..http.guards import HostPolicy, is_loopback_host
 from ..http.sse import SHUTDOWN_MARGIN_S
 from ..models.loader import ModelSource, Sharding, load_model
 from ..protocols.openai.limits import RequestLimits
-from ..state.limits import RateLimits, RatePolicy
-from ..state.open import open_store
-from ..state.store import Retention, StateStore, owner_of
-from .config import Settings, api_keys, effective_log_level, read_key_limits
+from .config import Settings, api_keys, effective_log_level
+from .state import rate_policy, state_store
 
 logger = logging.getLogger(__name__)
 
@@ -181,26 +179,6 @@ def server_options(settings: Settings) -> ServerOptions:
         rate_limits=rate_policy(settings),
         session_ttl_s=settings.session_ttl_s,
     )
-
-
-def state_store(settings: Settings) -> StateStore:
-    directory = settings.state_dir or settings.cache_dir / "state"
-    retention = Retention(settings.state_retention_s, settings.state_max_records)
-    return open_store(directory, settings.state_url, retention)
-
-
-def rate_policy(settings: Settings) -> RatePolicy:
-    """The server's limits, and a key file's own limits for the keys that set them."""
-    default = RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm)
-    per_owner: dict[str, RateLimits] = {}
-    if settings.api_key_file is not None:
-        for key, limits in read_key_limits(settings.api_key_file).items():
-            if limits:
-                per_owner[owner_of(key.encode("ascii"))] = RateLimits(
-                    limits.get("rpm", default.requests_per_minute),
-                    limits.get("tpm", default.tokens_per_minute),
-                )
-    return RatePolicy(default, per_owner)
 
 
 def media_policy(settings: Settings) -> MediaPolicy:
