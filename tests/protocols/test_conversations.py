@@ -137,3 +137,27 @@ def test_an_item_that_is_not_an_object_is_a_400(server: LiveServer) -> None:
     )
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "items[0]"
+
+
+def test_another_keys_session_is_not_found(server: LiveServer) -> None:
+    """Sessions (the chat route's session_id) are scoped by key the same way."""
+    sdk(server, ALICE).chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        extra_body={"session_id": "same-name"},
+    )
+    url = f"{server.base_url}/v1/sessions/same-name"
+    assert httpx.get(url, headers={"Authorization": f"Bearer {ALICE}"}).status_code == 200
+    assert httpx.get(url, headers={"Authorization": f"Bearer {BOB}"}).status_code == 404
+    assert httpx.delete(url, headers={"Authorization": f"Bearer {BOB}"}).status_code == 404
+    # Bob's session of the same name is his own, and starts empty
+    sdk(server, BOB).chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=2,
+        extra_body={"session_id": "same-name"},
+    )
+    bobs = httpx.get(url, headers={"Authorization": f"Bearer {BOB}"}).json()
+    assert [message["content"] for message in bobs["messages"][:1]] == ["Hello"]
+    assert len(bobs["messages"]) == 2
