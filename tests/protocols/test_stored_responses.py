@@ -137,3 +137,27 @@ def test_one_key_cannot_read_or_continue_another_keys_response(
     with pytest.raises(openai.NotFoundError):
         bob.responses.delete(created.id)
     assert alice.responses.retrieve(created.id).id == created.id
+
+
+def test_a_function_call_is_answered_by_its_output_in_the_next_response(
+    hermes_agent_server: LiveServer,
+) -> None:
+    """The stored output's function_call is the turn a function_call_output answers."""
+    client = sdk(hermes_agent_server)
+    lookup = {"type": "function", "name": "lookup", "parameters": {"type": "object"}}
+    asked = client.responses.create(model="m", input="Look it up", tools=[lookup], temperature=0)
+    (call,) = [item for item in asked.output if item.type == "function_call"]
+    answered = client.responses.create(
+        model="m",
+        previous_response_id=asked.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "42"}],
+        tools=[lookup],
+        max_output_tokens=4,
+        temperature=0,
+    )
+    assert answered.status in ("completed", "incomplete")
+    assert answered.usage is not None
+    assert asked.usage is not None
+    assert answered.usage.input_tokens > asked.usage.input_tokens
+    items = client.responses.input_items.list(answered.id)
+    assert [item.type for item in items.data] == ["function_call_output"]
