@@ -22,6 +22,7 @@ from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.models.gguf import convert_gguf
 from mlx_engine_server.models.loader import ModelSource, load_model
+from mlx_engine_server.state.store import StateStore
 
 from .model_factory import build_tiny_llama, scripted_model, smollm_gguf_path, use_chat_template
 
@@ -98,15 +99,22 @@ class LiveServer:
 
 
 def run_live_server(
-    engine: EngineClient, options: ServerOptions | None = None, **config: Any
+    engine: EngineClient,
+    options: ServerOptions | None = None,
+    store: StateStore | None = None,
+    **config: Any,
 ) -> LiveServer:
-    """`config`: more uvicorn.Config arguments (root_path, h11_max_incomplete_event_size...)."""
+    """`config`: more uvicorn.Config arguments (root_path, h11_max_incomplete_event_size...);
+    without a `store`, state is kept in memory."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     uvicorn_config = uvicorn.Config(
-        create_app(engine, options), log_level="warning", timeout_graceful_shutdown=2, **config
+        create_app(engine, options, store),
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        **config,
     )
     server = uvicorn.Server(uvicorn_config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -125,10 +125,24 @@ class OverloadedError(APIError):
     default_code = "queue_full"
 
 
+class RateLimitError(APIError):
+    """A key used its requests or tokens of the minute (--rate-limit-rpm, --rate-limit-tpm)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
 class ServiceUnavailableError(APIError):
     status_code = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+class StateUnavailableError(ServiceUnavailableError):
+    """The state store (SQLite file, Redis server) failed a read or a write."""
+
+    default_code = "state_store_unavailable"
 
 
 class GenerationTimeoutError(APIError):

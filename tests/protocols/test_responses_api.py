@@ -74,7 +74,7 @@ def test_a_text_turn_is_the_chat_routes_answer(tiny_server: LiveServer) -> None:
     assert response.usage.output_tokens == 6
     assert response.usage.input_tokens_details.cached_tokens > 0  # asked twice
     assert (response.store, response.instructions, response.max_output_tokens) == (
-        False,
+        True,  # stored by default, as on OpenAI (tests/protocols/test_stored_responses.py)
         "Be brief.",
         6,
     )
@@ -265,9 +265,9 @@ def test_text_format_json_schema_goes_through_structured_output(tiny_server: Liv
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"store": True}, "store"),
-        ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"conversation": "conv_1"}, "conversation"),
+        ({"store": "yes"}, "store"),
+        ({"previous_response_id": ""}, "previous_response_id"),
+        ({"conversation": {"name": "conv_1"}}, "conversation"),
         ({"background": True}, "background"),
         ({"include": ["file_search_call.results"]}, "include"),
         ({"truncation": "auto"}, "truncation"),

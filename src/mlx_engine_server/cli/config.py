@@ -27,6 +27,7 @@ from ..chat.media import (
     ImageFormat,
 )
 from ..protocols.openai.types import OverflowPolicy
+from .keys import check_api_key, read_api_key_file
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
@@ -36,7 +37,6 @@ SecretList = Annotated[list[SecretStr], NoDecode]
 SECRET_FIELDS = frozenset({"api_keys"})
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
-PRINTABLE_ASCII_FIRST, PRINTABLE_ASCII_LAST = 0x21, 0x7E
 
 
 class SettingsError(Exception):
@@ -139,6 +139,37 @@ class Settings(BaseSettings):
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, ge=1)
     max_logit_bias: int = Field(default=1024, ge=0)
+    # --- state: stored responses, conversations, sessions, rate limits ------------------------
+    state_dir: Path | None = Field(
+        default=None,
+        description="Directory of the SQLite state file; default: <cache-dir>/state.",
+    )
+    state_url: str | None = Field(
+        default=None,
+        pattern=r"^rediss?://",
+        description="A Redis URL (redis://host:port/db): state shared by several instances.",
+    )
+    state_retention_s: float = Field(
+        default=30 * 24 * 3600.0,
+        gt=0,
+        description="How long stored responses and conversations live.",
+    )
+    state_max_records: int = Field(
+        default=100_000, ge=1, description="Most stored records (SQLite); the oldest go first."
+    )
+    session_ttl_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="A session is forgotten this long after its last turn.",
+    )
+    rate_limit_rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute per API key (client address without keys).",
+    )
+    rate_limit_tpm: int | None = Field(
+        default=None, ge=1, description="Tokens (prompt + completion) per minute per key."
+    )
     # --- operations ---------------------------------------------------------------------------
     log_format: LogFormat = "text"
     log_prompts: bool = Field(default=False, description="Log prompt text (off: never logged).")
@@ -251,6 +282,11 @@ class Settings(BaseSettings):
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
 
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand_state_home(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lowercase_level(cls, value: Any) -> Any:
@@ -270,27 +306,6 @@ def api_keys(settings: Settings) -> tuple[str, ...]:
     if settings.api_key_file is not None:
         keys += read_api_key_file(settings.api_key_file)
     return tuple(dict.fromkeys(keys))
-
-
-def read_api_key_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the API key file: {type(exc).__name__}") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not keys:
-        raise ValueError("the API key file holds no key")
-    for key in keys:
-        check_api_key(key)
-    return keys
-
-
-def check_api_key(key: str) -> None:
-    """A key travels in an HTTP header: printable ASCII, no spaces (the message names no key)."""
-    if not key or not all(
-        PRINTABLE_ASCII_FIRST <= ord(char) <= PRINTABLE_ASCII_LAST for char in key
-    ):
-        raise ValueError("an API key must be printable ASCII characters without spaces")
 
 
 def _split_list(value: Any) -> Any:

@@ -162,6 +162,25 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "--max-stop-chars", metavar="INT", help="Characters of one stop sequence.  [default: 256]"
 )
 @click.option("--max-logit-bias", metavar="INT", help="Entries of 'logit_bias'.  [default: 1024]")
+@click.option(
+    "--state-dir", metavar="DIR", help="SQLite state directory.  [default: CACHE_DIR/state]"
+)
+@click.option("--state-url", metavar="URL", help="redis://host:port/db: state shared by instances.")
+@click.option(
+    "--state-retention-s",
+    metavar="SECONDS",
+    help="Lifetime of stored responses and conversations.  [default: 2592000]",
+)
+@click.option("--state-max-records", metavar="INT", help="Most stored records.  [default: 100000]")
+@click.option(
+    "--session-ttl-s",
+    metavar="SECONDS",
+    help="Session lifetime after its last turn.  [default: 86400]",
+)
+@click.option(
+    "--rate-limit-rpm", metavar="INT", help="Requests per minute per key.  [default: none]"
+)
+@click.option("--rate-limit-tpm", metavar="INT", help="Tokens per minute per key.  [default: none]")
 @click.option("--log-format", metavar="FORMAT", help="text or json (JSON lines).  [default: text]")
 @click.option(
     "--log-prompts/--no-log-prompts", default=None, help="Log prompt text.  [default: off]"

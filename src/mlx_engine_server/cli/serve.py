@@ -42,6 +42,7 @@ from ..http.sse import SHUTDOWN_MARGIN_S
 from ..models.loader import ModelSource, Sharding, load_model
 from ..protocols.openai.limits import RequestLimits
 from .config import Settings, api_keys, effective_log_level
+from .state import rate_policy, state_store
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def serve_http(
 ) -> int:
     """Start the engine, then serve on `sockets` until told to stop; `failed_exit` is the
     status when the engine fails."""
+    store = state_store(settings)  # a state dir that cannot be used fails before the model loads
     loaded = engine.start()
     logger.info(
         "serving %s (%s, context window %d tokens) from %s",
@@ -105,7 +107,7 @@ def serve_http(
     )
     options = server_options(settings)
     warn_if_exposed(settings, options)
-    app = create_app(engine, options)
+    app = create_app(engine, options, store)
     server = GracefulServer(uvicorn_config(app, settings), engine)
     engine.on_failure = server.engine_failed
     server.on_started = lambda listeners: announce(settings, loaded.model_id, listeners)
@@ -174,6 +176,8 @@ def server_options(settings: Settings) -> ServerOptions:
         log_prompts=settings.log_prompts,
         max_header_bytes=settings.max_header_bytes,
         media=media_policy(settings),
+        rate_limits=rate_policy(settings),
+        session_ttl_s=settings.session_ttl_s,
     )
 
 

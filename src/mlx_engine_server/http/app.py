@@ -15,9 +15,12 @@ from ..engine import EngineClient
 from ..pipeline.prepare import ServerOptions
 from ..pipeline.run import CACHED_TOKENS_HEADER, COMPACTION_HEADER
 from ..protocols.anthropic import routes as anthropic_routes
+from ..protocols.conversations import routes as conversations_routes
 from ..protocols.openai import routes as openai_routes
 from ..protocols.openai.tokenize import detokenize, tokenize
 from ..protocols.responses import routes as openai_responses_routes
+from ..state.sqlite import SqliteStore
+from ..state.store import StateStore
 from .access_log import REQUEST_ID_HEADER, RequestLog
 from .errors import EXCEPTION_HANDLERS, Dialects
 from .guards import ApiKeyGuard, HeaderLimit, HostGuard
@@ -25,31 +28,42 @@ from .metrics import RequestCounter, ServerMetrics
 from .openapi import openapi_json
 from .ops import health, metrics_text, status
 from .pages import docs_page, static_file, status_page
+from .ratelimit import RATE_LIMIT_HEADERS, RateLimit
 
 __all__ = ["ServerOptions", "create_app"]
 
 ROUTE_PATHS_ANTHROPIC = tuple(route.path for route in anthropic_routes.ROUTES)
 # What a browser page may read of a cross-origin response besides the safelisted headers.
-EXPOSED_HEADERS = (REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after")
+EXPOSED_HEADERS = (
+    *(REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after"),
+    *RATE_LIMIT_HEADERS,
+)
 
 
-def create_app(engine: EngineClient, options: ServerOptions | None = None) -> Starlette:
-    """An app around an engine whose model is already loaded; the app stops the engine on exit."""
+def create_app(
+    engine: EngineClient, options: ServerOptions | None = None, store: StateStore | None = None
+) -> Starlette:
+    """An app around an engine whose model is already loaded; the app stops the engine and
+    closes the state store on exit. Without a store, state lives in memory (SQLite)."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         engine.stop()
+        await state.close()
 
     options = options or ServerOptions()
+    state = store if store is not None else SqliteStore(None)
     compactions = CompactionCounters(options.context_overflow)
     metrics = ServerMetrics(engine, compactions)
     app = Starlette(
-        middleware=_middleware(options, metrics),
+        middleware=_middleware(options, metrics, state),
         routes=[
             Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
             Route("/v1/completions", openai_routes.completions, methods=["POST"]),
             Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", openai_routes.get_session, methods=["GET"]),
+            Route("/v1/sessions/{session_id}", openai_routes.remove_session, methods=["DELETE"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
             Route("/v1/models/{model_id:path}", openai_routes.get_model, methods=["GET"]),
@@ -57,7 +71,11 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
             *anthropic_routes.ROUTES,
-            Route("/v1/responses", openai_responses_routes.responses, methods=["POST"]),
+            *_responses_routes(),
+            *(
+                Route(path, endpoint, methods=[method])
+                for path, endpoint, method in conversations_routes.ROUTES_TABLE
+            ),
             Route("/openapi.json", openapi_json, methods=["GET"]),
             Route("/", status_page, methods=["GET"]),
             Route("/docs", docs_page, methods=["GET"]),
@@ -68,6 +86,7 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
     )
     app.state.dialects = Dialects(dict.fromkeys(ROUTE_PATHS_ANTHROPIC, anthropic_routes.DIALECT))
     app.state.engine = engine
+    app.state.store = state
     app.state.metrics = metrics
     app.state.options = options
     app.state.compactions = compactions
@@ -76,8 +95,22 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
     return app
 
 
-def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middleware]:
-    """Outermost first: log everything; then Host, CORS (preflights need no key), API key."""
+def _responses_routes() -> list[Route]:
+    routes = openai_responses_routes
+    one = "/v1/responses/{response_id}"
+    return [
+        Route("/v1/responses", routes.responses, methods=["POST"]),
+        Route(one, routes.get_response, methods=["GET"]),
+        Route(one, routes.delete_response, methods=["DELETE"]),
+        Route(f"{one}/input_items", routes.list_input_items, methods=["GET"]),
+    ]
+
+
+def _middleware(
+    options: ServerOptions, metrics: ServerMetrics, store: StateStore
+) -> list[Middleware]:
+    """Outermost first: log everything; then Host, CORS (preflights need no key), API key,
+    rate limits (counted per accepted key)."""
     stack = [
         Middleware(RequestLog),
         Middleware(HeaderLimit, max_header_bytes=options.max_header_bytes),
@@ -89,7 +122,7 @@ def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middlewa
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(options.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],
                 allow_credentials=False,  # keys travel in a header, never as cookies
                 expose_headers=list(EXPOSED_HEADERS),
@@ -98,5 +131,7 @@ def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middlewa
         )
     if options.api_keys:
         stack.append(Middleware(ApiKeyGuard, api_keys=options.api_keys))
+    if options.rate_limits.active:
+        stack.append(Middleware(RateLimit, store=store, policy=options.rate_limits))
     stack.append(Middleware(RequestCounter, metrics=metrics))
     return stack

@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from starlette._utils import get_route_path  # the router's own path: the one it routes by
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..errors import APIError, AuthenticationError, HeadersTooLargeError, InvalidRequestError
+from ..errors import (
+    APIError,
+    AuthenticationError,
+    ErrorDialect,
+    HeadersTooLargeError,
+    InvalidRequestError,
+)
+from ..state.store import NO_OWNER, owner_of
 from .errors import Dialects, error_response
 from .pages import PAGE_PATHS
 
 # The browser pages hold no secret; what they fetch needs the key (they ask for it).
 PUBLIC_PATHS = frozenset({"/health", *PAGE_PATHS})
+OWNER_KEY = "mlx_engine_server.owner"  # the scope's owner id of the accepted key (state/)
 LOOPBACK_NAMES = frozenset({"localhost"})
 
 
@@ -123,6 +131,7 @@ class ApiKeyGuard:
         elif not self._accepts(presented):
             await _refuse(AuthenticationError("Incorrect API key provided."), scope, receive, send)
         else:
+            scope[OWNER_KEY] = owner_of(presented)
             await self.app(scope, receive, send)
 
     def _accepts(self, presented: bytes) -> bool:
@@ -162,10 +171,20 @@ async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    response = error_response(error, _dialects(scope).of(scope))
+    response = error_response(error, dialect_of(scope))
     if isinstance(error, AuthenticationError):
         response.headers["WWW-Authenticate"] = "Bearer"
     await response(scope, receive, send)
+
+
+def request_owner(scope: Scope) -> str:
+    """Whose stored state a request may read: its key's owner id, or the one owner without keys."""
+    owner = scope.get(OWNER_KEY)
+    return owner if isinstance(owner, str) else NO_OWNER
+
+
+def dialect_of(scope: Scope) -> ErrorDialect:
+    return _dialects(scope).of(scope)
 
 
 def _dialects(scope: Scope) -> Dialects:

@@ -3,6 +3,7 @@
 Request schemas come from the pydantic types the routes validate with; response schemas from the
 types below, which mirror what responses.py and monitoring.py build (tests check both against
 real responses). They stay open to extra fields: newer OpenAI fields may be added to answers.
+Over 400 lines: it is one table of every route, which split in two would be harder to check.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__
 from ..protocols.anthropic.types import CountTokensRequest, MessagesRequest
+from ..protocols.conversations.types import ConversationCreate, ConversationUpdate, ItemsCreate
 from ..protocols.openai.types import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -172,7 +174,44 @@ class ResponseObject(OpenModel):
     usage: dict[str, Any] | None
 
 
+class Deleted(OpenModel):
+    id: str
+    object: str
+    deleted: bool
+
+
+class StoredItem(OpenModel):
+    id: str
+    type: str
+
+
+class ItemList(OpenModel):
+    object: Literal["list"]
+    data: list[StoredItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ConversationObject(OpenModel):
+    id: str
+    object: Literal["conversation"]
+    created_at: int
+    metadata: dict[str, str]
+
+
+class SessionObject(OpenModel):
+    id: str
+    object: Literal["session"]
+    created_at: int
+    messages: list[dict[str, Any]]
+
+
 RESPONSE_MODELS: list[type[BaseModel]] = [
+    Deleted,
+    ItemList,
+    ConversationObject,
+    SessionObject,
     AnthropicErrorBody,
     AnthropicMessage,
     TokenCount,
@@ -188,6 +227,9 @@ RESPONSE_MODELS: list[type[BaseModel]] = [
     DetokenizeResult,
 ]
 REQUEST_MODELS: list[type[BaseModel]] = [
+    ConversationCreate,
+    ConversationUpdate,
+    ItemsCreate,
     ChatCompletionRequest,
     CompletionRequest,
     TokenizeRequest,
@@ -289,6 +331,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": {"description": "text format", "content": text}},
             }
         },
+        **_stored_paths(),
         "/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -303,6 +346,73 @@ def _paths() -> dict[str, Any]:
         },
         **_pages(),
     }
+
+
+def _path_parameters(*names: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in names
+    ]
+
+
+def _list_parameters() -> list[dict[str, Any]]:
+    limit = {"type": "integer", "minimum": 1, "maximum": 100}
+    order = {"type": "string", "enum": ["asc", "desc"]}
+    return [
+        {"name": "limit", "in": "query", "required": False, "schema": limit},
+        {"name": "order", "in": "query", "required": False, "schema": order},
+        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+    ]
+
+
+def _delete(answer: str, description: str) -> dict[str, Any]:
+    return {"delete": _get(answer, description)["get"]}
+
+
+def _stored_paths() -> dict[str, Any]:
+    """Stored responses, conversations and sessions (state/): each under its path's ids."""
+    response = _path_parameters("response_id")
+    conversation = _path_parameters("conversation_id")
+    item = _path_parameters("conversation_id", "item_id")
+    session = _path_parameters("session_id")
+    paths: dict[str, Any] = {
+        "/v1/responses/{response_id}": {
+            **_get("ResponseObject", "A stored response"),
+            **_delete("Deleted", "Delete a stored response"),
+        },
+        "/v1/responses/{response_id}/input_items": _get(
+            "ItemList", "A stored response's input items", parameters=response + _list_parameters()
+        ),
+        "/v1/conversations": _post("ConversationCreate", "ConversationObject", "New conversation"),
+        "/v1/conversations/{conversation_id}": {
+            **_get("ConversationObject", "A conversation"),
+            **_post("ConversationUpdate", "ConversationObject", "Replace its metadata"),
+            **_delete("Deleted", "Delete a conversation"),
+        },
+        "/v1/conversations/{conversation_id}/items": {
+            **_get("ItemList", "Its items", parameters=_list_parameters()),
+            **_post("ItemsCreate", "ItemList", "Add items"),
+        },
+        "/v1/conversations/{conversation_id}/items/{item_id}": {
+            **_get("StoredItem", "One item"),
+            **_delete("ConversationObject", "Delete one item"),
+        },
+        "/v1/sessions/{session_id}": {
+            **_get("SessionObject", "A session's messages"),
+            **_delete("Deleted", "Forget a session"),
+        },
+    }
+    shared = {
+        "/v1/responses/{response_id}": response,
+        "/v1/conversations/{conversation_id}": conversation,
+        "/v1/conversations/{conversation_id}/items": conversation,
+        "/v1/conversations/{conversation_id}/items/{item_id}": item,
+        "/v1/sessions/{session_id}": session,
+    }
+    for path, parameters in shared.items():
+        for operation in paths[path].values():
+            operation["parameters"] = parameters + operation.get("parameters", [])
+    return paths
 
 
 def openapi_document() -> dict[str, Any]:

@@ -39,6 +39,7 @@ from ..protocols.openai.types import (
     OverflowPolicy,
     SamplingFields,
 )
+from ..state.limits import RatePolicy
 from .admission import collect
 
 # Ten digits hold every vocabulary size; longer keys are refused before int() reads them.
@@ -66,6 +67,8 @@ class ServerOptions:
     log_prompts: bool = False
     max_header_bytes: int = 32 * 1024
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    rate_limits: RatePolicy = field(default_factory=RatePolicy)
+    session_ttl_s: float = 24 * 3600.0
 
 
 class ChatPlanner:

@@ -16,10 +16,12 @@ from ...chat.prompt import completion_prompt_tokens
 from ...engine import EngineClient, Usage, VisionPrompt
 from ...errors import InvalidRequestError
 from ...http.body import read_model, request_limits
+from ...http.guards import request_owner
 from ...http.sse import GenerationStream
 from ...pipeline.admission import ChoiceResult, collect
 from ...pipeline.events import ChunkShape, openai_events
 from ...pipeline.prepare import (
+    ServerOptions,
     check_model,
     model_not_found,
     note_prompt,
@@ -29,6 +31,7 @@ from ...pipeline.prepare import (
 from ...pipeline.run import start
 from .limits import check_request_limits
 from .render import ResponseHeader, chat_completion, text_completion
+from .sessions import Session, delete_session, read_session, reply_of
 from .stream import ChatShape, TextShape
 from .types import ChatCompletionRequest, CompletionRequest
 
@@ -86,6 +89,11 @@ class Prompts:
 
 async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
+    options: ServerOptions = request.app.state.options
+    owner = request_owner(request.scope)
+    session = await Session.open(request.app.state.store, owner, body, options.session_ttl_s)
+    if session is not None:
+        body = session.continued(body)
     planned = await plan_request(request, body)
     return await _generate(
         request,
@@ -95,7 +103,20 @@ async def chat_completions(request: Request) -> Response:
         compaction=planned.compaction,
         grammar=planned.plan.grammar,
         vision=planned.vision,
+        session=session,
     )
+
+
+async def get_session(request: Request) -> Response:
+    owner = request_owner(request.scope)
+    session_id = request.path_params["session_id"]
+    return JSONResponse(await read_session(request.app.state.store, owner, session_id))
+
+
+async def remove_session(request: Request) -> Response:
+    owner = request_owner(request.scope)
+    session_id = request.path_params["session_id"]
+    return JSONResponse(await delete_session(request.app.state.store, owner, session_id))
 
 
 async def completions(request: Request) -> Response:
@@ -135,8 +156,10 @@ async def _generate(
     compaction: Compaction | None = None,
     grammar: str | None = None,
     vision: VisionPrompt | None = None,
+    session: Session | None = None,
 ) -> Response:
-    """Admit every choice of the request, then stream the answers or wait for all of them."""
+    """Admit every choice of the request, then stream the answers or wait for all of them;
+    a session's reply is saved before the answer ends."""
     run = await start(
         request, body, prompts.tokens, grammar=grammar, vision=vision, compaction=compaction
     )
@@ -148,11 +171,16 @@ async def _generate(
     if body.stream:
         shape = surface.stream_shape(head, body.include_usage, with_logprobs, echoes, summary)
         events = openai_events(run.generation, shape, run.choices, run.n)
+        if session is not None and isinstance(body, ChatCompletionRequest):
+            events = session.saved_after(events, body)
         response = GenerationStream(run.generation, events, run.shutdown_grace_s)
     else:
         results, usage = await collect(run.generation, request.receive, run.choices, run.n)
         usage = usage.with_summary(summary)
-        response = JSONResponse(surface.whole(head, results, usage, with_logprobs, echoes))
+        answer = surface.whole(head, results, usage, with_logprobs, echoes)
+        if session is not None and isinstance(body, ChatCompletionRequest):
+            await session.save(body, reply_of(answer))
+        response = JSONResponse(answer)
     response.headers.update(run.headers())
     return response
 

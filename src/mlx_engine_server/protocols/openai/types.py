@@ -202,6 +202,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: ReasoningEffort | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Extension: the server keeps this conversation's history (protocols/openai/sessions.py).
+    session_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,128}$")
     # Accepted no-ops (see tests/test_parameters.py for why each is safe to accept).
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None

@@ -202,6 +202,7 @@ class ResponseStream:
         self.items = OutputItems()
         self.count_tokens = count_tokens
         self.summary = summary
+        self.final: dict[str, Any] | None = None  # the finished response object
         self._sequence = 0
 
     def opening(self) -> list[Event]:
@@ -223,6 +224,7 @@ class ResponseStream:
             finished.usage.with_summary(self.summary), self.count_tokens(self.items.reasoning_text)
         )
         body = response_body(self.head, status, self.items.items, usage)
+        self.final = body
         events.append({"type": f"response.{status}", "response": body})
         return self._numbered(events)
 

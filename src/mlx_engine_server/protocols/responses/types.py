@@ -1,8 +1,8 @@
-"""OpenAI Responses request types (the stateless part of the API), with OpenAI's field names.
+"""OpenAI Responses request types, with OpenAI's field names.
 
-Unknown fields are ignored, as on the chat route; fields that need state this server does not
-keep (`store`, `previous_response_id`, `conversation`, `background`) or tools it does not have
-are a 400 naming them.
+Unknown fields are ignored, as on the chat route; background runs, reusable prompts and tools
+this server does not have are a 400 naming them. `store` (true unless false),
+`previous_response_id` and `conversation` use the state store (state/).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from ..openai.types import (
     refuse_unless,
 )
 
-STATELESS = (
-    "this server is stateless: it stores no responses, so send the whole conversation in "
-    "`input` each turn"
-)
 # Output this server can add on request: reasoning is never encrypted (there is no key), so
 # asking for its encrypted form is honoured by the reasoning item's plain content.
 SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content"})
+MAX_ID_CHARS = 256
 
 
 class TextContent(WireModel):
@@ -197,25 +194,47 @@ class ResponsesRequest(WireModel):
     service_tier: Literal["auto", "default"] | None = None
     truncation: Literal["disabled"] | None = None  # "auto": see --context-overflow
     top_logprobs: Literal[0] | None = None
-    # Refused: stored state, background runs, reusable prompts, tool-call caps.
+    # Stored state: this response is kept unless store is false; earlier turns come from a
+    # stored response or a conversation (not both).
     store: bool | None = None
-    previous_response_id: str | None = None
-    conversation: Any = None
+    previous_response_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_CHARS)
+    conversation: Any = None  # an id, or {"id": ...}: read by conversation_id
+    # Refused: background runs, reusable prompts, tool-call caps.
     background: bool | None = None
     prompt: Any = None
     max_tool_calls: int | None = None
 
-    @field_validator("store", "background", mode="after")
+    @field_validator("background", mode="after")
     @classmethod
     def _not_true(cls, value: bool | None) -> bool | None:
-        refuse_unless(not value, f"{STATELESS}; leave it unset or false")
+        refuse_unless(not value, "background responses are not supported; leave it unset or false")
         return value
 
-    @field_validator("previous_response_id", "conversation", mode="after")
+    @model_validator(mode="after")
+    def _one_history(self) -> ResponsesRequest:
+        refuse_unless(
+            self.previous_response_id is None or self.conversation is None,
+            "previous_response_id and conversation cannot both be given",
+        )
+        return self
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not False
+
+    @field_validator("conversation", mode="after")
     @classmethod
-    def _no_state(cls, value: Any) -> Any:
-        refuse_unless(value is None, STATELESS)
-        return value
+    def _conversation_id(cls, value: Any) -> Any:
+        found = value.get("id") if isinstance(value, dict) else value
+        refuse_unless(
+            value is None or (isinstance(found, str) and 0 < len(found) <= MAX_ID_CHARS),
+            'conversation is a conversation id, or an object {"id": ...}',
+        )
+        return found
+
+    @property
+    def conversation_id(self) -> str | None:
+        return str(self.conversation) if self.conversation is not None else None
 
     @field_validator("prompt", "max_tool_calls", mode="after")
     @classmethod

@@ -1,0 +1,1 @@
+"""OpenAI's Conversations API: stored conversations whose items responses read and extend."""

@@ -1,0 +1,145 @@
+"""Sessions (the original design's server-kept chat history): a chat request with `session_id`
+is generated on the session's earlier messages followed by its own, under the context-overflow
+policy like any long conversation; its messages and the reply are then saved. A session is
+forgotten `session_ttl_s` after its last turn, and belongs to the key that made it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from pydantic import TypeAdapter, ValidationError
+
+from ...errors import InternalError, InvalidRequestError, NotFoundError
+from ...state.store import Json, RecordKey, StateStore
+from .types import ChatCompletionRequest, ChatMessage
+
+SESSION = "session"
+MESSAGES: TypeAdapter[list[ChatMessage]] = TypeAdapter(list[ChatMessage])
+DONE = "[DONE]"
+
+
+class Session:
+    def __init__(self, store: StateStore, key: RecordKey, ttl_s: float, record: Json) -> None:
+        self.store = store
+        self.key = key
+        self.ttl_s = ttl_s
+        self.record = record
+
+    @classmethod
+    async def open(
+        cls, store: StateStore, owner: str, body: ChatCompletionRequest, ttl_s: float
+    ) -> Session | None:
+        """The request's session (a new one for an id not seen before), or None without one."""
+        if body.session_id is None:
+            return None
+        if body.n != 1:
+            raise InvalidRequestError("a session continues one answer: n must be 1", param="n")
+        key = RecordKey(owner, SESSION, body.session_id)
+        now = int(time.time())
+        record = await store.get(key) or _new_record(body.session_id, now)
+        return cls(store, key, ttl_s, record)
+
+    @property
+    def history(self) -> list[Json]:
+        messages: list[Json] = self.record["messages"]
+        return messages
+
+    def continued(self, body: ChatCompletionRequest) -> ChatCompletionRequest:
+        """The request with the session's messages before its own."""
+        try:
+            earlier = MESSAGES.validate_python(self.history)
+        except ValidationError:
+            raise InternalError("A stored session message could not be read back.") from None
+        return body.model_copy(update={"messages": [*earlier, *body.messages]})
+
+    async def save(self, body: ChatCompletionRequest, reply: Json) -> None:
+        """`body` as `continued` made it: its own messages follow the session's."""
+        own = body.messages[len(self.history) :]
+        messages = [*self.history, *(_dumped(message) for message in own), reply]
+        record = {**self.record, "messages": messages, "updated_at": int(time.time())}
+        await self.store.put(self.key, record, ttl_s=self.ttl_s)
+
+    async def saved_after(
+        self, events: AsyncIterator[dict[str, str]], body: ChatCompletionRequest
+    ) -> AsyncIterator[dict[str, str]]:
+        """A chat stream's events; the reply is saved before the final `[DONE]`, unless the
+        stream ended with an error."""
+        reply = StreamedReply()
+        async for event in events:
+            data = event.get("data", "")
+            if data == DONE and reply.finished:
+                await self.save(body, reply.message())
+            elif data != DONE:
+                reply.feed(json.loads(data))
+            yield event
+
+
+def reply_of(completion: Json) -> Json:
+    """The assistant message of a whole chat completion, as the session keeps it."""
+    message = completion["choices"][0]["message"]
+    kept = ("role", "content", "tool_calls", "reasoning_content")
+    return {name: message[name] for name in kept if message.get(name) is not None}
+
+
+class StreamedReply:
+    """The assistant message put back together from a chat stream's deltas."""
+
+    def __init__(self) -> None:
+        self.content = ""
+        self.reasoning = ""
+        self.tool_calls: dict[int, Json] = {}
+        self.finished = False
+
+    def feed(self, chunk: Json) -> None:
+        if "error" in chunk:
+            self.finished = False
+            return
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            self.content += delta.get("content") or ""
+            self.reasoning += delta.get("reasoning_content") or ""
+            for call in delta.get("tool_calls") or ():
+                self._call(call)
+            self.finished = self.finished or choice.get("finish_reason") is not None
+
+    def _call(self, call: Json) -> None:
+        kept = self.tool_calls.setdefault(
+            call["index"], {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        kept["id"] = call.get("id") or kept["id"]
+        function = call.get("function") or {}
+        kept["function"]["name"] += function.get("name") or ""
+        kept["function"]["arguments"] += function.get("arguments") or ""
+
+    def message(self) -> Json:
+        message: Json = {"role": "assistant", "content": self.content or None}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
+        return message
+
+
+async def read_session(store: StateStore, owner: str, session_id: str) -> Json:
+    record = await store.get(RecordKey(owner, SESSION, session_id))
+    if record is None:
+        raise NotFoundError(f"Session with id '{session_id}' not found.")
+    return record
+
+
+async def delete_session(store: StateStore, owner: str, session_id: str) -> Json:
+    if not await store.delete(RecordKey(owner, SESSION, session_id)):
+        raise NotFoundError(f"Session with id '{session_id}' not found.")
+    return {"id": session_id, "object": "session.deleted", "deleted": True}
+
+
+def _new_record(session_id: str, now: int) -> Json:
+    return {"id": session_id, "object": "session", "created_at": now, "messages": []}
+
+
+def _dumped(message: ChatMessage) -> Json:
+    dumped: Json = message.model_dump(exclude_none=True)
+    return dumped

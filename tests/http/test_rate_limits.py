@@ -1,0 +1,125 @@
+"""Rate limits per API key over real HTTP: requests and tokens per minute, 429 with Retry-After
+and OpenAI's x-ratelimit-* headers (the `openai` SDK raises RateLimitError); a key file's own
+limits; the client address as the key without --api-key."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from mlx_engine_server.cli.config import load_settings
+from mlx_engine_server.cli.state import rate_policy
+from mlx_engine_server.http.app import ServerOptions
+from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
+from mlx_engine_server.state.store import owner_of
+
+from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
+
+ALICE, BOB, CAROL = "key-of-alice", "key-of-bob", "key-of-carol"
+
+
+def fresh_window(margin_s: float = 10.0) -> None:
+    """Counts restart each minute: a test that needs several requests in one waits for room."""
+    left = WINDOW_S - time.time() % WINDOW_S
+    if left < margin_s:
+        time.sleep(left + 0.1)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    """Every key 2 requests a minute; Alice's own limit (as a key file gives it): 40 tokens."""
+    policy = RatePolicy(RateLimits(2, None), {owner_of(ALICE.encode()): RateLimits(None, 40)})
+    options = ServerOptions(api_keys=(ALICE, BOB, CAROL), rate_limits=policy)
+    live = run_live_server(start_engine(tiny_model_dir), options)
+    yield live
+    live.stop()
+
+
+def get_models(live: LiveServer, key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{live.base_url}/v1/models", headers=headers)
+
+
+def test_requests_per_minute_then_429_with_retry_after(keyed_server: LiveServer) -> None:
+    fresh_window()
+    answers = [get_models(keyed_server, BOB) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert [answer.headers["x-ratelimit-remaining-requests"] for answer in answers] == [
+        "1",
+        "0",
+        "0",
+    ]
+    for answer in answers:
+        assert answer.headers["x-ratelimit-limit-requests"] == "2"
+        assert 0 < float(answer.headers["x-ratelimit-reset-requests"].removesuffix("s")) <= 60
+        assert "x-ratelimit-limit-tokens" not in answer.headers  # no token limit for Bob
+    refused = answers[-1]
+    assert 1 <= int(refused.headers["retry-after"]) <= WINDOW_S
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    sdk = close_after_test(
+        OpenAI(base_url=f"{keyed_server.base_url}/v1", api_key=BOB, max_retries=0)
+    )
+    with pytest.raises(openai.RateLimitError):
+        sdk.models.list()
+    assert get_models(keyed_server, CAROL).status_code == 200  # each key counts its own
+    assert httpx.get(f"{keyed_server.base_url}/health").status_code == 200  # never limited
+    assert get_models(keyed_server, "wrong-key").status_code == 401  # refused before counting
+
+
+def test_a_keys_own_token_limit_counts_prompt_and_completion(keyed_server: LiveServer) -> None:
+    fresh_window()
+    sdk = close_after_test(
+        OpenAI(base_url=f"{keyed_server.base_url}/v1", api_key=ALICE, max_retries=0)
+    )
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "Count my tokens"}], max_tokens=30
+    )
+    completion = raw.parse()
+    assert completion.usage is not None
+    assert raw.headers["x-ratelimit-limit-tokens"] == "40"
+    assert raw.headers["x-ratelimit-remaining-tokens"] == "40"  # nothing used before it
+    assert "x-ratelimit-limit-requests" not in raw.headers  # Alice's own limits: tokens only
+    assert completion.usage.total_tokens >= 40
+    with pytest.raises(openai.RateLimitError) as refused:
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+    assert refused.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_without_keys_the_client_address_is_counted(tiny_model_dir: Path) -> None:
+    options = ServerOptions(rate_limits=RatePolicy(RateLimits(1, None)))
+    live = run_live_server(start_engine(tiny_model_dir), options)
+    try:
+        fresh_window()
+        assert [get_models(live).status_code for _ in range(2)] == [200, 429]
+        assert get_models(live, "any-key").status_code == 429  # a key means nothing here
+    finally:
+        live.stop()
+
+
+def test_a_key_file_line_may_set_the_keys_own_limits(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team\nkey-a rpm=5\nkey-b tpm=900 rpm=7\nkey-c\n", encoding="utf-8")
+    settings = load_settings({"api_key_file": str(keys), "rate_limit_rpm": 60})
+    policy = rate_policy(settings)
+    assert policy.default == RateLimits(60, None)
+    assert policy.limits_for(owner_of(b"key-a")) == RateLimits(5, None)
+    assert policy.limits_for(owner_of(b"key-b")) == RateLimits(7, 900)
+    assert policy.limits_for(owner_of(b"key-c")) == RateLimits(60, None)
+
+
+@pytest.mark.parametrize("line", ["key-a rpm=0", "key-a rpm=x", "key-a burst=3"])
+def test_a_bad_key_file_option_is_a_settings_error_naming_the_line(
+    tmp_path: Path, line: str
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"key-z\n{line}\n", encoding="utf-8")
+    with pytest.raises(Exception, match="line 2") as error:
+        load_settings({"api_key_file": str(keys)})
+    assert "key-a" not in str(error.value)

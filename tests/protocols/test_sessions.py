@@ -1,0 +1,99 @@
+"""Sessions over real HTTP with the `openai` SDK (`session_id` in extra_body): the server keeps
+the history, a turn is the whole conversation (same answer, its prefix cached), streamed turns
+are saved too, the overflow policy sees the combined history, GET/DELETE, and the TTL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from mlx_engine_server.http.app import ServerOptions
+
+from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
+
+TURN = {"model": "m", "max_tokens": 4, "temperature": 0}
+
+
+def sdk(live: LiveServer) -> OpenAI:
+    return close_after_test(OpenAI(base_url=f"{live.base_url}/v1", api_key="unused", max_retries=0))
+
+
+def test_a_session_turn_is_the_whole_conversation(tiny_server: LiveServer) -> None:
+    client, session = sdk(tiny_server), {"session_id": uuid.uuid4().hex}
+    hello = {"role": "user", "content": "Hello there"}
+    then = {"role": "user", "content": "And then?"}
+    first = client.chat.completions.create(messages=[hello], extra_body=session, **TURN)
+    second = client.chat.completions.create(messages=[then], extra_body=session, **TURN)
+    reply = first.choices[0].message.content
+    whole = client.chat.completions.create(
+        messages=[hello, {"role": "assistant", "content": reply}, then], **TURN
+    )
+    assert second.choices[0].message.content == whole.choices[0].message.content
+    assert first.usage is not None
+    assert second.usage is not None
+    assert whole.usage is not None
+    assert second.usage.prompt_tokens == whole.usage.prompt_tokens > first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    stored = httpx.get(f"{tiny_server.base_url}/v1/sessions/{session['session_id']}").json()
+    assert stored["object"] == "session"
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert stored["messages"][1]["content"] == reply
+    assert stored["messages"][3]["content"] == second.choices[0].message.content
+
+
+def test_a_streamed_turn_is_saved(tiny_server: LiveServer) -> None:
+    client, session_id = sdk(tiny_server), uuid.uuid4().hex
+    chunks = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Stream it"}],
+        stream=True,
+        extra_body={"session_id": session_id},
+        **TURN,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    stored = httpx.get(f"{tiny_server.base_url}/v1/sessions/{session_id}").json()
+    assert stored["messages"][-1] == {"role": "assistant", "content": text}
+    deleted = httpx.delete(f"{tiny_server.base_url}/v1/sessions/{session_id}")
+    assert deleted.json() == {"id": session_id, "object": "session.deleted", "deleted": True}
+    assert httpx.get(f"{tiny_server.base_url}/v1/sessions/{session_id}").status_code == 404
+    assert httpx.delete(f"{tiny_server.base_url}/v1/sessions/{session_id}").status_code == 404
+
+
+def test_the_overflow_policy_sees_the_combined_history(tiny_server: LiveServer) -> None:
+    """Each turn alone fits the 256-token window; together they do not (policy: error)."""
+    client, session = sdk(tiny_server), {"session_id": uuid.uuid4().hex}
+    long_turn = [{"role": "user", "content": "word " * 130}]
+    client.chat.completions.create(messages=long_turn, extra_body=session, **TURN)
+    client.chat.completions.create(messages=long_turn, **TURN)  # alone: fits
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(messages=long_turn, extra_body=session, **TURN)
+    assert refused.value.code == "context_length_exceeded"
+
+
+def test_bad_session_requests_are_400s(tiny_server: LiveServer) -> None:
+    url = f"{tiny_server.base_url}/v1/chat/completions"
+    message = [{"role": "user", "content": "Hi"}]
+    for fields, param in (({"session_id": "a b"}, "session_id"), ({"n": 2}, "n")):
+        body = {**TURN, "messages": message, "session_id": "ok", **fields}
+        answer = httpx.post(url, json=body)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == param
+
+
+def test_a_session_is_forgotten_after_its_ttl(tiny_model_dir: Path) -> None:
+    live = run_live_server(start_engine(tiny_model_dir), ServerOptions(session_ttl_s=0.5))
+    try:
+        sdk(live).chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], extra_body={"session_id": "short"}, **TURN
+        )
+        assert httpx.get(f"{live.base_url}/v1/sessions/short").status_code == 200
+        time.sleep(0.7)
+        assert httpx.get(f"{live.base_url}/v1/sessions/short").status_code == 404
+    finally:
+        live.stop()
