@@ -52,3 +52,117 @@ def _write_text_model(
     for source in _tokenizer_files(tokenizer_dir):
         shutil.copy2(source, dest / source.name)
     return dest
+
+
+# --- vision families ------------------------------------------------------------------------
+
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 1024,
+}
+
+
+def _tokenizer_with(tokenizer_dir: Path, tokens: list[str], template: str) -> Any:
+    """SmolLM2's tokenizer with the family's image tokens added, and the family's template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _write_vision_model(
+    dest: Path, config: dict[str, Any], tokenizer: Any, preprocessor: dict[str, Any], seed: int
+) -> Path:
+    """Config, random weights as mlx-vlm builds the model, tokenizer and processor files."""
+    import copy
+
+    from mlx_vlm.utils import get_model_and_args, update_module_configs
+
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    model_class, _ = get_model_and_args(config=copy.deepcopy(config), model_path=dest)
+    shaped = copy.deepcopy(config)
+    model_config = model_class.ModelConfig.from_dict(shaped)
+    model_config = update_module_configs(model_config, model_class, shaped, ["text", "vision"])
+    mx.random.seed(seed)
+    model = model_class.Model(model_config)
+    weights = _livelier(dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, {"format": "mlx"})
+    tokenizer.save_pretrained(dest)
+    (dest / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
+    (dest / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    return dest
+
+
+LIVELY_SCALE = 4.0
+
+
+def _livelier(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Projections scaled up from their tiny initial range, so attention (and so every position
+    and mask) changes the greedy tokens: a wrong position shows as a wrong token."""
+    return {
+        name: value * LIVELY_SCALE if name.endswith("proj.weight") else value
+        for name, value in weights.items()
+    }
+
+
+QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# 8 px patches merged 2 x 2: a 16 px cell per image token, at most 4 x 4 of them per image.
+QWEN_PREPROCESSOR = {
+    "patch_size": 8,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "size": {"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
+
+def _qwen_config(model_type: str, tokenizer: Any, vision: dict[str, Any]) -> dict[str, Any]:
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_TOKENS}
+    return {
+        "model_type": model_type,
+        "vocab_size": len(tokenizer),
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "eos_token_id": tokenizer.eos_token_id,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        **TINY_TEXT,
+        "vision_config": {"model_type": model_type, **vision},
+    }
+
+
+def build_tiny_qwen2_vl(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    tokenizer = _tokenizer_with(tokenizer_dir, QWEN_TOKENS, QWEN_TEMPLATE)
+    vision = {
+        "depth": 1,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 8,
+        "spatial_patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    config = _qwen_config("qwen2_vl", tokenizer, vision)
+    return _write_vision_model(dest, config, tokenizer, QWEN_PREPROCESSOR, seed)
