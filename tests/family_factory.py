@@ -166,3 +166,45 @@ def build_tiny_qwen2_vl(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Pa
     }
     config = _qwen_config("qwen2_vl", tokenizer, vision)
     return _write_vision_model(dest, config, tokenizer, QWEN_PREPROCESSOR, seed)
+
+
+def build_tiny_qwen2_5_vl(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    tokenizer = _tokenizer_with(tokenizer_dir, QWEN_TOKENS, QWEN_TEMPLATE)
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 8,
+        "spatial_patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 32,  # windows of 2 x 2 image tokens
+        "fullatt_block_indexes": [1],
+    }
+    config = _qwen_config("qwen2_5_vl", tokenizer, vision)
+    return _write_vision_model(dest, config, tokenizer, QWEN_PREPROCESSOR, seed)
+
+
+def build_tiny_qwen3_vl(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """With a deepstack layer: image features also enter the first decoder layer."""
+    tokenizer = _tokenizer_with(tokenizer_dir, QWEN_TOKENS, QWEN_TEMPLATE)
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "num_heads": 2,
+        "patch_size": 8,
+        "spatial_patch_size": 8,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    config = _qwen_config("qwen3_vl", tokenizer, vision)
+    text = {key: value for key, value in config.items() if key != "vision_config"}
+    text.update(head_dim=16, rope_scaling={"type": "default", "mrope_section": [2, 3, 3]})
+    config["text_config"] = text
+    return _write_vision_model(dest, config, tokenizer, QWEN_PREPROCESSOR, seed)
