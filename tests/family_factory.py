@@ -107,10 +107,14 @@ LIVELY_SCALE = 4.0
 def _livelier(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Projections scaled up from their tiny initial range, so attention (and so every position
     and mask) changes the greedy tokens: a wrong position shows as a wrong token."""
-    return {
+    lively = {
         name: value * LIVELY_SCALE if name.endswith("proj.weight") else value
         for name, value in weights.items()
     }
+    for name, value in weights.items():
+        if name.endswith("mm_input_projection_weight"):  # Gemma 3 starts it at ones
+            lively[name] = mx.random.normal(value.shape) * value.shape[0] ** -0.5
+    return lively
 
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -208,3 +212,77 @@ def build_tiny_qwen3_vl(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Pa
     text.update(head_dim=16, rope_scaling={"type": "default", "mrope_section": [2, 3, 3]})
     config["text_config"] = text
     return _write_vision_model(dest, config, tokenizer, QWEN_PREPROCESSOR, seed)
+
+
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<start_of_image>{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_IMAGE_TOKENS = 4  # 32 px images, 8 px patches (4 x 4) pooled to 2 x 2
+
+
+def build_tiny_gemma3(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    tokenizer = _tokenizer_with(tokenizer_dir, list(GEMMA3_TOKENS.values()), GEMMA3_TEMPLATE)
+    text = {
+        "model_type": "gemma3_text",
+        **TINY_TEXT,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,  # some layers slide: their caches rotate
+        "sliding_window_pattern": 2,
+        "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS,
+        "vocab_size": len(tokenizer),
+    }
+    config = {
+        "model_type": "gemma3",
+        "vocab_size": len(tokenizer),
+        "hidden_size": text["hidden_size"],
+        "image_token_index": tokenizer.convert_tokens_to_ids(GEMMA3_TOKENS["image_token"]),
+        "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS,
+        "eos_token_id": tokenizer.eos_token_id,
+        "text_config": text,
+        "vision_config": _siglip(image_size=32),
+    }
+    preprocessor = {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "processor_class": "Gemma3Processor",
+        "size": {"height": 32, "width": 32},
+        "do_pan_and_scan": False,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    dest = _write_vision_model(dest, config, tokenizer, preprocessor, seed)
+    _name_tokens(dest, GEMMA3_TOKENS)
+    processor_config = {"processor_class": "Gemma3Processor", "image_seq_length": 4}
+    (dest / "processor_config.json").write_text(json.dumps(processor_config), encoding="utf-8")
+    return dest
+
+
+def _siglip(image_size: int, patch_size: int = 8) -> dict[str, Any]:
+    return {
+        "model_type": "siglip_vision_model",
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "patch_size": patch_size,
+        "image_size": image_size,
+    }
+
+
+def _name_tokens(dest: Path, named: dict[str, str]) -> None:
+    """The processor finds the family's tokens by name on the tokenizer (`image_token`...)."""
+    path = dest / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["extra_special_tokens"] = named
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
