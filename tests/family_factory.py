@@ -286,3 +286,62 @@ def _name_tokens(dest: Path, named: dict[str, str]) -> None:
     config = json.loads(path.read_text(encoding="utf-8"))
     config["extra_special_tokens"] = named
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _llava_config(model_type: str, tokenizer: Any, image_size: int) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "vocab_size": len(tokenizer),
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -1,
+        "eos_token_id": tokenizer.eos_token_id,
+        "text_config": {"model_type": "llama", **TINY_TEXT, "vocab_size": len(tokenizer)},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+            "projection_dim": 32,
+        },
+    }
+
+
+def _clip_preprocessor(image_size: int) -> dict[str, Any]:
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+
+
+def build_tiny_llava(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """24 px images in 8 px patches: 9 image tokens."""
+    tokenizer = _tokenizer_with(tokenizer_dir, ["<image>"], LLAVA_TEMPLATE)
+    config = _llava_config("llava", tokenizer, image_size=24)
+    dest = _write_vision_model(dest, config, tokenizer, _clip_preprocessor(24), seed)
+    processor = {
+        "processor_class": "LlavaProcessor",
+        "patch_size": 8,
+        "vision_feature_select_strategy": "default",
+        "image_token": "<image>",
+        "num_additional_image_tokens": 1,
+    }
+    (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
+    return dest

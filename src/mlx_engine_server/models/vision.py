@@ -13,6 +13,7 @@ the image states carried per row too; they are refused at start.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,7 @@ def prepare_vision_prompt(
 ) -> VisionPrompt:
     """Run the processor: it resizes the images and expands each image placeholder of the
     rendered prompt into the model's image tokens. Blocking; call it off the event loop."""
-    inputs = processor(images=[images], text=[prompt_text], add_special_tokens=False)
+    inputs = processor(images=[images], text=[prompt_text], **_text_options(processor))
     arrays = {
         key: np.array(value)
         for key, value in inputs.items()
@@ -189,6 +190,14 @@ class PromptFeatures:
     extras: dict[str, mx.array]  # per-prompt inputs of the prefill (Qwen3-VL's deepstack)
     positions: mx.array | None = None  # M-RoPE: [3, 1, tokens]
     rope_delta: int = 0  # M-RoPE: how far the text positions after the images run behind
+
+
+def _text_options(processor: Any) -> dict[str, Any]:
+    """No second BOS (the template wrote the prompt's), where the processor takes the option:
+    some (LLaVA's) pass every keyword to their image processor too, which refuses it. mlx-vlm
+    decides the same way."""
+    parameters = inspect.signature(processor.__call__).parameters
+    return {"add_special_tokens": False} if "add_special_tokens" in parameters else {}
 
 
 def vision_input_embeddings(vision: VisionParts, prompt: VisionPrompt) -> PromptFeatures:
