@@ -345,3 +345,26 @@ def build_tiny_llava(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     }
     (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
     return dest
+
+
+def build_tiny_llava_next(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """LLaVA-Next: the image in 24 px tiles on a grid of pinpoints, plus a global view."""
+    tokenizer = _tokenizer_with(tokenizer_dir, ["<image>"], LLAVA_TEMPLATE)
+    config = _llava_config("llava_next", tokenizer, image_size=24)
+    pinpoints = [[24, 48], [48, 24], [48, 48]]
+    config["image_grid_pinpoints"] = pinpoints
+    preprocessor = {
+        **_clip_preprocessor(24),
+        "image_processor_type": "LlavaNextImageProcessor",
+        "image_grid_pinpoints": pinpoints,
+    }
+    dest = _write_vision_model(dest, config, tokenizer, preprocessor, seed)
+    processor = {
+        "processor_class": "LlavaNextProcessor",
+        "patch_size": 8,
+        "vision_feature_select_strategy": "default",
+        "image_token": "<image>",
+        "num_additional_image_tokens": 1,
+    }
+    (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
+    return dest

@@ -14,6 +14,7 @@ the image states carried per row too; they are refused at start.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from ..engine.messages import VisionPrompt
 from ..errors import StartupError
 from .mrope import RowDeltas, decode_positions, is_mrope_language_model
 
+logger = logging.getLogger(__name__)
+
 # Families whose decoder needs per-request image state at every step: refused at start.
 CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision"}
 # What get_input_embeddings may return beside the embeddings, and what the prefill does with it.
@@ -36,6 +39,11 @@ PREFILL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds")  # Qwen3-VL: ea
 POSITION_EXTRAS = ("position_ids", "rope_deltas")  # M-RoPE: kept by the prefill and the row
 # Gemma 3's padding mask over one unpadded prompt: all ones, unused by mlx-vlm's generate too.
 IGNORED_EXTRAS = ("attention_mask_4d",)
+PROBE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+
+
+def probe_image() -> np.ndarray:
+    return np.full((48, 64, 3), 128, dtype=np.uint8)
 
 
 def is_vision_config(config: dict[str, Any]) -> bool:
@@ -111,7 +119,9 @@ def load_vision_model(
         what = f"adapter {adapter_path} for {path}" if adapter_path else f"model {path}"
         raise StartupError(f"could not load the vision-language {what}: {exc}") from None
     tokenizer = _tokenizer(path, config, processor)
-    return VisionParts(vlm, processor, LanguageDecoder(vlm), model_type), tokenizer
+    parts = VisionParts(vlm, processor, LanguageDecoder(vlm), model_type)
+    _check_positions_match_tokens(parts, tokenizer)
+    return parts, tokenizer
 
 
 def load_vision_front(
@@ -146,6 +156,29 @@ def _check_family(model_type: str) -> None:
             "attend to the image through cross-attention at every decoding step, and the "
             "batching engine does not carry those image states per row. Not served: "
             f"{refused}. Served: see docs/vision.md"
+        )
+
+
+def _check_positions_match_tokens(vision: VisionParts, tokenizer: TokenizerWrapper) -> None:
+    """One small image through the processor and the vision tower: the embeddings must hold one
+    position per prompt token, as the batch and the prefix cache count them. (mlx-vlm's
+    LLaVA-Next merges a different number of image features than its processor placed image
+    tokens.) Skipped when the probe itself cannot run: requests will say why."""
+    try:
+        text = tokenizer.apply_chat_template(
+            PROBE_MESSAGES, tokenize=False, add_generation_prompt=True
+        )
+        prompt = prepare_vision_prompt(vision.processor, str(text), [probe_image()], "probe")
+        positions = vision_input_embeddings(vision, prompt).embeddings.shape[1]
+    except Exception as exc:  # any failure here is the request path's to report
+        logger.warning("could not probe the %s family's image prompts: %s", vision.model_type, exc)
+        return
+    if positions != len(prompt.token_ids):
+        raise StartupError(
+            f"vision-language models of the {vision.model_type!r} family are not supported: "
+            f"mlx-vlm's model merges the image into {positions} positions where its processor "
+            f"placed {len(prompt.token_ids)} prompt tokens, so the prompt's positions cannot "
+            "be batched or cached by token"
         )
 
 
