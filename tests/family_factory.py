@@ -368,3 +368,57 @@ def build_tiny_llava_next(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> 
     }
     (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
     return dest
+
+
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}[IMG]{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}[/INST]{% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tiny_mistral3(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """Mistral 3 (a Pixtral vision tower): 8 px patches merged 2 x 2, rows ended by a break."""
+    tokenizer = _tokenizer_with(tokenizer_dir, PIXTRAL_TOKENS, MISTRAL3_TEMPLATE)
+    config = {
+        "model_type": "mistral3",
+        "vocab_size": len(tokenizer),
+        "image_token_index": tokenizer.convert_tokens_to_ids("[IMG]"),
+        "spatial_merge_size": 2,
+        "vision_feature_layer": -1,
+        "eos_token_id": tokenizer.eos_token_id,
+        "text_config": {
+            "model_type": "mistral",
+            **TINY_TEXT,
+            "head_dim": 16,
+            "rope_theta": 10000.0,
+            "vocab_size": len(tokenizer),
+        },
+        "vision_config": {
+            "model_type": "pixtral",
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "head_dim": 16,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+    }
+    preprocessor = {
+        "image_processor_type": "PixtralImageProcessor",
+        "patch_size": {"height": 8, "width": 8},
+        "size": {"longest_edge": 64},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    dest = _write_vision_model(dest, config, tokenizer, preprocessor, seed)
+    processor = {"processor_class": "PixtralProcessor", "patch_size": 8, "spatial_merge_size": 2}
+    (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
+    return dest
