@@ -422,3 +422,67 @@ def build_tiny_mistral3(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Pa
     processor = {"processor_class": "PixtralProcessor", "patch_size": 8, "spatial_merge_size": 2}
     (dest / "processor_config.json").write_text(json.dumps(processor), encoding="utf-8")
     return dest
+
+
+GLM4V_TOKENS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|video|>"]
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_glm4v(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """GLM-4V: M-RoPE over half of each head, a Qwen-style vision tower."""
+    tokenizer = _tokenizer_with(tokenizer_dir, GLM4V_TOKENS, GLM4V_TEMPLATE)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in GLM4V_TOKENS}
+    text = {
+        "model_type": "glm4v_text",
+        **TINY_TEXT,
+        "vocab_size": len(tokenizer),
+        "eos_token_id": [tokenizer.eos_token_id],
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1]},
+        "pad_token_id": 0,
+    }
+    config = {
+        "model_type": "glm4v",
+        "vocab_size": len(tokenizer),
+        "hidden_size": text["hidden_size"],
+        "image_token_index": ids["<|image|>"],
+        "image_token_id": ids["<|image|>"],
+        "video_token_index": ids["<|video|>"],
+        "video_token_id": ids["<|video|>"],
+        "vision_start_token_id": ids["<|begin_of_image|>"],
+        "vision_end_token_id": ids["<|end_of_image|>"],
+        "eos_token_id": [tokenizer.eos_token_id],
+        "text_config": text,
+        "vision_config": {
+            "model_type": "glm4v",
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 8,
+            "image_size": 32,
+            "out_hidden_size": 64,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+    preprocessor = {
+        "image_processor_type": "Glm4vImageProcessor",
+        "patch_size": 8,
+        "merge_size": 2,
+        "temporal_patch_size": 2,
+        "size": {"shortest_edge": 16 * 16, "longest_edge": 64 * 64},
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    dest = _write_vision_model(dest, config, tokenizer, preprocessor, seed)
+    _name_tokens(dest, {"image_token": "<|image|>"})
+    return dest
