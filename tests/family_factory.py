@@ -238,7 +238,7 @@ def build_tiny_gemma3(dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path
         **TINY_TEXT,
         "head_dim": 16,
         "query_pre_attn_scalar": 16,
-        "sliding_window": 8,  # some layers slide: their caches rotate
+        "sliding_window": 64,  # every other layer slides: a second turn passes the window
         "sliding_window_pattern": 2,
         "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS,
         "vocab_size": len(tokenizer),

@@ -5,11 +5,16 @@ Each family answers a chat and a stream, four concurrent requests (text and imag
 one batch) and a second turn that reuses the first one's cached prefix (same image again); every
 batched answer is checked token by token against the family's own single-request generation
 (mlx-lm's or mlx-vlm's), so a batch row that decodes with another row's mask or positions fails.
+The tiny models' projections are scaled up (see family_factory) so that a wrong position or
+mask changes the greedy tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +22,25 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
+from PIL import Image
 
 from mlx_engine_server.engine import EngineClient
+from mlx_engine_server.errors import StartupError
 
+from ..chat.test_media import image_bytes
 from ..conftest import LiveServer, run_live_server, start_engine
-from ..family_factory import build_tiny_gemma2
+from ..family_factory import (
+    build_tiny_gemma2,
+    build_tiny_gemma3,
+    build_tiny_glm4v,
+    build_tiny_llava,
+    build_tiny_llava_next,
+    build_tiny_mistral3,
+    build_tiny_qwen2_5_vl,
+    build_tiny_qwen2_vl,
+    build_tiny_qwen3_vl,
+)
+from ..vision_factory import build_tiny_smolvlm
 
 MAX_TOKENS = 5
 
@@ -30,19 +49,28 @@ MAX_TOKENS = 5
 class Family:
     name: str
     build: Callable[[Path, Path], Path]
-    vision: bool = False
+    vision: bool = True
 
 
-FAMILIES = [Family("gemma2", build_tiny_gemma2)]
+FAMILIES = [
+    Family("qwen2_vl", build_tiny_qwen2_vl),
+    Family("qwen2_5_vl", build_tiny_qwen2_5_vl),
+    Family("qwen3_vl", build_tiny_qwen3_vl),
+    Family("glm4v", build_tiny_glm4v),
+    Family("gemma3", build_tiny_gemma3),
+    Family("mistral3", build_tiny_mistral3),
+    Family("llava", build_tiny_llava),
+    Family("smolvlm", build_tiny_smolvlm),
+    Family("gemma2", build_tiny_gemma2, vision=False),
+]
 
 
 @dataclass
 class Served:
     family: Family
-    model_dir: Path
     live: LiveServer
     engine: EngineClient
-    reference: Any  # the family's own generation, loaded once
+    reference: TextReference | VisionReference
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda family: family.name)
@@ -53,9 +81,16 @@ def served(
     model_dir = family.build(tmp_path_factory.mktemp(family.name) / family.name, smollm_dir)
     engine = start_engine(model_dir)
     live = run_live_server(engine)
-    yield Served(family, model_dir, live, engine, TextReference(model_dir))
+    reference = VisionReference(model_dir) if family.vision else TextReference(model_dir)
+    yield Served(family, live, engine, reference)
     live.stop()
     engine.stop()
+
+
+def greedy(logprobs: Any) -> Any:
+    import mlx.core as mx
+
+    return mx.argmax(logprobs, axis=-1)
 
 
 class TextReference:
@@ -66,26 +101,99 @@ class TextReference:
 
         self.model, self.tokenizer = load(str(model_dir))
 
-    def tokens(self, body: dict[str, Any]) -> list[str]:
+    def tokens(self, body: dict[str, Any]) -> tuple[int, list[str]]:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
         prompt = self.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True)
-        steps = generate_step(
-            mx.array(prompt), self.model, max_tokens=body["max_tokens"], sampler=greedy
+        steps = generate_step(mx.array(prompt), self.model, max_tokens=MAX_TOKENS, sampler=greedy)
+        return len(prompt), [self.tokenizer.decode([int(token)]) for token, _ in steps]
+
+
+class VisionReference:
+    """mlx-vlm's own single-request greedy generation, on the prompt its processor makes."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import mlx.core as mx
+        from mlx_vlm.utils import load
+
+        from mlx_engine_server.models.vision import _tokenizer
+
+        self.model, self.processor = load(str(model_dir))
+        self.model.set_dtype(mx.float32)
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        self.tokenizer = _tokenizer(model_dir, config, self.processor)
+
+    def tokens(self, body: dict[str, Any]) -> tuple[int, list[str]]:
+        import mlx.core as mx
+        from mlx_vlm.generate.ar import generate_step
+
+        from mlx_engine_server.models.vision import prepare_vision_prompt
+
+        text = self.tokenizer.apply_chat_template(
+            [_template_message(message) for message in body["messages"]],
+            tokenize=False,
+            add_generation_prompt=True,
         )
-        return [self.tokenizer.decode([int(token)]) for token, _ in steps]
+        images = [_image(url) for url in _image_urls(body)]
+        if images:
+            prompt = prepare_vision_prompt(self.processor, text, images, "reference")
+            ids, arrays = prompt.token_ids, {k: mx.array(v) for k, v in prompt.arrays.items()}
+        else:
+            ids, arrays = tuple(self.tokenizer.encode(text, add_special_tokens=False)), {}
+        input_ids = mx.array([ids])
+        steps = generate_step(
+            input_ids,
+            self.model,
+            arrays.pop("pixel_values", None),
+            mx.ones(input_ids.shape, dtype=mx.int32),
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            **arrays,
+        )
+        return len(ids), [
+            self.tokenizer.decode([int(token)])
+            for (token, _), _ in zip(steps, range(MAX_TOKENS), strict=False)
+        ]
 
 
-def greedy(logprobs: Any) -> Any:
-    import mlx.core as mx
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """As the server renders a vision model's messages: content as a list of parts."""
+    content = message["content"]
+    if isinstance(content, str):
+        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
+    parts = [part if part["type"] == "text" else {"type": "image"} for part in content]
+    return {"role": message["role"], "content": parts}
 
-    return mx.argmax(logprobs, axis=-1)
+
+def _image_urls(body: dict[str, Any]) -> list[str]:
+    return [
+        part["image_url"]["url"]
+        for message in body["messages"]
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+        if part["type"] == "image_url"
+    ]
 
 
-def chat(text: str, **extra: Any) -> dict[str, Any]:
-    messages = [{"role": "user", "content": text}]
-    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+def _image(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def data_uri(color: str, size: tuple[int, int] = (50, 40)) -> str:
+    return "data:image/png;base64," + base64.b64encode(image_bytes("PNG", size, color)).decode()
+
+
+def user(text: str, *colors: str) -> dict[str, Any]:
+    if not colors:
+        return {"role": "user", "content": text}
+    parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": data_uri(color)}} for color in colors]
+    return {"role": "user", "content": parts}
+
+
+def chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    body = {"messages": list(messages), "max_tokens": MAX_TOKENS, "temperature": 0}
     return {**body, "ignore_eos": True, "logprobs": True, **extra}
 
 
@@ -103,13 +211,65 @@ async def post_all(base_url: str, bodies: list[dict[str, Any]]) -> list[dict[str
     return [reply.json() for reply in replies]
 
 
-def test_four_concurrent_rows_equal_the_family_generation(served: Served) -> None:
+def assert_equals_reference(served: Served, body: dict[str, Any], reply: dict[str, Any]) -> None:
+    prompt_tokens, expected = served.reference.tokens(body)
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens  # the same prompt, or no comparison
+    assert answer_tokens(reply) == expected
+
+
+def image_colors(served: Served, *colors: str) -> tuple[str, ...]:
+    return colors if served.family.vision else ()
+
+
+def test_chat_and_stream(served: Served) -> None:
+    body = chat(user("What is in the picture?", *image_colors(served, "red")))
+    reply = httpx.post(f"{served.live.base_url}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    streamed = ""
+    with httpx.stream(
+        "POST", f"{served.live.base_url}/v1/chat/completions", json={**body, "stream": True}
+    ) as events:
+        assert events.status_code == 200
+        lines = [line for line in events.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        for choice in json.loads(line.removeprefix("data: "))["choices"]:
+            streamed += choice["delta"].get("content") or ""
+    assert streamed == reply.json()["choices"][0]["message"]["content"]
+
+
+def test_four_concurrent_mixed_rows_equal_the_family_generation(served: Served) -> None:
     bodies = [
-        chat("Hello there"),
-        chat("Tell me a story about a long journey across the sea"),
-        chat("Why?"),
-        chat("Count to ten, slowly, please"),
+        chat(user("What is in the picture?", *image_colors(served, "red"))),
+        chat(user("Tell me a story about a long journey across the sea")),
+        chat(user("And this one?", *image_colors(served, "blue"))),
+        chat(user("Why?")),
     ]
     replies = asyncio.run(post_all(served.live.base_url, bodies))
     for body, reply in zip(bodies, replies, strict=True):
-        assert answer_tokens(reply) == served.reference.tokens(body)
+        assert_equals_reference(served, body, reply)
+
+
+def test_a_second_turn_reuses_the_cached_prefix(served: Served) -> None:
+    first = chat(user("Describe the picture, please.", *image_colors(served, "green")))
+    (reply,) = asyncio.run(post_all(served.live.base_url, [first]))
+    answer = reply["choices"][0]["message"]["content"]
+    second = chat(*first["messages"], {"role": "assistant", "content": answer}, user("Why?"))
+    (again,) = asyncio.run(post_all(served.live.base_url, [second]))
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert_equals_reference(served, second, again)
+
+
+def test_families_that_are_not_served_are_refused_by_name(tmp_path: Path, smollm_dir: Path) -> None:
+    """Llama 3.2 Vision (cross-attention) before any weight is read; LLaVA-Next by its start-up
+    probe (mlx-vlm merges more image positions than its processor places tokens)."""
+    mllama = tmp_path / "mllama"
+    mllama.mkdir()
+    config = {"model_type": "mllama", "text_config": {}, "vision_config": {}}
+    (mllama / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(StartupError, match=r"'mllama' family.*cross-attention"):
+        start_engine(mllama)
+    llava_next = build_tiny_llava_next(tmp_path / "llava-next", smollm_dir)
+    with pytest.raises(StartupError, match=r"'llava_next' family.*positions"):
+        start_engine(llava_next)
