@@ -42,8 +42,10 @@ IGNORED_EXTRAS = ("attention_mask_4d",)
 PROBE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
 
 
-def probe_image() -> np.ndarray:
-    return np.full((48, 64, 3), 128, dtype=np.uint8)
+def probe_image() -> Any:
+    from PIL import Image  # noqa: PLC0415 - the processors take PIL images, as chat/media.py makes
+
+    return Image.new("RGB", (64, 48), "gray")
 
 
 def is_vision_config(config: dict[str, Any]) -> bool:
@@ -173,6 +175,7 @@ def _check_positions_match_tokens(vision: VisionParts, tokenizer: TokenizerWrapp
     except Exception as exc:  # any failure here is the request path's to report
         logger.warning("could not probe the %s family's image prompts: %s", vision.model_type, exc)
         return
+    logger.debug("image prompt probe: %d tokens, %d positions", len(prompt.token_ids), positions)
     if positions != len(prompt.token_ids):
         raise StartupError(
             f"vision-language models of the {vision.model_type!r} family are not supported: "
