@@ -23,6 +23,7 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 from PIL import Image
+from starlette.testclient import TestClient
 
 from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.errors import StartupError
@@ -273,3 +274,16 @@ def test_families_that_are_not_served_are_refused_by_name(tmp_path: Path, smollm
     llava_next = build_tiny_llava_next(tmp_path / "llava-next", smollm_dir)
     with pytest.raises(StartupError, match=r"'llava_next' family.*positions"):
         start_engine(llava_next)
+
+
+def test_a_video_part_is_refused_with_a_400_naming_it(client: TestClient) -> None:
+    """Video is not read (no video decoder, no frame sampling policy): a clear 400 before any
+    model work, for the Qwen-VL families that take video in mlx-vlm as for every other."""
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    body = chat({"role": "user", "content": [{"type": "text", "text": "What happens?"}, video]})
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "messages[0].content[1]"
+    assert "video_url" in error["message"]
+    assert "image_url frames" in error["message"]
