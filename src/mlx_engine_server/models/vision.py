@@ -33,7 +33,12 @@ from .mrope import RowDeltas, decode_positions, is_mrope_language_model
 logger = logging.getLogger(__name__)
 
 # Families whose decoder needs per-request image state at every step: refused at start.
-CROSS_ATTENTION_FAMILIES = {"mllama": "Llama 3.2 Vision"}
+CROSS_ATTENTION_FAMILIES = frozenset({"mllama"})
+# Named in every refusal: the families known not to be served (docs/vision.md says why).
+NOT_SERVED = (
+    "not served: Llama 3.2 Vision (mllama: cross-attention), LLaVA-Next (llava_next: image "
+    "positions differ from its tokens in mlx-vlm); see docs/vision.md"
+)
 # What get_input_embeddings may return beside the embeddings, and what the prefill does with it.
 PREFILL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds")  # Qwen3-VL: early layers
 POSITION_EXTRAS = ("position_ids", "rope_deltas")  # M-RoPE: kept by the prefill and the row
@@ -150,14 +155,10 @@ def load_vision_front(
 
 def _check_family(model_type: str) -> None:
     if model_type in CROSS_ATTENTION_FAMILIES:
-        refused = ", ".join(
-            f"{name} ({CROSS_ATTENTION_FAMILIES[name]})" for name in CROSS_ATTENTION_FAMILIES
-        )
         raise StartupError(
             f"vision-language models of the {model_type!r} family are not supported: they "
             "attend to the image through cross-attention at every decoding step, and the "
-            "batching engine does not carry those image states per row. Not served: "
-            f"{refused}. Served: see docs/vision.md"
+            f"batching engine does not carry those image states per row ({NOT_SERVED})"
         )
 
 
@@ -181,7 +182,7 @@ def _check_positions_match_tokens(vision: VisionParts, tokenizer: TokenizerWrapp
             f"vision-language models of the {vision.model_type!r} family are not supported: "
             f"mlx-vlm's model merges the image into {positions} positions where its processor "
             f"placed {len(prompt.token_ids)} prompt tokens, so the prompt's positions cannot "
-            "be batched or cached by token"
+            f"be batched or cached by token ({NOT_SERVED})"
         )
 
 
