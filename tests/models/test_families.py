@@ -291,3 +291,33 @@ def test_a_video_part_is_refused_with_a_400_naming_it(client: TestClient) -> Non
     assert error["param"] == "messages[0].content[1]"
     assert "video_url" in error["message"]
     assert "image_url frames" in error["message"]
+
+
+def test_the_gemma2_workaround_follows_the_probe() -> None:
+    """Applied where the installed mlx-lm's attention fails the probe, and the fixed attention
+    passes it: an mlx-lm whose attention behaves like the fixed one is left alone."""
+    from mlx_lm.models import gemma2
+
+    from mlx_engine_server.models.batch_fixes import (
+        FIXES,
+        batch_mask_is_broken,
+        fix_batched_attention,
+    )
+
+    args = {
+        "model_type": "gemma2",
+        "hidden_size": 16,
+        "num_hidden_layers": 2,
+        "intermediate_size": 16,
+        "num_attention_heads": 4,
+        "head_dim": 4,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": 8,
+        "num_key_value_heads": 2,
+    }
+    model = gemma2.Model(gemma2.ModelArgs.from_dict(args))
+    broken = batch_mask_is_broken(gemma2.Attention)
+    assert fix_batched_attention(model) == (2 if broken else 0)
+    assert not batch_mask_is_broken(FIXES[gemma2.Attention])
+    fixed = [layer.self_attn for layer in model.model.layers]
+    assert all(type(attention) is FIXES[gemma2.Attention] for attention in fixed) == broken
