@@ -111,7 +111,7 @@ def allowed(relative: str, homes: tuple[str, ...]) -> bool:
 RULES = [
     (("mlx", "mlx_lm"), ("engine/", "models/")),
     (("mlx_vlm",), ("models/vision.py",)),
-    (("PIL",), ("chat/media.py",)),
+    (("PIL",), ("chat/media.py", "models/vision.py")),
     (
         ("starlette", "sse_starlette", "uvicorn"),
         (

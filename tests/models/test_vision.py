@@ -471,21 +471,6 @@ def test_text_requests_run_while_an_image_request_generates(http: httpx.Client) 
     assert short_s < long_s / 2, (short_s, long_s)
 
 
-def test_families_with_per_request_image_state_are_refused_at_start() -> None:
-    """Qwen2-VL-style M-RoPE keeps image positions in the decoder: it cannot join the batch."""
-    from types import SimpleNamespace
-
-    from mlx_engine_server.errors import StartupError
-    from mlx_engine_server.models.vision import _check_family
-
-    mrope = SimpleNamespace(language_model=SimpleNamespace(_rope_deltas=None))
-    with pytest.raises(StartupError, match="qwen2_vl"):
-        _check_family(mrope, "qwen2_vl")  # type: ignore[arg-type]
-    with pytest.raises(StartupError, match="mllama"):
-        _check_family(SimpleNamespace(language_model=object()), "mllama")  # type: ignore[arg-type]
-    _check_family(SimpleNamespace(language_model=object()), "smolvlm")  # type: ignore[arg-type]
-
-
 class Redirector(Recorder):
     def do_GET(self) -> None:
         if self.path.startswith("/redirect"):

@@ -15,7 +15,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..models.vision import VisionParts, vision_input_embeddings
+from ..models.mrope import set_row_delta
+from ..models.vision import PromptFeatures, VisionParts, vision_input_embeddings
 from .messages import VisionPrompt
 from .prefix_cache import CacheHit
 
@@ -30,7 +31,7 @@ class VisionPrefill:
     cache: list[Any]
     cached_tokens: int  # positions the prefix cache supplied
     done_tokens: int  # positions already in `cache`
-    embeddings: mx.array | None = None
+    features: PromptFeatures | None = None
 
     @property
     def finished(self) -> bool:
@@ -55,18 +56,25 @@ def begin_vision_prefill(
 
 def advance_vision_prefill(vision: VisionParts, prefill: VisionPrefill, step_tokens: int) -> None:
     """One step: the embeddings (vision tower) first, then one chunk of the language model."""
-    if prefill.embeddings is None:
+    features = prefill.features
+    if features is None:
         # Image features are merged by position, so embeddings are made for the whole prompt
         # even when a cached prefix lets the language model skip part of it.
-        prefill.embeddings = vision_input_embeddings(vision, prefill.prompt)
-        mx.eval(prefill.embeddings)
+        prefill.features = features = vision_input_embeddings(vision, prefill.prompt)
+        mx.eval(features.embeddings, features.positions)
+        if vision.decoder.mrope:
+            set_row_delta(prefill.cache, features.rope_delta)
         return
     start = prefill.done_tokens
     stop = min(start + step_tokens, len(prefill.prompt.token_ids) - 1)
     tokens = mx.array([prefill.prompt.token_ids[start:stop]])
-    vision.decoder(tokens, cache=prefill.cache, inputs_embeds=prefill.embeddings[:, start:stop])
+    extras = dict(features.extras)  # full-prompt arrays: mlx-vlm aligns them by cache offset
+    if features.positions is not None:
+        extras["position_ids"] = features.positions[:, :, start:stop]
+    embeddings = features.embeddings[:, start:stop]
+    vision.decoder(tokens, cache=prefill.cache, inputs_embeds=embeddings, **extras)
     mx.eval([layer.state for layer in prefill.cache])
     prefill.done_tokens = stop
     if prefill.finished:
-        prefill.embeddings = None
+        prefill.features = None
         mx.clear_cache()

@@ -19,6 +19,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
+from .batch_fixes import fix_batched_attention
 from .gguf import convert_gguf, is_gguf_file
 from .progress import describe_bytes
 from .vision import VisionParts, is_vision_config, load_vision_front, load_vision_model
@@ -99,6 +100,7 @@ def load_model(source: ModelSource, sharding: Sharding | None = None) -> LoadedM
         model, tokenizer = _load_weights(path, source)
     else:
         model, tokenizer = _load_sharded(path, source, config, sharding)
+    fix_batched_attention(model)
     shown_path = source.model_path or str(bundled_model_path())
     return LoadedModel(
         model=model,

@@ -5,14 +5,16 @@ vision tower, giving the prompt's input embeddings; everything after that is a l
 decoding tokens, which the engine batches with every other request. `LanguageDecoder` is the
 language model in the shape mlx-lm's BatchGenerator calls (tokens and a cache in, logits out).
 
-This holds for families whose decoder positions are plain token positions and whose images enter
-only through the input embeddings (SmolVLM/Idefics3, LLaVA, ...). Families whose positions depend
-on the images (Qwen2-VL's M-RoPE) or that attend to images through cross-attention (Llama 3.2
-Vision) need per-request state while decoding; they are refused at start.
+Families whose positions depend on the images (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V)
+carry a per-row position delta in the row's cache (see `mrope.py`). Families that attend to the
+images through cross-attention at every decoding step (Llama 3.2 Vision, `mllama`) would need
+the image states carried per row too; they are refused at start.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,29 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from ..engine.messages import VisionPrompt
 from ..errors import StartupError
+from .mrope import RowDeltas, decode_positions, is_mrope_language_model
 
-# Decoder state that depends on the images: such families cannot decode in a shared batch.
-PER_REQUEST_STATE = ("_rope_deltas", "_position_ids")
+logger = logging.getLogger(__name__)
+
+# Families whose decoder needs per-request image state at every step: refused at start.
 CROSS_ATTENTION_FAMILIES = frozenset({"mllama"})
+# Named in every refusal: the families known not to be served (docs/vision.md says why).
+NOT_SERVED = (
+    "not served: Llama 3.2 Vision (mllama: cross-attention), LLaVA-Next (llava_next: image "
+    "positions differ from its tokens in mlx-vlm); see docs/vision.md"
+)
+# What get_input_embeddings may return beside the embeddings, and what the prefill does with it.
+PREFILL_EXTRAS = ("visual_pos_masks", "deepstack_visual_embeds")  # Qwen3-VL: early layers
+POSITION_EXTRAS = ("position_ids", "rope_deltas")  # M-RoPE: kept by the prefill and the row
+# Gemma 3's padding mask over one unpadded prompt: all ones, unused by mlx-vlm's generate too.
+IGNORED_EXTRAS = ("attention_mask_4d",)
+PROBE_MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+
+
+def probe_image() -> Any:
+    from PIL import Image  # noqa: PLC0415 - the processors take PIL images, as chat/media.py makes
+
+    return Image.new("RGB", (64, 48), "gray")
 
 
 def is_vision_config(config: dict[str, Any]) -> bool:
@@ -42,6 +63,7 @@ class LanguageDecoder(Module):
     def __init__(self, vlm: Module) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.vlm = vlm  # held whole, so its parameters (vision tower too) count as the weights
+        self.mrope = is_mrope_language_model(vlm.language_model)
 
     @property
     def layers(self) -> list[Any]:
@@ -54,13 +76,24 @@ class LanguageDecoder(Module):
         language_model = self.vlm.language_model
         if hasattr(language_model, "make_cache"):
             caches: list[Any] = language_model.make_cache()
-            return caches
-        return [KVCache() for _ in self.layers]
+        else:
+            caches = [KVCache() for _ in self.layers]
+        return [*caches, RowDeltas()] if self.mrope else caches
 
     def __call__(
-        self, inputs: mx.array, cache: Any = None, inputs_embeds: mx.array | None = None
+        self,
+        inputs: mx.array,
+        cache: Any = None,
+        inputs_embeds: mx.array | None = None,
+        **extras: Any,
     ) -> mx.array:
-        output = self.vlm.language_model(inputs, inputs_embeds=inputs_embeds, cache=cache)
+        if self.mrope and cache is not None:
+            *cache, rows = cache
+            if "position_ids" not in extras:
+                extras["position_ids"] = decode_positions(
+                    cache[0].offset, rows.deltas, inputs.shape[1]
+                )
+        output = self.vlm.language_model(inputs, inputs_embeds=inputs_embeds, cache=cache, **extras)
         logits: mx.array = output.logits
         return logits
 
@@ -83,6 +116,8 @@ def load_vision_model(
             f"{path} is a vision-language model, which needs mlx-vlm: "
             "pip install 'mlx-engine-server[vision]' (./run_server.sh installs it)"
         ) from None
+    model_type = str(config.get("model_type", "unknown"))
+    _check_family(model_type)  # before the weights are read
     try:
         vlm, processor = mlx_vlm_load(
             str(path), adapter_path=adapter_path, trust_remote_code=trust_remote_code
@@ -90,10 +125,10 @@ def load_vision_model(
     except (ValueError, FileNotFoundError, KeyError, OSError, ImportError) as exc:
         what = f"adapter {adapter_path} for {path}" if adapter_path else f"model {path}"
         raise StartupError(f"could not load the vision-language {what}: {exc}") from None
-    model_type = str(config.get("model_type", "unknown"))
-    _check_family(vlm, model_type)
     tokenizer = _tokenizer(path, config, processor)
-    return VisionParts(vlm, processor, LanguageDecoder(vlm), model_type), tokenizer
+    parts = VisionParts(vlm, processor, LanguageDecoder(vlm), model_type)
+    _check_positions_match_tokens(parts, tokenizer)
+    return parts, tokenizer
 
 
 def load_vision_front(
@@ -118,14 +153,36 @@ def load_vision_front(
     return processor, _tokenizer(path, config, processor)
 
 
-def _check_family(vlm: Module, model_type: str) -> None:
-    language_model = vlm.language_model
-    stateful = [name for name in PER_REQUEST_STATE if hasattr(language_model, name)]
-    if stateful or model_type in CROSS_ATTENTION_FAMILIES:
+def _check_family(model_type: str) -> None:
+    if model_type in CROSS_ATTENTION_FAMILIES:
         raise StartupError(
-            f"vision-language models of the {model_type!r} family are not supported yet: their "
-            "decoder keeps per-request image state (M-RoPE positions or cross-attention), which "
-            "the batching engine does not carry"
+            f"vision-language models of the {model_type!r} family are not supported: they "
+            "attend to the image through cross-attention at every decoding step, and the "
+            f"batching engine does not carry those image states per row ({NOT_SERVED})"
+        )
+
+
+def _check_positions_match_tokens(vision: VisionParts, tokenizer: TokenizerWrapper) -> None:
+    """One small image through the processor and the vision tower: the embeddings must hold one
+    position per prompt token, as the batch and the prefix cache count them. (mlx-vlm's
+    LLaVA-Next merges a different number of image features than its processor placed image
+    tokens.) Skipped when the probe itself cannot run: requests will say why."""
+    try:
+        text = tokenizer.apply_chat_template(
+            PROBE_MESSAGES, tokenize=False, add_generation_prompt=True
+        )
+        prompt = prepare_vision_prompt(vision.processor, str(text), [probe_image()], "probe")
+        positions = vision_input_embeddings(vision, prompt).embeddings.shape[1]
+    except Exception as exc:  # any failure here is the request path's to report
+        logger.warning("could not probe the %s family's image prompts: %s", vision.model_type, exc)
+        return
+    logger.debug("image prompt probe: %d tokens, %d positions", len(prompt.token_ids), positions)
+    if positions != len(prompt.token_ids):
+        raise StartupError(
+            f"vision-language models of the {vision.model_type!r} family are not supported: "
+            f"mlx-vlm's model merges the image into {positions} positions where its processor "
+            f"placed {len(prompt.token_ids)} prompt tokens, so the prompt's positions cannot "
+            f"be batched or cached by token ({NOT_SERVED})"
         )
 
 
@@ -152,7 +209,7 @@ def prepare_vision_prompt(
 ) -> VisionPrompt:
     """Run the processor: it resizes the images and expands each image placeholder of the
     rendered prompt into the model's image tokens. Blocking; call it off the event loop."""
-    inputs = processor(images=[images], text=[prompt_text], add_special_tokens=False)
+    inputs = processor(images=[images], text=[prompt_text], **_text_options(processor))
     arrays = {
         key: np.array(value)
         for key, value in inputs.items()
@@ -162,21 +219,57 @@ def prepare_vision_prompt(
     return VisionPrompt(token_ids, arrays, image_digest)
 
 
-def vision_input_embeddings(vision: VisionParts, prompt: VisionPrompt) -> mx.array:
-    """The prompt's input embeddings, image features merged in: [1, tokens, hidden]."""
+@dataclass(frozen=True)
+class PromptFeatures:
+    """What the prefill of a prompt with images feeds the language model."""
+
+    embeddings: mx.array  # [1, tokens, hidden], image features merged in
+    extras: dict[str, mx.array]  # per-prompt inputs of the prefill (Qwen3-VL's deepstack)
+    positions: mx.array | None = None  # M-RoPE: [3, 1, tokens]
+    rope_delta: int = 0  # M-RoPE: how far the text positions after the images run behind
+
+
+def _text_options(processor: Any) -> dict[str, Any]:
+    """No second BOS (the template wrote the prompt's), where the processor takes the option:
+    some (LLaVA's) pass every keyword to their image processor too, which refuses it. mlx-vlm
+    decides the same way."""
+    parameters = inspect.signature(processor.__call__).parameters
+    return {"add_special_tokens": False} if "add_special_tokens" in parameters else {}
+
+
+def vision_input_embeddings(vision: VisionParts, prompt: VisionPrompt) -> PromptFeatures:
+    """The prompt's input embeddings and what else its prefill needs."""
     input_ids = mx.array([prompt.token_ids])
     arrays = {key: mx.array(value) for key, value in prompt.arrays.items()}
     pixel_values = arrays.pop("pixel_values", None)
-    features = vision.model.get_input_embeddings(input_ids, pixel_values, **arrays)
-    extras = [
-        key
+    mask = mx.ones(input_ids.shape, dtype=mx.int32)  # one unpadded prompt (Gemma 3 needs it)
+    features = vision.model.get_input_embeddings(input_ids, pixel_values, mask=mask, **arrays)
+    found = {
+        key: value
         for key, value in features.to_dict().items()
         if key != "inputs_embeds" and value is not None
-    ]
-    if extras:
+    }
+    unsupported = [key for key in found if key not in (*PREFILL_EXTRAS, *POSITION_EXTRAS)]
+    unsupported = [key for key in unsupported if key not in IGNORED_EXTRAS]
+    if unsupported:
         raise ValueError(
-            f"the {vision.model_type} family passes {', '.join(extras)} to its decoder, "
+            f"the {vision.model_type} family passes {', '.join(unsupported)} to its decoder, "
             "which the batching engine does not carry"
         )
-    embeddings: mx.array = features.inputs_embeds
-    return embeddings
+    extras = {key: found[key] for key in PREFILL_EXTRAS if key in found}
+    if not vision.decoder.mrope:
+        return PromptFeatures(features.inputs_embeds, extras)
+    positions, delta = _mrope_positions(vision, input_ids, arrays, found)
+    return PromptFeatures(features.inputs_embeds, extras, positions, delta)
+
+
+def _mrope_positions(
+    vision: VisionParts, input_ids: mx.array, arrays: dict[str, mx.array], found: dict[str, Any]
+) -> tuple[mx.array, int]:
+    """The prompt's three-axis positions and its delta; GLM-4V leaves them to be computed."""
+    positions, deltas = found.get("position_ids"), found.get("rope_deltas")
+    if positions is None or deltas is None:
+        positions, deltas = vision.model.language_model.get_rope_index(
+            input_ids, arrays.get("image_grid_thw"), arrays.get("video_grid_thw"), None
+        )
+    return positions, int(deltas.reshape(-1)[0].item())

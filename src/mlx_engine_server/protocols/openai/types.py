@@ -62,7 +62,10 @@ ContentPart = Annotated[
     Discriminator(
         _content_part_class,
         custom_error_type="invalid_content_part",
-        custom_error_message="a content part must have type 'text' or 'image_url'",
+        custom_error_message=(
+            "a content part must have type 'text' or 'image_url' (video_url, input_audio and "
+            "file parts are not read: send a video as image_url frames)"
+        ),
     ),
 ]
 
