@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from ..chat.overflow import CompactionCounters
@@ -20,7 +19,7 @@ from ..protocols.openai.tokenize import detokenize, tokenize
 from ..protocols.responses import routes as openai_responses_routes
 from .access_log import REQUEST_ID_HEADER, RequestLog
 from .errors import EXCEPTION_HANDLERS, Dialects
-from .guards import ApiKeyGuard, HeaderLimit, HostGuard
+from .guards import ApiKeyGuard, Cors, HeaderLimit, HostGuard, OriginGuard, OriginPolicy
 from .metrics import RequestCounter, ServerMetrics
 from .openapi import openapi_json
 from .ops import health, metrics_text, status
@@ -73,17 +72,19 @@ def create_app(engine: EngineClient, options: ServerOptions | None = None) -> St
 
 
 def _middleware(options: ServerOptions, metrics: ServerMetrics) -> list[Middleware]:
-    """Outermost first: log everything; then Host, CORS (preflights need no key), API key."""
+    """Outermost first: log everything; then Host, Origin, CORS (preflights need no key), key."""
     stack = [
         Middleware(RequestLog),
         Middleware(HeaderLimit, max_header_bytes=options.max_header_bytes),
     ]
     if options.host_policy is not None:
         stack.append(Middleware(HostGuard, policy=options.host_policy))
+    origins = OriginPolicy(frozenset(options.cors_origins))
+    stack.append(Middleware(OriginGuard, policy=origins))
     if options.cors_origins:
         stack.append(
             Middleware(
-                CORSMiddleware,
+                Cors,
                 allow_origins=list(options.cors_origins),
                 allow_methods=["GET", "POST", "OPTIONS"],
                 allow_headers=["*"],

@@ -1,4 +1,5 @@
-"""Reading request bodies: size limit, JSON parsing we control, strict validation → 400s."""
+"""Reading request bodies: content type, size limit, JSON parsing we control, strict validation
+→ 4xx."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from ..errors import InvalidRequestError, PayloadTooLargeError
+from ..errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 from ..protocols.openai.limits import RequestLimits, check_json_depth
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -32,6 +33,7 @@ def request_limits(request: Request) -> RequestLimits:
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
+    _check_content_type(request.headers.get("content-type"))
     limits = request_limits(request)
     raw = await _read_body(request, limits.max_body_bytes)
     try:
@@ -50,6 +52,22 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if _may_hold_surrogates(raw):
         _reject_lone_surrogates(data)
     return data
+
+
+def _check_content_type(value: str | None) -> None:
+    """JSON, or no type at all; anything else is a 415. A web page can send text/plain or a form
+    to another origin without asking first, never application/json."""
+    if value is None:
+        return
+    media_type = value.partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {media_type or value!r} is not accepted: send the body as JSON with "
+        "'Content-Type: application/json'."
+    )
 
 
 def _may_hold_surrogates(raw: bytes) -> bool:
