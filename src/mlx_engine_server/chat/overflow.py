@@ -102,6 +102,14 @@ async def fit_conversation(
 
     Under `error` nothing changes here: the max_tokens check that follows refuses as before.
     """
+    fitted = fit_without_model(messages, render, limits, policy)
+    return fitted if fitted is not None else await summarize(messages, render, limits, summary)
+
+
+def fit_without_model(
+    messages: list[ChatMessage], render: Render, limits: Limits, policy: OverflowPolicy
+) -> Fitted | None:
+    """fit_conversation's CPU part (a thread may run it): None when a summary is needed."""
     prompt = render(messages)
     if policy == "error" or len(prompt) <= limits.prompt_budget:
         return Fitted(messages, prompt)
@@ -109,7 +117,7 @@ async def fit_conversation(
         raise overflow_error(limits, len(prompt), "")
     if policy == "truncate":
         return truncate(messages, render, limits)
-    return await summarize(messages, render, limits, summary)
+    return None
 
 
 def overflow_error(limits: Limits, prompt_tokens: int, after: str) -> ContextLengthExceededError:

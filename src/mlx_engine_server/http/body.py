@@ -10,13 +10,24 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from ..errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..pipeline.front_work import off_loop
 from ..protocols.openai.limits import RequestLimits, check_json_depth
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Bodies from this size on are parsed and validated in a front thread, not on the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
-    return validate_model(model, await read_json_object(request))
+    raw = await _read_json_body(request)
+    limits = request_limits(request)
+    if len(raw) < OFF_LOOP_BYTES:
+        return _parse_and_validate(raw, limits, model)
+    return await off_loop(_parse_and_validate, raw, limits, model)
+
+
+def _parse_and_validate(raw: bytes, limits: RequestLimits, model: type[ModelT]) -> ModelT:
+    return validate_model(model, parse_json_object(raw, limits))
 
 
 def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
@@ -32,10 +43,13 @@ def request_limits(request: Request) -> RequestLimits:
     return limits
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
+async def _read_json_body(request: Request) -> bytes:
     _check_content_type(request.headers.get("content-type"))
-    limits = request_limits(request)
-    raw = await _read_body(request, limits.max_body_bytes)
+    return await _read_body(request, request_limits(request).max_body_bytes)
+
+
+def parse_json_object(raw: bytes, limits: RequestLimits) -> dict[str, Any]:
+    """The body as a JSON object within the limits, or a 400 saying what is wrong with it."""
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:

@@ -20,7 +20,8 @@ from ..chat.overflow import (
     Limits,
     Summary,
     SummaryOptions,
-    fit_conversation,
+    fit_without_model,
+    summarize,
 )
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
@@ -39,6 +40,7 @@ from ..protocols.openai.types import (
     SamplingFields,
 )
 from .admission import collect
+from .front_work import check_text_can_fit, off_loop, rendered_chars
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,13 @@ async def fit_conversation_for(
         options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
     )
     counters: CompactionCounters = request.app.state.compactions
+    messages = list(body.messages)
+    if policy == "error":  # refused at once when the text alone surely overflows
+        check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
     try:
-        fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
+        fitted = await off_loop(fit_without_model, messages, render, limits, policy)
+        if fitted is None:
+            fitted = await summarize(messages, render, limits, summary)
     except ContextLengthExceededError:
         counters.refusals += 1
         raise
@@ -306,7 +313,7 @@ async def plan_request(request: Request, body: ChatCompletionRequest) -> Planned
     images = await load_images(refs, options.media)
     planner = ChatPlanner(engine, chat_formats_of(request), body)
     fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
-    plan = planner.plan(fitted.messages)
+    plan = await off_loop(planner.plan, fitted.messages)
     vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
     return PlannedChat(plan, fitted.compaction, vision)
 
@@ -323,8 +330,11 @@ async def _vision_prompt(
     )
 
 
-def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
+async def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
     """The prompt tokens of a conversation as given (tools and template included), uncompacted."""
     engine, _ = check_model(request, body.model)
+    messages = list(body.messages)
+    window = engine.model.context_window
+    check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
     planner = ChatPlanner(engine, chat_formats_of(request), body)
-    return len(planner.prompt_tokens(list(body.messages)))
+    return len(await off_loop(planner.prompt_tokens, messages))
