@@ -31,7 +31,10 @@ def big_requests() -> dict[str, tuple[str, dict[str, Any]]]:
         {"role": "user" if index % 2 == 0 else "assistant", "content": LINE}
         for index in range(2048)
     ]
+    under_cap = messages[:60]  # 240 KB: tokenized in full, then refused as over the window
     return {
+        "/tokenize 240 KB prompt": ("/tokenize", {"prompt": LINE * 60}),
+        "chat 60 messages (240 KB)": ("/v1/chat/completions", {"messages": under_cap}),
         "/tokenize 10 MB prompt": ("/tokenize", {"prompt": "word " * 2_000_000}),
         "/tokenize 2,048 messages (8 MB)": ("/tokenize", {"messages": messages}),
         "chat 2,048 messages (8 MB)": (
