@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
@@ -46,8 +47,12 @@ async def off_loop(work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T
 
 @functools.lru_cache(maxsize=8)
 def longest_token_chars(tokenizer: Any) -> int:
-    """Characters of the vocabulary's longest entry: the most text one token can stand for."""
-    return max((len(token) for token in tokenizer.get_vocab()), default=1) * NORMALIZATION_MARGIN
+    """Characters of the vocabulary's longest entry: the most text one token can stand for
+    (with the margin); without a vocabulary to read, no bound at all."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return sys.maxsize
+    return max((len(token) for token in get_vocab()), default=1) * NORMALIZATION_MARGIN
 
 
 def check_text_can_fit(tokenizer: Any, chars: int, context_window: int, param: str) -> None:
