@@ -68,6 +68,12 @@ def check_text_can_fit(tokenizer: Any, chars: int, context_window: int, param: s
         )
 
 
+def tokens_at_least(tokenizer: Any) -> Callable[[list[ChatMessage]], int]:
+    """The fewest tokens these messages can take once rendered, from their characters."""
+    longest = longest_token_chars(tokenizer)
+    return lambda messages: rendered_chars(messages) // longest
+
+
 def rendered_chars(messages: Iterable[ChatMessage]) -> int:
     """Characters every chat template renders of these messages (their text parts)."""
     return sum(len(message.text()) for message in messages if message.role in RENDERED_ROLES)

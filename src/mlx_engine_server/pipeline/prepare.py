@@ -40,7 +40,7 @@ from ..protocols.openai.types import (
     SamplingFields,
 )
 from .admission import collect
-from .front_work import check_text_can_fit, off_loop, rendered_chars
+from .front_work import check_text_can_fit, off_loop, rendered_chars, tokens_at_least
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,8 @@ async def fit_conversation_for(
     if policy == "error":  # refused at once when the text alone surely overflows
         check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
     try:
-        fitted = await off_loop(fit_without_model, messages, render, limits, policy)
+        at_least = tokens_at_least(engine.tokenizer)
+        fitted = await off_loop(fit_without_model, messages, render, limits, policy, at_least)
         if fitted is None:
             fitted = await summarize(messages, render, limits, summary)
     except ContextLengthExceededError:
