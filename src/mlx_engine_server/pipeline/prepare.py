@@ -18,6 +18,7 @@ from ..chat.overflow import (
     CompactionCounters,
     Fitted,
     Limits,
+    Render,
     Summary,
     SummaryOptions,
     fit_without_model,
@@ -143,12 +144,20 @@ async def fit_conversation_for(
         at_least = tokens_at_least(engine.tokenizer)
         fitted = await off_loop(fit_without_model, messages, render, limits, policy, at_least)
         if fitted is None:
-            fitted = await summarize(messages, render, limits, summary)
+            fitted = await off_loop(_summarized, messages, render, limits, summary)
     except ContextLengthExceededError:
         counters.refusals += 1
         raise
     counters.record(fitted.compaction)
     return fitted
+
+
+def _summarized(
+    messages: list[ChatMessage], render: Render, limits: Limits, summary: SummaryOptions
+) -> Fitted:
+    """The summarize policy in a front thread: its renders stay off the request's loop, and
+    its one generation runs there (EngineSummarizer.summarize)."""
+    return asyncio.run(summarize(messages, render, limits, summary))
 
 
 def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
@@ -184,6 +193,7 @@ class EngineSummarizer:
     def __init__(self, request: Request) -> None:
         self.request = request
         self.engine: EngineClient = request.app.state.engine
+        self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
         engine = self.engine
@@ -191,6 +201,11 @@ class EngineSummarizer:
         return chat_prompt_tokens(engine.tokenizer, messages, multimodal=vision)
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
+        """On the request's loop, whichever loop awaits this (compaction runs in a thread)."""
+        job = self._summarize(prompt_tokens, max_tokens)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(job, self.loop))
+
+    async def _summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         generation = self.engine.generate([(prompt_tokens, params)])
         (result,), usage = await collect(generation, self.request.receive, 1, 1)
