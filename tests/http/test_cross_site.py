@@ -4,8 +4,16 @@ body that is not JSON is refused by its Content-Type, whoever sends it."""
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
+import logging
+import shutil
+import subprocess
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
@@ -113,3 +121,51 @@ def test_json_with_parameters_or_no_content_type_is_accepted(
     response = client.post("/tokenize", content=json.dumps({"prompt": "Hi"}), headers=headers)
     assert response.status_code == 200, response.text
     assert response.json()["count"] >= 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ATTACK_PAGE = """<html><body><script>
+fetch("{target}/v1/chat/completions", {{
+  method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}}, body: {body}
+}});
+</script></body></html>"""
+
+
+def chat_requests_logged(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The access log's chat completion lines."""
+    fields = [getattr(record, "fields", {}) for record in caplog.records]
+    return [line for line in fields if line.get("path") == "/v1/chat/completions"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (.ci/run installs it)")
+def test_a_real_browser_on_another_site_cannot_drive_generation(
+    tiny_server: LiveServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Headless Chromium loads a page of another origin that posts a chat as text/plain."""
+    (tmp_path / "page.html").write_text(
+        ATTACK_PAGE.format(target=tiny_server.base_url, body=json.dumps(CHAT)), encoding="utf-8"
+    )
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    site = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    admitted = requests_admitted(tiny_server)
+    page = f"http://localhost:{site.server_address[1]}/page.html"  # another origin
+    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu"]
+    try:
+        with caplog.at_level(logging.INFO, logger="mlx_engine_server.access"):
+            subprocess.run(
+                [*command, "--virtual-time-budget=3000", "--dump-dom", page],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+            deadline = time.monotonic() + 10
+            while not chat_requests_logged(caplog):
+                assert time.monotonic() < deadline, "the browser's request never arrived"
+                time.sleep(0.1)
+    finally:
+        site.shutdown()
+        site.server_close()
+    (line,) = chat_requests_logged(caplog)
+    assert (line["status"], line["error_code"]) == (403, "origin_not_allowed")
+    assert requests_admitted(tiny_server) == admitted
