@@ -19,7 +19,7 @@ import pytest
 from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
 
 MAX_CONNECTIONS = 64
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0
 CHAT_PATH = "/v1/chat/completions"
 
 
