@@ -64,6 +64,7 @@ class RequestRecord:
 
 
 CLIENT_CLOSED = 499  # nginx's status for a client that hung up before its answer was sent
+REQUEST_TIMEOUT = int(HTTPStatus.REQUEST_TIMEOUT)  # its body stalled: connections.py answered
 
 
 class Exchange:
@@ -82,7 +83,7 @@ class Exchange:
     @property
     def status(self) -> int:
         if self.scope.get(TIMED_OUT_KEY):
-            return HTTPStatus.REQUEST_TIMEOUT
+            return REQUEST_TIMEOUT
         return CLIENT_CLOSED if self.client_left else self.sent_status
 
     async def receive(self) -> Message:

@@ -1,7 +1,7 @@
 """Guards in front of the routes: header size, the Host allow-list (DNS rebinding), the web
 origins allowed to call (cross-site requests), API keys.
 
-Both are pure ASGI middleware that look only at the ASGI scope: the path the router will match
+All are pure ASGI middleware that look only at the ASGI scope: the path the router will match
 (never a URL rebuilt from the Host header) and the raw headers. Every path needs a key except
 the ones in PUBLIC_PATHS, matched exactly as the router matches them, so no other spelling of a
 path (`//v1/models`, `/v1/models/`, `%2F`, a root-path prefix) can skip the check.
