@@ -187,3 +187,22 @@ def test_stalled_headers_and_bodies_get_408_and_are_closed(server: ServerProcess
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
     assert logged_with_id(server, "stalled-2")["status"] == 408
     assert_no_traceback(server)
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess) -> None:
+    """Connections reading a body are busy, not idle: none is closed to make room."""
+    busy = [socket.create_connection(address(server)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for index, sock in enumerate(busy):
+            sock.sendall(raw_post(CHAT_PATH, b"{", f"busy-{index}", length=100))
+        time.sleep(0.5)  # every header block read: each connection is now waiting for its body
+        with socket.create_connection(address(server)) as late:
+            late.settimeout(TIMEOUT_S * 5)
+            answer = late.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "too_many_connections"
+    finally:
+        for sock in busy:
+            sock.close()
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
