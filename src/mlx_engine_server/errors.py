@@ -83,6 +83,12 @@ class AuthenticationError(APIError):
     default_code = "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    default_code = "forbidden"
+
+
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -97,6 +103,12 @@ class MethodNotAllowedError(APIError):
     status_code = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeoutError(APIError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLargeError(APIError):
@@ -115,6 +127,14 @@ class UnsupportedMediaTypeError(APIError):
     status_code = 415
     error_type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class ClientClosedError(APIError):
+    """The client hung up before its answer was ready: nobody reads this error (nginx's 499)."""
+
+    status_code = 499
+    error_type = "client_closed"
+    default_code = "client_closed_request"
 
 
 class OverloadedError(APIError):

@@ -18,6 +18,7 @@ from mlx_engine_server.chat.overflow import (
     SummaryOptions,
     droppable_units,
     fit_conversation,
+    fit_without_model,
     summary_request,
 )
 from mlx_engine_server.errors import ContextLengthExceededError
@@ -239,3 +240,26 @@ def test_the_summary_prompt_always_fits_the_window() -> None:
     assert header is not None
     assert header.startswith("summarize; summarized=78; unread=")
     assert len(word_tokens(kept)) <= 90
+
+
+def test_truncate_renders_no_candidate_its_floor_puts_over_the_budget() -> None:
+    """A floor from characters spares the search the renders of long candidates: an 8 MB chat
+    would otherwise be rendered whole, then half of it, and so on."""
+    messages = [message("system", 2)]
+    for turn in range(1024):
+        messages += [message("user", 10, f"q{turn}"), message("assistant", 10, f"a{turn}")]
+    messages.append(message("user", 3, "last"))
+    rendered: list[int] = []
+
+    def counted(kept: list[ChatMessage]) -> list[int]:
+        rendered.append(len(kept))
+        return word_tokens(kept)
+
+    def floor(kept: list[ChatMessage]) -> int:
+        return sum(len(m.text().split()) for m in kept)  # never above word_tokens
+
+    limits = Limits(100, 10, max_tokens_requested=True)
+    fitted = fit_without_model(messages, counted, limits, "truncate", floor)
+    assert fitted is not None
+    assert fitted.messages == fit(messages, "truncate")[0]  # what the plain search keeps
+    assert max(rendered) <= 2 * len(fitted.messages)

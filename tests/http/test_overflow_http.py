@@ -369,3 +369,17 @@ def test_status_and_metrics_count_what_compaction_did(overflow_client: TestClien
     assert metrics[("mlx_server_context_overflow_refusals_total", "")] == after["refusals"]
     summary_tokens = metrics[("mlx_server_context_summary_tokens_total", "")]
     assert summary_tokens == after["summary_tokens"]
+
+
+def test_truncate_of_megabytes_renders_only_what_can_fit(overflow_client: TestClient) -> None:
+    """2,048 messages of 4 KB (8 MB): the candidates a character count already puts over the
+    window are never rendered (whole, this one takes tens of seconds to render and tokenize)."""
+    line = "The quick brown fox jumps over the lazy dog, again and again. " * 64
+    messages: Messages = [SYSTEM]
+    for turn in range(1023):
+        messages += [{"role": "user", "content": f"{turn} {line}"}]
+        messages += [{"role": "assistant", "content": line}]
+    messages.append({"role": "user", "content": "And now?"})
+    response = post(overflow_client, messages)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-context-compacted"] == "truncate; dropped=2046"

@@ -214,7 +214,22 @@ def test_loopback_and_configured_hosts_are_allowed(loopback_client: TestClient, 
 
 @pytest.mark.parametrize(
     "host",
-    ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "192.168.1.5", "llm.lan.evil"],
+    [
+        "evil.example",
+        "evil.example:8000",
+        "127.0.0.1.evil.example",
+        "192.168.1.5",
+        "llm.lan.evil",
+        # malformed: each once passed as a loopback name
+        "[::1",
+        "[::1]evil.com",
+        "[::1]:8000x",
+        "localhost:abc",
+        "localhost:99999",
+        "localhost:8000:1",
+        "local host",
+        "",
+    ],
 )
 def test_other_hosts_are_refused(loopback_client: TestClient, host: str) -> None:
     response = loopback_client.get("/v1/models", headers={"host": host})
@@ -291,8 +306,27 @@ def test_other_origins_get_no_cors_headers(cors_client: TestClient) -> None:
         "/v1/models",
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
     )
-    assert preflight.status_code == 400
+    assert preflight.status_code == 403
+    assert preflight.json()["error"]["code"] == "origin_not_allowed"
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_refused_preflight_of_an_allowed_origin_is_an_openai_error(cors_client: TestClient) -> None:
+    preflight = cors_client.options(
+        "/v1/models",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "DELETE",
+            "Access-Control-Request-Private-Network": "true",
+        },
+    )
+    assert preflight.status_code == 400
+    assert preflight.headers["content-type"] == "application/json"
+    error = preflight.json()["error"]
+    assert error["code"] == "cors_preflight_refused"
+    assert "method" in error["message"]
+    assert "private-network" in error["message"]
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN  # the page can read why
 
 
 def test_cors_is_closed_by_default(client: TestClient) -> None:

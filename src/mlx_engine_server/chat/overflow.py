@@ -30,6 +30,13 @@ CUT_MARK = "[...]\n"
 MAX_CHARS_PER_TOKEN = 16
 
 Render = Callable[[list[ChatMessage]], list[int]]
+# A floor under the prompt's length, cheap to compute (from characters): truncate's search skips
+# rendering a candidate the floor already puts over the budget.
+AtLeast = Callable[[list[ChatMessage]], int]
+
+
+def no_floor(_: list[ChatMessage]) -> int:
+    return 0
 
 
 @dataclass(frozen=True)
@@ -102,14 +109,29 @@ async def fit_conversation(
 
     Under `error` nothing changes here: the max_tokens check that follows refuses as before.
     """
+    fitted = fit_without_model(messages, render, limits, policy)
+    return fitted if fitted is not None else await summarize(messages, render, limits, summary)
+
+
+def fit_without_model(
+    messages: list[ChatMessage],
+    render: Render,
+    limits: Limits,
+    policy: OverflowPolicy,
+    at_least: AtLeast = no_floor,
+) -> Fitted | None:
+    """fit_conversation's CPU part (a thread may run it): None when a summary is needed."""
+    surely_over = at_least(messages) > limits.prompt_budget
+    if policy == "truncate" and surely_over and limits.prompt_budget >= 1:
+        return truncate(messages, render, limits, at_least)  # no render of the whole
     prompt = render(messages)
     if policy == "error" or len(prompt) <= limits.prompt_budget:
         return Fitted(messages, prompt)
     if limits.prompt_budget < 1:
         raise overflow_error(limits, len(prompt), "")
     if policy == "truncate":
-        return truncate(messages, render, limits)
-    return await summarize(messages, render, limits, summary)
+        return truncate(messages, render, limits, at_least)
+    return None
 
 
 def overflow_error(limits: Limits, prompt_tokens: int, after: str) -> ContextLengthExceededError:
@@ -170,7 +192,9 @@ def _without(
     return [message for index, message in enumerate(messages) if index not in gone]
 
 
-def truncate(messages: list[ChatMessage], render: Render, limits: Limits) -> Fitted:
+def truncate(
+    messages: list[ChatMessage], render: Render, limits: Limits, at_least: AtLeast = no_floor
+) -> Fitted:
     """Drop the fewest oldest units that make the prompt fit (a binary search over renders)."""
     units = droppable_units(messages)
     best: Fitted | None = None
@@ -178,6 +202,9 @@ def truncate(messages: list[ChatMessage], render: Render, limits: Limits) -> Fit
     while low <= high:
         middle = (low + high) // 2
         kept = _without(messages, units[:middle])
+        if at_least(kept) > limits.prompt_budget:
+            low = middle + 1
+            continue
         prompt = render(kept)
         if len(prompt) <= limits.prompt_budget:
             dropped = Compaction("truncate", dropped=len(messages) - len(kept))
@@ -186,9 +213,11 @@ def truncate(messages: list[ChatMessage], render: Render, limits: Limits) -> Fit
         else:
             low = middle + 1
     if best is None:
-        shortest = render(_without(messages, units))
+        shortest = _without(messages, units)
+        floor = at_least(shortest)
+        tokens = floor if floor > limits.prompt_budget else len(render(shortest))
         raise overflow_error(
-            limits, len(shortest), " even with only the system messages and the last turn"
+            limits, tokens, " even with only the system messages and the last turn"
         )
     return best
 

@@ -135,6 +135,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1024 * 1024)
     max_json_depth: int = Field(default=64, ge=4, le=512)
+    header_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Time a client has to send a request's headers."
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="Longest wait for the next piece of a body."
+    )
+    max_connections: int = Field(
+        default=512, ge=1, le=1_000_000, description="Most client connections open at once."
+    )
     max_messages: int = Field(default=2048, ge=1)
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, ge=1)

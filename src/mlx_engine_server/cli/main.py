@@ -155,6 +155,19 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option(
     "--max-header-bytes", metavar="BYTES", help="Largest request header block.  [default: 32768]"
 )
+@click.option(
+    "--header-timeout-s",
+    metavar="SECONDS",
+    help="Time a client has to send a request's headers.  [default: 30]",
+)
+@click.option(
+    "--body-timeout-s",
+    metavar="SECONDS",
+    help="Longest wait for the next piece of a request body.  [default: 60]",
+)
+@click.option(
+    "--max-connections", metavar="INT", help="Client connections open at once.  [default: 512]"
+)
 @click.option("--max-json-depth", metavar="INT", help="Deepest JSON nesting.  [default: 64]")
 @click.option("--max-messages", metavar="INT", help="Messages in one request.  [default: 2048]")
 @click.option("--max-stop-sequences", metavar="INT", help="Entries of 'stop'.  [default: 16]")

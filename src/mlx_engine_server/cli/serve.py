@@ -37,6 +37,7 @@ from ..engine.messages import EngineFailed, EngineSpec
 from ..engine.process import process_client
 from ..errors import CannotListenError, StartupError
 from ..http.app import ServerOptions, create_app
+from ..http.connections import ConnectionLimits, fit_open_file_limit, guarded_h11
 from ..http.guards import HostPolicy, is_loopback_host
 from ..http.sse import SHUTDOWN_MARGIN_S
 from ..models.loader import ModelSource, Sharding, load_model
@@ -202,6 +203,14 @@ def warn_if_exposed(settings: Settings, options: ServerOptions) -> None:
         )
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        max_connections=settings.max_connections,
+    )
+
+
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -211,7 +220,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         log_level=effective_log_level(settings),
         log_config=None,  # our handler on the root logger (logs.py) formats uvicorn's lines too
         access_log=False,  # request_log.py writes one line per request instead
-        http="h11",  # the parser whose header limit is a setting
+        http=guarded_h11(fit_open_file_limit(connection_limits(settings))),  # uvicorn's h11
         h11_max_incomplete_event_size=2 * settings.max_header_bytes,
         server_header=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s + SHUTDOWN_MARGIN_S * 2),

@@ -18,6 +18,7 @@ class Counters:
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     failures_total: int = 0
+    cancelled_total: int = 0
     active: int = 0
     recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
     _steps_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

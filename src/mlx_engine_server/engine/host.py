@@ -231,6 +231,7 @@ class EngineHost:
             prompt_tokens_total=counters.prompt_tokens_total if counters else 0,
             completion_tokens_total=counters.completion_tokens_total if counters else 0,
             failures_total=counters.failures_total if counters else 0,
+            cancelled_total=counters.cancelled_total if counters else 0,
             tokens_per_s=counters.tokens_per_s() if counters else 0.0,
         )
         return EngineReport(

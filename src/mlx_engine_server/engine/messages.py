@@ -128,7 +128,7 @@ class Failed:
     """Generation of this request ended by an error; `kind` picks the HTTP error to report."""
 
     message: str
-    kind: Literal["internal", "timeout", "shutdown", "memory"] = "internal"
+    kind: Literal["internal", "timeout", "shutdown", "memory", "cancelled"] = "internal"
 
 
 Event = Admitted | TextDelta | Finished | Failed
@@ -157,6 +157,7 @@ class EngineStats:
     completion_tokens_total: int
     failures_total: int
     tokens_per_s: float
+    cancelled_total: int = 0  # ended because the client hung up: no failure of ours
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,9 @@ class Worker:
         return sequence
 
     def _end(self, submission: Submission, event: Event) -> None:
-        if isinstance(event, Failed):
+        if isinstance(event, Failed) and event.kind == "cancelled":
+            self.counters.cancelled_total += 1
+        elif isinstance(event, Failed):
             self.counters.failures_total += 1
         submission.post(event)
         self.counters.active = len(self._live)
@@ -447,7 +449,7 @@ class Worker:
 
     def _abandon_reason(self, submission: Submission, now: float) -> Failed | None:
         if submission.cancellation.cancelled:
-            return Failed("cancelled")
+            return Failed("cancelled", kind="cancelled")
         if now > submission.deadline:
             return Failed("the request passed its deadline", kind="timeout")
         if self._drain_deadline is not None and now > self._drain_deadline:

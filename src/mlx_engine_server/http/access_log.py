@@ -12,11 +12,14 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .connections import TIMED_OUT_KEY
 
 logger = logging.getLogger("mlx_engine_server.access")
 
@@ -60,6 +63,47 @@ class RequestRecord:
         return fields
 
 
+CLIENT_CLOSED = 499  # nginx's status for a client that hung up before its answer was sent
+REQUEST_TIMEOUT = int(HTTPStatus.REQUEST_TIMEOUT)  # its body stalled: connections.py answered
+
+
+class Exchange:
+    """One request's ASGI messages as they pass: the status sent, whether the response ended,
+    and whether the client hung up first (then the status is CLIENT_CLOSED, whatever was sent:
+    nobody read it, and it was no fault of the server's)."""
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.sent_status = 500
+        self.response_done = False
+        self.client_left = False
+        self._receive = receive
+        self._send = send
+
+    @property
+    def status(self) -> int:
+        if self.scope.get(TIMED_OUT_KEY):
+            return REQUEST_TIMEOUT
+        return CLIENT_CLOSED if self.client_left else self.sent_status
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.response_done:
+            self.client_left = True
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.sent_status = message["status"]
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.response_done = True
+        try:
+            await self._send(message)
+        except OSError:
+            self.client_left = not self.response_done
+            raise
+
+
 def request_record(request: Request) -> RequestRecord | None:
     record = request.scope.get(RECORD_KEY)
     return record if isinstance(record, RequestRecord) else None
@@ -78,34 +122,38 @@ class RequestLog:
         record = RequestRecord(request_id=_request_id(scope))
         scope[RECORD_KEY] = record
         started = time.monotonic()
-        status = 500
+        exchange = Exchange(scope, receive, send)
         error_body = bytearray()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
-            elif message["type"] == "http.response.body" and status >= HTTP_ERROR_FIRST:
+            elif (
+                message["type"] == "http.response.body" and exchange.sent_status >= HTTP_ERROR_FIRST
+            ):
                 room = ERROR_BODY_MAX_BYTES - len(error_body)
                 error_body.extend(message.get("body", b"")[: max(room, 0)])
-            await send(message)
+            await exchange.send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, exchange.receive, send_with_id)
         finally:
-            fields = {
-                "request_id": record.request_id,
-                "method": scope["method"],
-                "path": scope["path"],
-                "status": status,
-                **record.fields(),
-                **_error_fields(bytes(error_body)),
-                "duration_s": _rounded(time.monotonic() - started),
-            }
-            logger.info(
-                "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields}
-            )
+            self._write(scope, record, exchange.status, bytes(error_body), started)
+
+    @staticmethod
+    def _write(
+        scope: Scope, record: RequestRecord, status: int, error_body: bytes, started: float
+    ) -> None:
+        fields = {
+            "request_id": record.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            **record.fields(),
+            **_error_fields(error_body),
+            "duration_s": _rounded(time.monotonic() - started),
+        }
+        logger.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
 
 
 def _error_fields(body: bytes) -> dict[str, str | None]:

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from ..chat.overflow import CompactionCounters
@@ -23,7 +22,7 @@ from ..state.sqlite import SqliteStore
 from ..state.store import StateStore
 from .access_log import REQUEST_ID_HEADER, RequestLog
 from .errors import EXCEPTION_HANDLERS, Dialects
-from .guards import ApiKeyGuard, HeaderLimit, HostGuard
+from .guards import ApiKeyGuard, Cors, HeaderLimit, HostGuard, OriginGuard, OriginPolicy
 from .metrics import RequestCounter, ServerMetrics
 from .openapi import openapi_json
 from .ops import health, metrics_text, status
@@ -109,7 +108,7 @@ def _responses_routes() -> list[Route]:
 def _middleware(
     options: ServerOptions, metrics: ServerMetrics, store: StateStore
 ) -> list[Middleware]:
-    """Outermost first: log everything; then Host, CORS (preflights need no key), API key,
+    """Outermost first: log everything; then Host, Origin, CORS (preflights need no key), API key,
     rate limits (counted per accepted key)."""
     stack = [
         Middleware(RequestLog),
@@ -117,10 +116,12 @@ def _middleware(
     ]
     if options.host_policy is not None:
         stack.append(Middleware(HostGuard, policy=options.host_policy))
+    origins = OriginPolicy(frozenset(options.cors_origins))
+    stack.append(Middleware(OriginGuard, policy=origins))
     if options.cors_origins:
         stack.append(
             Middleware(
-                CORSMiddleware,
+                Cors,
                 allow_origins=list(options.cors_origins),
                 allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],

@@ -1,4 +1,5 @@
-"""Reading request bodies: size limit, JSON parsing we control, strict validation → 400s."""
+"""Reading request bodies: content type, size limit, JSON parsing we control, strict validation
+→ 4xx."""
 
 from __future__ import annotations
 
@@ -8,14 +9,25 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from ..errors import InvalidRequestError, PayloadTooLargeError
+from ..errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from ..pipeline.front_work import off_loop
 from ..protocols.openai.limits import RequestLimits, check_json_depth
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Bodies from this size on are parsed and validated in a front thread, not on the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
-    return validate_model(model, await read_json_object(request))
+    raw = await _read_json_body(request)
+    limits = request_limits(request)
+    if len(raw) < OFF_LOOP_BYTES:
+        return _parse_and_validate(raw, limits, model)
+    return await off_loop(_parse_and_validate, raw, limits, model)
+
+
+def _parse_and_validate(raw: bytes, limits: RequestLimits, model: type[ModelT]) -> ModelT:
+    return validate_model(model, parse_json_object(raw, limits))
 
 
 def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
@@ -31,9 +43,13 @@ def request_limits(request: Request) -> RequestLimits:
     return limits
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    limits = request_limits(request)
-    raw = await _read_body(request, limits.max_body_bytes)
+async def _read_json_body(request: Request) -> bytes:
+    _check_content_type(request.headers.get("content-type"))
+    return await _read_body(request, request_limits(request).max_body_bytes)
+
+
+def parse_json_object(raw: bytes, limits: RequestLimits) -> dict[str, Any]:
+    """The body as a JSON object within the limits, or a 400 saying what is wrong with it."""
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
@@ -50,6 +66,22 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if _may_hold_surrogates(raw):
         _reject_lone_surrogates(data)
     return data
+
+
+def _check_content_type(value: str | None) -> None:
+    """JSON, or no type at all; anything else is a 415. A web page can send text/plain or a form
+    to another origin without asking first, never application/json."""
+    if value is None:
+        return
+    media_type = value.partition(";")[0].strip().lower()
+    if media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        return
+    raise UnsupportedMediaTypeError(
+        f"Content-Type {media_type or value!r} is not accepted: send the body as JSON with "
+        "'Content-Type: application/json'."
+    )
 
 
 def _may_hold_surrogates(raw: bytes) -> bool:

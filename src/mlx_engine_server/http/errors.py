@@ -10,12 +10,13 @@ from typing import Any
 
 from starlette._utils import get_route_path  # the router's own path: the one it routes by
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
 from ..errors import (
     APIError,
+    ClientClosedError,
     ErrorDialect,
     InternalError,
     InvalidRequestError,
@@ -82,6 +83,14 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def on_client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up while its body was being read: nobody reads the answer, and it is no
+    server error (no traceback)."""
+    return error_response(
+        ClientClosedError("The client closed the connection before sending its whole body.")
+    )
+
+
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     error = InternalError("The server hit an internal error; see its log.")
@@ -91,5 +100,6 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS: Mapping[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
     APIError: on_api_error,
     HTTPException: on_http_exception,
+    ClientDisconnect: on_client_gone,
     Exception: on_unexpected_error,
 }

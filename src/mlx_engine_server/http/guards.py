@@ -1,6 +1,7 @@
-"""Guards in front of the routes: header size, the Host allow-list (DNS rebinding), API keys.
+"""Guards in front of the routes: header size, the Host allow-list (DNS rebinding), the web
+origins allowed to call (cross-site requests), API keys.
 
-Both are pure ASGI middleware that look only at the ASGI scope: the path the router will match
+All are pure ASGI middleware that look only at the ASGI scope: the path the router will match
 (never a URL rebuilt from the Host header) and the raw headers. Every path needs a key except
 the ones in PUBLIC_PATHS, matched exactly as the router matches them, so no other spelling of a
 path (`//v1/models`, `/v1/models/`, `%2F`, a root-path prefix) can skip the check.
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from starlette._utils import get_route_path  # the router's own path: the one it routes by
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import (
@@ -21,6 +27,7 @@ from ..errors import (
     ErrorDialect,
     HeadersTooLargeError,
     InvalidRequestError,
+    PermissionDeniedError,
 )
 from ..state.store import NO_OWNER, owner_of
 from .errors import Dialects, error_response
@@ -39,35 +46,51 @@ class HostPolicy:
     allowed_hosts: frozenset[str] = frozenset()
 
     def allows(self, host_header: str | None) -> bool:
-        if host_header is None:
+        authority = None if host_header is None else parse_authority(host_header)
+        if authority is None:
             return False
-        name = host_name(host_header)
-        if name in LOOPBACK_NAMES or name in self.allowed_hosts:
-            return True
+        name = authority[0]
+        return name in self.allowed_hosts or is_loopback_name(name)
+
+
+# RFC 9110 Host: uri-host [ ":" port ]; a bracketed IPv6 literal or a name of DNS characters.
+AUTHORITY = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_.-]+))(?::(?P<port>\d{1,5}))?"
+)
+MAX_PORT = 65535
+
+
+def parse_authority(value: str) -> tuple[str, int | None] | None:
+    """`LocalHost.:8000` -> ("localhost", 8000), `[::1]` -> ("::1", None); None when the value
+    is not exactly one host and an optional port (`[::1`, `[::1]evil.com`, `localhost:abc`)."""
+    match = AUTHORITY.fullmatch(value.strip())
+    if match is None:
+        return None
+    port = int(match["port"]) if match["port"] is not None else None
+    if port is not None and port > MAX_PORT:
+        return None
+    if match["ipv6"] is not None:
         try:
-            return ipaddress.ip_address(name).is_loopback
+            return str(ipaddress.IPv6Address(match["ipv6"])), port
         except ValueError:
-            return False
+            return None
+    name = match["name"].lower().rstrip(".")
+    return (name, port) if name else None
 
 
-def host_name(host_header: str) -> str:
-    """`LocalHost.:8000` -> `localhost`, `[::1]:8000` -> `::1`."""
-    value = host_header.strip().lower()
-    if value.startswith("["):
-        value = value[1:].partition("]")[0]
-    elif value.count(":") == 1:
-        value = value.partition(":")[0]
-    return value.rstrip(".")
-
-
-def is_loopback_host(host: str) -> bool:
-    name = host_name(host) if host.startswith("[") else host.lower()
+def is_loopback_name(name: str) -> bool:
     if name in LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback_host(host: str) -> bool:
+    """The address to bind (`127.0.0.1`, `::1`, `[::1]`, `localhost`) is a loopback one."""
+    authority = parse_authority(host if ":" not in host.strip("[]") else f"[{host.strip('[]')}]")
+    return authority is not None and is_loopback_name(authority[0])
 
 
 class HeaderLimit:
@@ -108,6 +131,76 @@ class HostGuard:
             await _refuse(error, scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    """Which web pages may call the API from a browser: the configured CORS origins and pages
+    this server serves itself (an Origin naming the Host the request was sent to)."""
+
+    cors_origins: frozenset[str] = frozenset()
+
+    def allows(self, origin: str, host_header: str | None) -> bool:
+        if "*" in self.cors_origins or origin in self.cors_origins:
+            return True
+        return host_header is not None and is_same_origin(origin, host_header)
+
+
+def is_same_origin(origin: str, host_header: str) -> bool:
+    """`http://127.0.0.1:8000` sent with `Host: 127.0.0.1:8000`; default ports may be left out."""
+    scheme, separator, authority = origin.partition("://")
+    default_port = DEFAULT_PORTS.get(scheme.lower())
+    if not separator or default_port is None:
+        return False  # `null` (sandboxed pages, file://) and other schemes are no origin of ours
+    page = parse_authority(authority)
+    host = parse_authority(host_header)
+    if page is None or host is None:
+        return False
+    return page[0] == host[0] and (page[1] or default_port) == (host[1] or default_port)
+
+
+class OriginGuard:
+    """403 for a request a web page of another origin sent: a "simple" cross-site POST needs no
+    CORS preflight, so without this any page the user visits could drive generation."""
+
+    def __init__(self, app: ASGIApp, policy: OriginPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = _header(scope, b"origin") if scope["type"] == "http" else None
+        if origin is not None and not self.policy.allows(origin, _header(scope, b"host")):
+            error = PermissionDeniedError(
+                f"Requests from the web origin {origin!r} are not allowed; the operator can "
+                "allow it with --cors-origin.",
+                code="origin_not_allowed",
+            )
+            await _refuse(error, scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in the error shape of every other
+    refusal (Starlette's is text/plain)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < HTTPStatus.BAD_REQUEST:
+            return response
+        reason = bytes(response.body).decode("utf-8", "replace")
+        error = InvalidRequestError(
+            f"{reason}: this preflight asks for more than the server allows.",
+            code="cors_preflight_refused",
+        )
+        refusal = error_response(error)
+        for name, value in response.headers.items():
+            if name.lower().startswith("access-control-"):
+                refusal.headers[name] = value
+        return refusal
 
 
 class ApiKeyGuard:

@@ -17,10 +17,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat.overflow import CompactionCounters
 from ..engine import EngineClient
+from .access_log import Exchange
 from .latency import RecentLatencies
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -90,6 +91,11 @@ class EngineCollector(Collector):
         yield _counter("mlx_server_requests", "Requests admitted.", stats.requests_total)
         yield _counter(
             "mlx_server_request_failures", "Requests ended by errors.", stats.failures_total
+        )
+        yield _counter(
+            "mlx_server_request_cancellations",
+            "Requests ended because their client hung up.",
+            stats.cancelled_total,
         )
         yield _counter(
             "mlx_server_prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total
@@ -172,19 +178,12 @@ class RequestCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def record_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        exchange = Exchange(scope, receive, send)
         try:
-            await self.app(scope, receive, record_status)
+            await self.app(scope, exchange.receive, exchange.send)
         finally:
             path = _route_label(scope)
-            self.metrics.requests.labels(path=path, status=str(status)).inc()
+            self.metrics.requests.labels(path=path, status=str(exchange.status)).inc()
 
 
 def _route_label(scope: Scope) -> str:

@@ -70,6 +70,7 @@ def status_body(engine: EngineClient, report: EngineReport | None) -> dict[str, 
         "counters": {
             "requests_total": stats.requests_total,
             "failures_total": stats.failures_total,
+            "cancelled_total": stats.cancelled_total,
             "prompt_tokens_total": stats.prompt_tokens_total,
             "completion_tokens_total": stats.completion_tokens_total,
         },

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Failed, Finished, Generation, TextDelta, TokenLogprob, Usage
-from ..errors import APIError, GenerationTimeoutError, InternalError, ServiceUnavailableError
+from ..errors import (
+    APIError,
+    ClientClosedError,
+    GenerationTimeoutError,
+    InternalError,
+    ServiceUnavailableError,
+)
 
 # ASGI's receive channel, as the HTTP front hands it over: here only to notice a disconnect.
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -52,6 +58,8 @@ def failure_error(event: Failed) -> APIError:
         return GenerationTimeoutError(f"Generation stopped: {event.message}.")
     if event.kind == "shutdown":
         return ServiceUnavailableError(f"Generation stopped: {event.message}.")
+    if event.kind == "cancelled":
+        return ClientClosedError("The client hung up; its generation was stopped.")
     if event.kind == "memory":
         return ServiceUnavailableError(
             f"Not started: {event.message}.", code="insufficient_memory", param="max_tokens"

@@ -19,9 +19,11 @@ from ..chat.overflow import (
     CompactionCounters,
     Fitted,
     Limits,
+    Render,
     Summary,
     SummaryOptions,
-    fit_conversation,
+    fit_without_model,
+    summarize,
 )
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
@@ -41,6 +43,7 @@ from ..protocols.openai.types import (
 )
 from ..state.limits import RatePolicy
 from .admission import collect
+from .front_work import check_text_can_fit, off_loop, rendered_chars, tokens_at_least
 
 # Ten digits hold every vocabulary size; longer keys are refused before int() reads them.
 TOKEN_ID_KEY = re.compile("[0-9]{1,10}")
@@ -141,13 +144,27 @@ async def fit_conversation_for(
         options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
     )
     counters: CompactionCounters = request.app.state.compactions
+    messages = list(body.messages)
+    if policy == "error":  # refused at once when the text alone surely overflows
+        check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
     try:
-        fitted = await fit_conversation(list(body.messages), render, limits, policy, summary)
+        at_least = tokens_at_least(engine.tokenizer)
+        fitted = await off_loop(fit_without_model, messages, render, limits, policy, at_least)
+        if fitted is None:
+            fitted = await off_loop(_summarized, messages, render, limits, summary)
     except ContextLengthExceededError:
         counters.refusals += 1
         raise
     counters.record(fitted.compaction)
     return fitted
+
+
+def _summarized(
+    messages: list[ChatMessage], render: Render, limits: Limits, summary: SummaryOptions
+) -> Fitted:
+    """The summarize policy in a front thread: its renders stay off the request's loop, and
+    its one generation runs there (EngineSummarizer.summarize)."""
+    return asyncio.run(summarize(messages, render, limits, summary))
 
 
 def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
@@ -183,6 +200,7 @@ class EngineSummarizer:
     def __init__(self, request: Request) -> None:
         self.request = request
         self.engine: EngineClient = request.app.state.engine
+        self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
         engine = self.engine
@@ -190,6 +208,11 @@ class EngineSummarizer:
         return chat_prompt_tokens(engine.tokenizer, messages, multimodal=vision)
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
+        """On the request's loop, whichever loop awaits this (compaction runs in a thread)."""
+        job = self._summarize(prompt_tokens, max_tokens)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(job, self.loop))
+
+    async def _summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         generation = self.engine.generate([(prompt_tokens, params)])
         (result,), usage = await collect(generation, self.request.receive, 1, 1)
@@ -323,7 +346,7 @@ async def plan_request(request: Request, body: ChatCompletionRequest) -> Planned
     images = await load_images(refs, options.media)
     planner = ChatPlanner(engine, chat_formats_of(request), body)
     fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
-    plan = planner.plan(fitted.messages)
+    plan = await off_loop(planner.plan, fitted.messages)
     vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
     return PlannedChat(plan, fitted.compaction, vision)
 
@@ -340,8 +363,11 @@ async def _vision_prompt(
     )
 
 
-def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
+async def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
     """The prompt tokens of a conversation as given (tools and template included), uncompacted."""
     engine, _ = check_model(request, body.model)
+    messages = list(body.messages)
+    window = engine.model.context_window
+    check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
     planner = ChatPlanner(engine, chat_formats_of(request), body)
-    return len(planner.prompt_tokens(list(body.messages)))
+    return len(await off_loop(planner.prompt_tokens, messages))

@@ -86,7 +86,7 @@ async def _whole(request: Request, run: ChatRun, *, omit_thinking: bool) -> Resp
 async def count_tokens(request: Request) -> Response:
     body = await read_model(request, CountTokensRequest)
     chat = validate_model(ChatCompletionRequest, chat_fields(body))
-    return JSONResponse({"input_tokens": count_chat_tokens(request, chat)})
+    return JSONResponse({"input_tokens": await count_chat_tokens(request, chat)})
 
 
 # Errors on these paths leave in Anthropic's dialect: http/app.py gives the table to the renderer.

@@ -20,6 +20,7 @@ from ...http.guards import request_owner
 from ...http.sse import GenerationStream
 from ...pipeline.admission import ChoiceResult, collect
 from ...pipeline.events import ChunkShape, openai_events
+from ...pipeline.front_work import check_text_can_fit, off_loop
 from ...pipeline.prepare import (
     ServerOptions,
     check_model,
@@ -119,6 +120,13 @@ async def remove_session(request: Request) -> Response:
     return JSONResponse(await delete_session(request.app.state.store, owner, session_id))
 
 
+def _prompt_tokens(tokenizer: Any, given: list[str | list[int]]) -> list[list[int]]:
+    return [
+        completion_prompt_tokens(tokenizer, prompt, _prompt_param(given, index))
+        for index, prompt in enumerate(given)
+    ]
+
+
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
     check_request_limits(body, request_limits(request))
@@ -131,10 +139,11 @@ async def completions(request: Request) -> Response:
             param="prompt",
         )
     tokenizer = engine.tokenizer
-    tokens = [
-        completion_prompt_tokens(tokenizer, prompt, _prompt_param(given, index))
-        for index, prompt in enumerate(given)
-    ]
+    window = engine.model.context_window
+    for index, prompt in enumerate(given):
+        if isinstance(prompt, str):
+            check_text_can_fit(tokenizer, len(prompt), window, _prompt_param(given, index))
+    tokens = await off_loop(_prompt_tokens, tokenizer, given)
     echoes = [_echo_text(tokenizer, prompt) for prompt in given] if body.echo else None
     return await _generate(request, body, Prompts(tokens, echoes), TEXT)
 

@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from ...chat.prompt import chat_prompt_tokens, check_token_ids
 from ...errors import InvalidRequestError
 from ...http.body import read_model
+from ...pipeline.front_work import check_text_can_fit, off_loop, rendered_chars
 from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
 
 
@@ -18,20 +19,25 @@ async def tokenize(request: Request) -> Response:
     engine = request.app.state.engine
     loaded = engine.model
     tokenizer = engine.tokenizer
+    window = loaded.context_window
     if body.messages is not None:
-        _refuse_images(list(body.messages))
-        tokens = chat_prompt_tokens(
-            tokenizer, list(body.messages), multimodal=loaded.kind == "vision"
-        )
+        messages = list(body.messages)
+        _refuse_images(messages)
+        check_text_can_fit(tokenizer, rendered_chars(messages), window, "messages")
+        vision = loaded.kind == "vision"
+        tokens = await off_loop(chat_prompt_tokens, tokenizer, messages, multimodal=vision)
     else:
-        tokens = tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        prompt = body.prompt or ""
+        check_text_can_fit(tokenizer, len(prompt), window, "prompt")
+        special = body.add_special_tokens
+        tokens = await off_loop(tokenizer.encode, prompt, add_special_tokens=special)
     answer: dict[str, Any] = {
         "count": len(tokens),
         "max_model_len": loaded.context_window,
         "tokens": tokens,
     }
     if body.return_token_strs:
-        answer["token_strs"] = tokenizer.convert_ids_to_tokens(tokens)
+        answer["token_strs"] = await off_loop(tokenizer.convert_ids_to_tokens, tokens)
     return JSONResponse(answer)
 
 
@@ -49,4 +55,4 @@ async def detokenize(request: Request) -> Response:
     body = await read_model(request, DetokenizeRequest)
     tokenizer = request.app.state.engine.tokenizer
     check_token_ids(tokenizer, body.tokens, "tokens")
-    return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
+    return JSONResponse({"prompt": await off_loop(tokenizer.decode, body.tokens)})
