@@ -158,7 +158,7 @@ def test_unsupported_tensor_type_names_the_tensor(tmp_path: Path) -> None:
     tensors["blk.0.ffn_up.weight"] = tensors["blk.0.ffn_up.weight"].astype(mx.int32)
     path = write_gguf(tmp_path / "m.gguf", tensors, tiny_llama_metadata())
     cache = tmp_path / "cache"
-    with pytest.raises(StartupError, match=r"'blk\.0\.ffn_up\.weight' has dtype .*int32"):
+    with pytest.raises(StartupError, match=r"'blk\.0\.ffn_up\.weight' has type I32, which cannot"):
         convert_gguf(path, cache)
     assert [p.name for p in cache.iterdir()] == [HASH_INDEX_NAME]  # no half-written cache
 
