@@ -30,6 +30,7 @@ from ..protocols.openai.types import OverflowPolicy
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
+GGUFRequantize = Literal["auto", "4", "8", "none"]
 # Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -69,6 +70,12 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     cache_dir: Path = Field(
         default=DEFAULT_CACHE_DIR, description="Where converted GGUF models are kept."
+    )
+    gguf_requantize: GGUFRequantize = Field(
+        default="auto",
+        description="GGUF tensors MLX cannot hold as they are (K-quants, Q5_0, IQ types): "
+        "re-quantize to MLX affine 4 or 8 bits, 'auto' (4 below 5 bits a weight, else 8), "
+        "or keep as floats ('none').",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queue: int = Field(default=64, ge=0, le=100_000)

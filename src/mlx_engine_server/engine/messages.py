@@ -292,6 +292,7 @@ class EngineSpec:
     cache_dir: str
     trust_remote_code: bool
     options: EngineOptions
+    gguf_requantize: str = "auto"
 
 
 ToEngine = Submit | Cancel | Drain | Stop | ReadReport

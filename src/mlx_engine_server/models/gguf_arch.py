@@ -90,12 +90,8 @@ def _gemma_attention_scalar(metadata: Metadata, arch: str) -> float:
 def _gemma2_config(metadata: Metadata, arch: str) -> Config:
     return {
         "query_pre_attn_scalar": _gemma_attention_scalar(metadata, arch),
-        "attn_logit_softcapping": float(
-            scalar(metadata, f"{arch}.attn_logit_softcapping", 50.0)
-        ),
-        "final_logit_softcapping": float(
-            scalar(metadata, f"{arch}.final_logit_softcapping", 30.0)
-        ),
+        "attn_logit_softcapping": float(scalar(metadata, f"{arch}.attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(scalar(metadata, f"{arch}.final_logit_softcapping", 30.0)),
     }
 
 

@@ -19,7 +19,8 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
-from .gguf import convert_gguf, is_gguf_file
+from .gguf import DEFAULT_REQUANTIZE, convert_gguf, is_gguf_file
+from .gguf_quants import REQUANTIZE_CHOICES, Requantize
 from .progress import describe_bytes
 from .vision import VisionParts, is_vision_config, load_vision_front, load_vision_model
 
@@ -41,6 +42,7 @@ class ModelSource:
     model_id: str | None = None
     cache_dir: Path = Path.home() / ".cache" / "mlx-engine-server"
     trust_remote_code: bool = False
+    gguf_requantize: str = DEFAULT_REQUANTIZE  # see gguf_quants.REQUANTIZE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def resolve_model_path(source: ModelSource) -> Path:
     path = Path(name).expanduser() if name else bundled_model_path()
     logger.info("model: %s%s", path if name is None else name, "" if name else " (the bundled one)")
     if is_gguf_file(path):
-        return convert_gguf(path, source.cache_dir / "gguf")
+        return convert_gguf(path, source.cache_dir / "gguf", requantize_setting(source))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise StartupError(f"{path} is not a model directory: it has no config.json")
@@ -154,6 +156,16 @@ def resolve_model_path(source: ModelSource) -> Path:
         return _resolve_hf_repo(name)
     raise StartupError(
         f"model path {name!r} not found (expected a directory, .gguf file or repo id)"
+    )
+
+
+def requantize_setting(source: ModelSource) -> Requantize:
+    for choice in REQUANTIZE_CHOICES:
+        if source.gguf_requantize == choice:
+            return choice
+    raise StartupError(
+        f"--gguf-requantize {source.gguf_requantize!r} is not one of "
+        f"{', '.join(REQUANTIZE_CHOICES)}"
     )
 
 
