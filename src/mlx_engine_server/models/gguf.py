@@ -248,7 +248,7 @@ def _describe_requantize(gguf: GGUFFile, requantize: Requantize) -> str:
 
 
 def _quantization_config(weights: Weights) -> dict[str, Any] | None:
-    """mlx-lm's `quantization` entry: the most common bits, and per-layer exceptions."""
+    """mlx-lm's `quantization` entry: the bits most weights have, and per-layer exceptions."""
     bits_by_layer = {
         name.removesuffix(".scales"): _packed_bits(weights, name.removesuffix(".scales"))
         for name in weights
@@ -256,7 +256,10 @@ def _quantization_config(weights: Weights) -> dict[str, Any] | None:
     }
     if not bits_by_layer:
         return None
-    common_bits = Counter(bits_by_layer.values()).most_common(1)[0][0]
+    weights_by_bits: Counter[int] = Counter()
+    for layer, bits in bits_by_layer.items():
+        weights_by_bits[bits] += weights[f"{layer}.scales"].size  # in proportion to the weights
+    common_bits = weights_by_bits.most_common(1)[0][0]
     config: dict[str, Any] = {
         "group_size": GROUP_SIZE,
         "bits": common_bits,

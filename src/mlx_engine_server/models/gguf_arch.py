@@ -78,13 +78,14 @@ def scalar(metadata: Metadata, key: str, default: Any = None) -> Any:
     return value
 
 
-def _gemma_attention_scalar(metadata: Metadata, arch: str) -> float:
+def _gemma_attention_scalar(metadata: Metadata, arch: str) -> int:
+    """An int: transformers' Gemma configs (which the tokenizer loader reads) insist."""
     hidden = int(scalar(metadata, f"{arch}.embedding_length"))
     heads = int(scalar(metadata, f"{arch}.attention.head_count"))
     layers = int(scalar(metadata, f"{arch}.block_count"))
     if layers == _GEMMA_27B_LAYERS[arch]:
-        return float(hidden // heads)
-    return float(scalar(metadata, f"{arch}.attention.key_length", hidden // heads))
+        return hidden // heads
+    return int(scalar(metadata, f"{arch}.attention.key_length", hidden // heads))
 
 
 def _gemma2_config(metadata: Metadata, arch: str) -> Config:

@@ -311,7 +311,17 @@ def describe_quantization(config: dict[str, Any]) -> str | None:
     if not isinstance(quant, dict) or "bits" not in quant:
         return None
     mode = quant.get("mode", "affine")
-    return f"{quant['bits']}-bit {mode}, group size {quant.get('group_size', 64)}"
+    text = f"{quant['bits']}-bit {mode}, group size {quant.get('group_size', 64)}"
+    other_bits = sorted(
+        {
+            layer["bits"]
+            for layer in quant.values()
+            if isinstance(layer, dict) and layer.get("bits", quant["bits"]) != quant["bits"]
+        }
+    )
+    if other_bits:  # a GGUF "_M" mix keeps some layers at more bits
+        text += "; some layers " + ", ".join(f"{bits}-bit" for bits in other_bits)
+    return text
 
 
 def _default_model_id(shown_path: str) -> str:

@@ -1,0 +1,155 @@
+"""GGUF files of each supported architecture and the quant types people download, written
+offline, served over real HTTP: greedy text equals the same weights loaded directly as an
+mlx-lm model (named, shaped and re-quantized by hand in tests/gguf_factory.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import _get_classes, load, load_tokenizer
+
+from mlx_engine_server.models.loader import ModelSource, load_model
+
+from ..conftest import LiveServer, run_live_server
+from ..gguf_factory import CHATML, TinyGGUF, reference_config, reference_weights, write_tiny_model
+
+# (architecture, the file's quant scheme, what /v1/mlx/status says once converted with "auto")
+CASES = [
+    ("llama", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),  # Mistral's arch too
+    ("qwen2", "Q5_K_M", "8-bit affine, group size 32"),
+    ("qwen3", "Q6_K", "8-bit affine, group size 32"),
+    ("gemma2", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),
+    ("gemma3", "Q4_0", "4-bit affine, group size 32; some layers 8-bit"),
+    ("phi3", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),
+]
+PROMPT_IDS = [1, 60, 3, 70, 80, 90, 100, 110]
+MAX_TOKENS = 8
+_AUTO_BITS = {QType.Q4_K: 4, QType.Q5_K: 8, QType.Q6_K: 8}
+
+
+def reference_model(tiny: TinyGGUF, arch: str) -> nn.Module:
+    """The file's weights as mlx-lm's own model; K-quant matrices quantized as "auto" does,
+    Q4_0/Q8_0 ones kept as the floats they exactly hold."""
+    config = reference_config(arch)
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    weights = {name: mx.array(value) for name, value in reference_weights(tiny, arch).items()}
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    model.load_weights(list(weights.items()))
+    bits_by_layer = _reference_bits(tiny, arch)
+
+    def predicate(path: str, _: nn.Module) -> dict[str, Any] | bool:
+        bits = bits_by_layer.get(path)
+        return False if bits is None else {"group_size": 32, "bits": bits, "mode": "affine"}
+
+    nn.quantize(model, class_predicate=predicate)
+    return model
+
+
+def _reference_bits(tiny: TinyGGUF, arch: str) -> dict[str, int]:
+    named = dict(zip(tiny.meant, reference_weights(tiny, arch)))
+    return {
+        named[name].removesuffix(".weight"): _AUTO_BITS[qtype]
+        for name, qtype in tiny.qtypes.items()
+        if qtype in _AUTO_BITS
+    }
+
+
+def assert_same_logits(converted: nn.Module, reference: nn.Module) -> None:
+    """Greedy text alone can miss a wrong norm scale; the logits cannot."""
+    prompt = mx.array([PROMPT_IDS])
+    ours, theirs = np.array(converted(prompt)), np.array(reference(prompt))
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(theirs).max()
+
+
+def reference_text(model: nn.Module, tokenizer: TokenizerWrapper, prompt: list[int]) -> str:
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    steps = generate_step(mx.array(prompt), model, max_tokens=MAX_TOKENS)  # greedy
+    for token, _ in steps:
+        if int(token) in tokenizer.eos_token_ids:
+            break
+        detokenizer.add_token(int(token))
+    detokenizer.finalize()
+    return str(detokenizer.text)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf-archs")
+
+
+@pytest.fixture(params=CASES, ids=[f"{arch}-{scheme}" for arch, scheme, _ in CASES])
+def served(request: pytest.FixtureRequest, cache_dir: Path) -> Iterator[tuple[Any, LiveServer]]:
+    arch, scheme, _ = request.param
+    tiny = write_tiny_model(cache_dir / f"{arch}-{scheme}.gguf", arch, scheme)
+    source = ModelSource(model_path=str(tiny.path), cache_dir=cache_dir)
+    from mlx_engine_server.engine import EngineOptions
+    from mlx_engine_server.engine.local import local_client
+
+    engine = local_client(lambda: load_model(source), EngineOptions())
+    engine.start()
+    live = run_live_server(engine)
+    yield (request.param, tiny), live
+    live.stop()
+    engine.stop()
+
+
+def completion_text(live: LiveServer, prompt: list[int] | str) -> str:
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+    response = httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["text"])
+
+
+def test_greedy_text_equals_mlx_lm_on_the_same_weights(
+    served: tuple[Any, LiveServer],
+) -> None:
+    ((arch, _, quantization), tiny), live = served
+    status = httpx.get(f"{live.base_url}/v1/mlx/status").json()
+    assert status["model"]["quantization"] == quantization
+    resolved = Path(status["model"]["resolved_path"])
+    tokenizer = load_tokenizer(resolved)
+    reference = reference_model(tiny, arch)
+    assert_same_logits(load(str(resolved))[0], reference)
+    assert completion_text(live, PROMPT_IDS) == reference_text(reference, tokenizer, PROMPT_IDS)
+    assert tokenizer.chat_template == CHATML
+    chat = httpx.post(
+        f"{live.base_url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        },
+        timeout=60,
+    )
+    assert chat.status_code == 200, chat.text
+    rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tokenizer.encode(rendered, add_special_tokens=False)
+    chat_text = chat.json()["choices"][0]["message"]["content"] or ""
+    assert chat_text == reference_text(reference, tokenizer, prompt)
+
+
+def test_q4_k_weights_are_the_reference_decoding(cache_dir: Path) -> None:
+    """The converted Q4_K tensor holds gguf-py's weights, re-quantized: its error against them
+    is MLX's 4-bit rounding, far below the sub-block mix-up `mx.load` makes."""
+    tiny = write_tiny_model(cache_dir / "q4k-check.gguf", "qwen3", "Q4_K_M", seed=1)
+    model = load_model(ModelSource(model_path=str(tiny.path), cache_dir=cache_dir)).model
+    q_proj = model.model.layers[0].self_attn.q_proj
+    restored = mx.dequantize(q_proj.weight, q_proj.scales, q_proj.biases, group_size=32, bits=4)
+    meant = tiny.meant["blk.0.attn_q.weight"]
+    error = np.abs(np.array(restored) - meant)
+    step = np.abs(meant).max() / 7  # one 4-bit step of the widest group, as a bound
+    assert error.max() < step
+    assert error.mean() < 0.01 * np.abs(meant).mean() + step / 8
