@@ -342,13 +342,14 @@ def reference_weights(tiny: TinyGGUF, arch: str) -> dict[str, np.ndarray]:
     """What each tensor means in mlx-lm's names: Gemma's norms less 1, llama's Q/K unpermuted."""
     roles = {**_MLX_NAMES, **_ROLE_BY_ARCH.get(arch, _DEFAULT_ROLES)}
     weights: dict[str, np.ndarray] = {}
-    for name, meant in tiny.meant.items():
+    for name, stored in tiny.meant.items():
         base, _, suffix = name.rpartition(".")
         role = base.rpartition(".")[2]
+        value = stored
         if arch == "llama" and role in ("attn_q", "attn_k"):
-            meant = _unpermute(meant, HEADS if role == "attn_q" else KV_HEADS)
+            value = _unpermute(stored, HEADS if role == "attn_q" else KV_HEADS)
         if arch in _GEMMA and role.endswith("norm"):
-            meant = meant - 1.0
+            value = stored - 1.0
         prefix = f"model.layers.{base.split('.')[1]}." if base.startswith("blk.") else ""
-        weights[f"{prefix}{roles[role]}.{suffix}"] = meant
+        weights[f"{prefix}{roles[role]}.{suffix}"] = value
     return weights

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx2 as httpx
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
@@ -18,6 +18,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load, load_tokenizer
 
+from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.models.loader import ModelSource, load_model
 
 from ..conftest import LiveServer, run_live_server
@@ -58,7 +60,7 @@ def reference_model(tiny: TinyGGUF, arch: str) -> nn.Module:
 
 
 def _reference_bits(tiny: TinyGGUF, arch: str) -> dict[str, int]:
-    named = dict(zip(tiny.meant, reference_weights(tiny, arch)))
+    named = dict(zip(tiny.meant, reference_weights(tiny, arch), strict=True))
     return {
         named[name].removesuffix(".weight"): _AUTO_BITS[qtype]
         for name, qtype in tiny.qtypes.items()
@@ -95,9 +97,6 @@ def served(request: pytest.FixtureRequest, cache_dir: Path) -> Iterator[tuple[An
     arch, scheme, _ = request.param
     tiny = write_tiny_model(cache_dir / f"{arch}-{scheme}.gguf", arch, scheme)
     source = ModelSource(model_path=str(tiny.path), cache_dir=cache_dir)
-    from mlx_engine_server.engine import EngineOptions
-    from mlx_engine_server.engine.local import local_client
-
     engine = local_client(lambda: load_model(source), EngineOptions())
     engine.start()
     live = run_live_server(engine)
