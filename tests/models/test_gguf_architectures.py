@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx2 as httpx
 import mlx.core as mx
-from mlx import nn
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
+from mlx import nn
 from mlx_lm.generate import generate_step
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import _get_classes, load, load_tokenizer
