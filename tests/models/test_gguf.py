@@ -149,7 +149,11 @@ def test_missing_file_is_rejected(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_is_rejected(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "m.gguf", tiny_llama_tensors(), tiny_llama_metadata("mamba"))
-    with pytest.raises(StartupError, match="architecture 'mamba' is not supported"):
+    with pytest.raises(
+        StartupError,
+        match="architecture 'mamba' is not supported; supported: llama, qwen2, qwen3, gemma2, "
+        "gemma3, phi3",
+    ):
         convert_gguf(path, tmp_path / "cache")
 
 
