@@ -178,7 +178,34 @@ SCHEMES = {
     "Q4_0": (QType.Q4_0, QType.Q8_0),
 }
 _HIGH_PRECISION_ROLES = ("attn_v", "ffn_down", "token_embd", "output")
-_UNTIED = ("llama", "qwen2", "phi3")
+_UNTIED = ("llama", "llama3", "qwen2", "phi3")
+# "llama3" is the llama architecture with Llama 3.1's RoPE scaling, which llama.cpp stores as
+# per-frequency factors in a `rope_freqs` tensor.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+LLAMA3_THETA = 500000.0
+
+
+def gguf_architecture(arch: str) -> str:
+    return "llama" if arch == "llama3" else arch
+
+
+def llama3_rope_freqs() -> np.ndarray:
+    """llama.cpp's converter: the factor dividing each RoPE frequency (Llama 3.1)."""
+    factor, low, high = LLAMA3_ROPE["factor"], LLAMA3_ROPE["low_freq_factor"], 4.0
+    context = 8192
+    inverse = 1.0 / LLAMA3_THETA ** (np.arange(0, HEAD_DIM, 2, dtype=np.float64) / HEAD_DIM)
+    wavelen = 2 * np.pi / inverse
+    smooth = (context / wavelen - low) / (high - low)
+    factors = np.where(wavelen > context / low, factor, 1 / ((1 - smooth) / factor + smooth))
+    return np.where(wavelen < context / high, 1.0, factors).astype(np.float32)
+
+
 _GEMMA = ("gemma2", "gemma3")
 
 
@@ -226,6 +253,8 @@ def _per_layer(shapes: dict[str, Any], arch: str) -> dict[str, Any]:
 
 def tiny_metadata(arch: str) -> dict[str, Any]:
     tokens, merges, types = byte_level_vocabulary()
+    rope_theta = LLAMA3_THETA if arch == "llama3" else 10000.0
+    arch = gguf_architecture(arch)
     metadata: dict[str, Any] = {
         f"{arch}.embedding_length": HIDDEN,
         f"{arch}.block_count": layers_of(arch),
@@ -235,7 +264,8 @@ def tiny_metadata(arch: str) -> dict[str, Any]:
         f"{arch}.attention.key_length": HEAD_DIM,
         f"{arch}.attention.value_length": HEAD_DIM,
         f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
-        f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.rope.freq_base": rope_theta,
+        f"{arch}.rope.dimension_count": HEAD_DIM,
         f"{arch}.context_length": CONTEXT,
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "qwen2",
@@ -277,7 +307,9 @@ def write_tiny_model(path: Path, arch: str, scheme: str, seed: int = 0) -> TinyG
             values += 1.0
         name = role if role.endswith(".bias") else f"{role}.weight"
         tensors[name] = (values.reshape(size), QType.F32)
-    return write_gguf(path, arch, tiny_metadata(arch), tensors)
+    if arch == "llama3":
+        tensors["rope_freqs.weight"] = (llama3_rope_freqs(), QType.F32)
+    return write_gguf(path, gguf_architecture(arch), tiny_metadata(arch), tensors)
 
 
 # The same weights as mlx-lm models, named and shaped by hand (not by the converter).
@@ -307,7 +339,7 @@ _ROLE_BY_ARCH = {
 }
 _ROLE_BY_ARCH["gemma3"] = _ROLE_BY_ARCH["gemma2"]
 _DEFAULT_ROLES = {"ffn_up": "mlp.up_proj", "ffn_norm": "post_attention_layernorm"}
-_MODEL_TYPES = {"gemma3": "gemma3_text"}
+_MODEL_TYPES = {"gemma3": "gemma3_text", "llama3": "llama"}
 
 
 def reference_config(arch: str) -> dict[str, Any]:
@@ -329,6 +361,8 @@ def reference_config(arch: str) -> dict[str, Any]:
     }
     if arch in _GEMMA:
         config |= {"query_pre_attn_scalar": float(HEAD_DIM), "sliding_window": 512}
+    if arch == "llama3":
+        config |= {"rope_theta": LLAMA3_THETA, "rope_scaling": LLAMA3_ROPE}
     return config
 
 
@@ -346,7 +380,9 @@ def reference_weights(tiny: TinyGGUF, arch: str) -> dict[str, np.ndarray]:
         base, _, suffix = name.rpartition(".")
         role = base.rpartition(".")[2]
         value = stored
-        if arch == "llama" and role in ("attn_q", "attn_k"):
+        if name == "rope_freqs.weight":
+            continue  # config, not a weight
+        if arch in ("llama", "llama3") and role in ("attn_q", "attn_k"):
             value = _unpermute(stored, HEADS if role == "attn_q" else KV_HEADS)
         if arch in _GEMMA and role.endswith("norm"):
             value = stored - 1.0

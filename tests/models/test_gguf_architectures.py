@@ -20,14 +20,27 @@ from mlx_lm.utils import _get_classes, load, load_tokenizer
 
 from mlx_engine_server.engine import EngineOptions
 from mlx_engine_server.engine.local import local_client
-from mlx_engine_server.models.loader import ModelSource, load_model
+from mlx_engine_server.errors import StartupError
+from mlx_engine_server.models.gguf_arch import ARCHITECTURES, model_config
+from mlx_engine_server.models.loader import ModelSource, load_model, read_model_config
 
 from ..conftest import LiveServer, run_live_server
-from ..gguf_factory import CHATML, TinyGGUF, reference_config, reference_weights, write_tiny_model
+from ..gguf_factory import (
+    CHATML,
+    HEAD_DIM,
+    LLAMA3_ROPE,
+    TinyGGUF,
+    llama3_rope_freqs,
+    reference_config,
+    reference_weights,
+    tiny_metadata,
+    write_tiny_model,
+)
 
 # (architecture, the file's quant scheme, what /v1/mlx/status says once converted with "auto")
 CASES = [
     ("llama", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),  # Mistral's arch too
+    ("llama3", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),  # + rope_freqs
     ("qwen2", "Q5_K_M", "8-bit affine, group size 32"),
     ("qwen3", "Q6_K", "8-bit affine, group size 32"),
     ("gemma2", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),
@@ -60,7 +73,8 @@ def reference_model(tiny: TinyGGUF, arch: str) -> nn.Module:
 
 
 def _reference_bits(tiny: TinyGGUF, arch: str) -> dict[str, int]:
-    named = dict(zip(tiny.meant, reference_weights(tiny, arch), strict=True))
+    weights = [name for name in tiny.meant if name != "rope_freqs.weight"]
+    named = dict(zip(weights, reference_weights(tiny, arch), strict=True))
     return {
         named[name].removesuffix(".weight"): _AUTO_BITS[qtype]
         for name, qtype in tiny.qtypes.items()
@@ -119,6 +133,8 @@ def test_greedy_text_equals_mlx_lm_on_the_same_weights(
     status = httpx.get(f"{live.base_url}/v1/mlx/status").json()
     assert status["model"]["quantization"] == quantization
     resolved = Path(status["model"]["resolved_path"])
+    converted = read_model_config(resolved)
+    assert converted.get("rope_scaling") == reference_config(arch).get("rope_scaling")
     tokenizer = load_tokenizer(resolved)
     reference = reference_model(tiny, arch)
     assert_same_logits(load(str(resolved))[0], reference)
@@ -138,3 +154,12 @@ def test_greedy_text_equals_mlx_lm_on_the_same_weights(
     prompt = tokenizer.encode(rendered, add_special_tokens=False)
     chat_text = chat.json()["choices"][0]["message"]["content"] or ""
     assert chat_text == reference_text(reference, tokenizer, prompt)
+
+
+def test_rope_freqs_of_no_llama3_scaling_are_refused() -> None:
+    metadata = tiny_metadata("llama3")
+    llama = ARCHITECTURES["llama"]
+    matching = model_config(llama, metadata, True, llama3_rope_freqs().tolist())
+    assert matching["rope_scaling"] == LLAMA3_ROPE
+    with pytest.raises(StartupError, match="'rope_freqs.weight' matches no Llama 3 RoPE scaling"):
+        model_config(llama, metadata, True, [1.0] * (HEAD_DIM // 2))

@@ -8,7 +8,8 @@ Mistral's text models are written as `llama`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,13 @@ _PHI3_FUSED = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _GEMMA3_SLIDING_PATTERN = 6  # llama.cpp hard-codes it too: five local layers, then a global one
 _GEMMA3_LOCAL_ROPE_BASE = 10000.0
+# Llama 3.1 and 3.3 (factor 8) and 3.2 (factor 32) store their RoPE scaling only as the
+# per-frequency factors it yields, in a `rope_freqs` tensor: we find which one it is.
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+_LLAMA3_ROPE_FACTORS = (8.0, 32.0, 16.0, 4.0)
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+_LLAMA3_ORIGINAL_CONTEXT = 8192
+_ROPE_FREQS_RTOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -141,8 +149,13 @@ def architecture_of(metadata: Metadata, file_name: str) -> Architecture:
     return ARCHITECTURES[name]
 
 
-def model_config(arch: Architecture, metadata: Metadata, has_lm_head: bool) -> Config:
-    """mlx-lm's `config.json` for the model, from the file's metadata."""
+def model_config(
+    arch: Architecture,
+    metadata: Metadata,
+    has_lm_head: bool,
+    rope_freqs: Sequence[float] | None = None,
+) -> Config:
+    """mlx-lm's `config.json` for the model, from the file's metadata (and `rope_freqs`)."""
     key = arch.name
     heads = int(scalar(metadata, f"{key}.attention.head_count"))
     hidden = int(scalar(metadata, f"{key}.embedding_length"))
@@ -161,7 +174,7 @@ def model_config(arch: Architecture, metadata: Metadata, has_lm_head: bool) -> C
         "max_position_embeddings": int(scalar(metadata, f"{key}.context_length", 2048)),
         "vocab_size": int(scalar(metadata, f"{key}.vocab_size", len(tokens))),
         "tie_word_embeddings": not has_lm_head,
-        "rope_scaling": _rope_scaling(metadata, key),
+        "rope_scaling": _rope_scaling(metadata, key, rope_freqs),
         **arch.extra_config(metadata, key),
     }
     for name in ("bos_token_id", "eos_token_id"):
@@ -170,10 +183,54 @@ def model_config(arch: Architecture, metadata: Metadata, has_lm_head: bool) -> C
     return config
 
 
-def _rope_scaling(metadata: Metadata, arch: str) -> Config | None:
+def _rope_scaling(
+    metadata: Metadata, arch: str, rope_freqs: Sequence[float] | None
+) -> Config | None:
+    if rope_freqs is not None:
+        return _llama3_rope_scaling(metadata, arch, rope_freqs)
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
     if kind == "linear":
         return {"type": "linear", "factor": float(scalar(metadata, f"{arch}.rope.scaling.factor"))}
     raise StartupError(f"GGUF RoPE scaling {kind!r} is not supported (only 'linear').")
+
+
+def llama3_rope_factors(factor: float, base: float, dims: int) -> list[float]:
+    """The factors llama.cpp's converter writes to `rope_freqs` for Llama 3's RoPE scaling."""
+    low, high = _LLAMA3_ROPE["low_freq_factor"], _LLAMA3_ROPE["high_freq_factor"]
+    low_wavelen, high_wavelen = _LLAMA3_ORIGINAL_CONTEXT / low, _LLAMA3_ORIGINAL_CONTEXT / high
+    factors = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * math.pi * base ** (i / dims)
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (_LLAMA3_ORIGINAL_CONTEXT / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return factors
+
+
+def _llama3_rope_scaling(metadata: Metadata, arch: str, rope_freqs: Sequence[float]) -> Config:
+    hidden = int(scalar(metadata, f"{arch}.embedding_length"))
+    heads = int(scalar(metadata, f"{arch}.attention.head_count"))
+    dims = int(scalar(metadata, f"{arch}.rope.dimension_count", hidden // heads))
+    base = float(scalar(metadata, f"{arch}.rope.freq_base", 10000.0))
+    for factor in _LLAMA3_ROPE_FACTORS:
+        expected = llama3_rope_factors(factor, base, dims)
+        if len(expected) == len(rope_freqs) and all(
+            math.isclose(a, b, rel_tol=_ROPE_FREQS_RTOL)
+            for a, b in zip(expected, rope_freqs, strict=True)
+        ):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                **_LLAMA3_ROPE,
+                "original_max_position_embeddings": _LLAMA3_ORIGINAL_CONTEXT,
+            }
+    raise StartupError(
+        f"GGUF tensor {ROPE_FREQS_TENSOR!r} matches no Llama 3 RoPE scaling "
+        f"(factor {', '.join(str(f) for f in _LLAMA3_ROPE_FACTORS)}); this RoPE is not supported."
+    )
