@@ -161,5 +161,5 @@ def test_rope_freqs_of_no_llama3_scaling_are_refused() -> None:
     llama = ARCHITECTURES["llama"]
     matching = model_config(llama, metadata, True, llama3_rope_freqs().tolist())
     assert matching["rope_scaling"] == LLAMA3_ROPE
-    with pytest.raises(StartupError, match="'rope_freqs.weight' matches no Llama 3 RoPE scaling"):
+    with pytest.raises(StartupError, match=r"'rope_freqs\.weight' matches no Llama 3 RoPE scaling"):
         model_config(llama, metadata, True, [1.0] * (HEAD_DIM // 2))
