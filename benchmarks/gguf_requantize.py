@@ -138,24 +138,28 @@ def agreement(answers: list[list[int]], baseline: list[list[int]]) -> tuple[int,
     return same, float(np.mean(shares))
 
 
+def dense(params: dict[str, mx.array], layer: str) -> np.ndarray:
+    """A matrix as floats, dequantized if it is packed."""
+    weight = params[f"{layer}.weight"]
+    if f"{layer}.scales" in params:
+        scales, biases = params[f"{layer}.scales"], params[f"{layer}.biases"]
+        bits = weight.shape[-1] // scales.shape[-1]  # 32 weights a group, 32 bits a word
+        weight = mx.dequantize(weight, scales, biases, group_size=32, bits=bits)
+    return np.array(weight.astype(mx.float32))
+
+
 def weight_errors(model: Any, baseline: Any) -> tuple[float, float]:
-    """Largest absolute and relative-RMS error of the dequantized matrices against the floats."""
+    """Largest absolute and relative-RMS error of the matrices against the baseline's."""
     ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(baseline.parameters()))
     worst_abs, worst_rms = 0.0, 0.0
     for name, reference in theirs.items():
         if not name.endswith(".weight") or reference.ndim != 2:
             continue
         layer = name.removesuffix(".weight")
-        value = ours[name]
-        if f"{layer}.scales" in ours:
-            bits = value.shape[-1] * 32 // (ours[f"{layer}.scales"].shape[-1] * 32)
-            value = mx.dequantize(
-                value, ours[f"{layer}.scales"], ours[f"{layer}.biases"], group_size=32, bits=bits
-            )
-        diff = np.array(value, dtype=np.float32) - np.array(reference, dtype=np.float32)
+        truth = dense(theirs, layer)
+        diff = dense(ours, layer) - truth
         worst_abs = max(worst_abs, float(np.abs(diff).max()))
-        rms = float(np.sqrt((diff**2).mean() / (np.array(reference) ** 2).mean()))
-        worst_rms = max(worst_rms, rms)
+        worst_rms = max(worst_rms, float(np.sqrt((diff**2).mean() / (truth**2).mean())))
     return worst_abs, worst_rms
 
 
