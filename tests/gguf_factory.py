@@ -178,7 +178,7 @@ SCHEMES = {
     "Q4_0": (QType.Q4_0, QType.Q8_0),
 }
 _HIGH_PRECISION_ROLES = ("attn_v", "ffn_down", "token_embd", "output")
-_UNTIED = ("llama", "llama3", "qwen2", "phi3")
+_UNTIED = ("llama", "llama3", "qwen2", "phi3", "phi3_long")
 # "llama3" is the llama architecture with Llama 3.1's RoPE scaling, which llama.cpp stores as
 # per-frequency factors in a `rope_freqs` tensor.
 LLAMA3_ROPE = {
@@ -191,8 +191,16 @@ LLAMA3_ROPE = {
 LLAMA3_THETA = 500000.0
 
 
+# "phi3_long" is phi3 with LongRoPE (Phi-3.5, Phi-3 128k): its factors are tensors too.
+LONG_ROPE_CONTEXT = 64
+LONG_FACTORS = [1.0 + 0.25 * (i % 8) for i in range(HEAD_DIM // 2)]
+SHORT_FACTORS = [1.0 + 0.125 * (i % 4) for i in range(HEAD_DIM // 2)]
+_VARIANTS = {"llama3": "llama", "phi3_long": "phi3"}
+CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
 def gguf_architecture(arch: str) -> str:
-    return "llama" if arch == "llama3" else arch
+    return _VARIANTS.get(arch, arch)
 
 
 def llama3_rope_freqs() -> np.ndarray:
@@ -294,6 +302,7 @@ def write_tiny_model(path: Path, arch: str, scheme: str, seed: int = 0) -> TinyG
     (Gemma's norms stored as 1 + w, as llama.cpp writes them)."""
     rng = np.random.default_rng(seed)
     vocab = len(byte_level_vocabulary()[0])
+    variant, arch = arch, gguf_architecture(arch)
     tensors: dict[str, tuple[np.ndarray, QType]] = {}
     for role, shape in _per_layer(_matrix_shapes(arch, vocab), arch).items():
         weights = rng.normal(size=shape).astype(np.float32) * (
@@ -307,9 +316,14 @@ def write_tiny_model(path: Path, arch: str, scheme: str, seed: int = 0) -> TinyG
             values += 1.0
         name = role if role.endswith(".bias") else f"{role}.weight"
         tensors[name] = (values.reshape(size), QType.F32)
-    if arch == "llama3":
+    metadata = tiny_metadata(variant)
+    if variant == "llama3":
         tensors["rope_freqs.weight"] = (llama3_rope_freqs(), QType.F32)
-    return write_gguf(path, gguf_architecture(arch), tiny_metadata(arch), tensors)
+    if variant == "phi3_long":
+        tensors["rope_factors_long.weight"] = (np.array(LONG_FACTORS, np.float32), QType.F32)
+        tensors["rope_factors_short.weight"] = (np.array(SHORT_FACTORS, np.float32), QType.F32)
+        metadata["phi3.rope.scaling.original_context_length"] = LONG_ROPE_CONTEXT
+    return write_gguf(path, arch, metadata, tensors)
 
 
 # The same weights as mlx-lm models, named and shaped by hand (not by the converter).
@@ -339,7 +353,7 @@ _ROLE_BY_ARCH = {
 }
 _ROLE_BY_ARCH["gemma3"] = _ROLE_BY_ARCH["gemma2"]
 _DEFAULT_ROLES = {"ffn_up": "mlp.up_proj", "ffn_norm": "post_attention_layernorm"}
-_MODEL_TYPES = {"gemma3": "gemma3_text", "llama3": "llama"}
+_MODEL_TYPES = {"gemma3": "gemma3_text", "llama3": "llama", "phi3_long": "phi3"}
 
 
 def reference_config(arch: str) -> dict[str, Any]:
@@ -363,6 +377,9 @@ def reference_config(arch: str) -> dict[str, Any]:
         config |= {"query_pre_attn_scalar": float(HEAD_DIM), "sliding_window": 512}
     if arch == "llama3":
         config |= {"rope_theta": LLAMA3_THETA, "rope_scaling": LLAMA3_ROPE}
+    if arch == "phi3_long":
+        long_rope = {"type": "longrope", "long_factor": LONG_FACTORS, "short_factor": SHORT_FACTORS}
+        config |= {"rope_scaling": long_rope, "original_max_position_embeddings": LONG_ROPE_CONTEXT}
     return config
 
 
@@ -374,14 +391,14 @@ def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
 
 def reference_weights(tiny: TinyGGUF, arch: str) -> dict[str, np.ndarray]:
     """What each tensor means in mlx-lm's names: Gemma's norms less 1, llama's Q/K unpermuted."""
-    roles = {**_MLX_NAMES, **_ROLE_BY_ARCH.get(arch, _DEFAULT_ROLES)}
+    roles = {**_MLX_NAMES, **_ROLE_BY_ARCH.get(gguf_architecture(arch), _DEFAULT_ROLES)}
     weights: dict[str, np.ndarray] = {}
     for name, stored in tiny.meant.items():
         base, _, suffix = name.rpartition(".")
         role = base.rpartition(".")[2]
         value = stored
-        if name == "rope_freqs.weight":
-            continue  # config, not a weight
+        if name in CONFIG_TENSORS:
+            continue  # config, not weights
         if arch in ("llama", "llama3") and role in ("attn_q", "attn_k"):
             value = _unpermute(stored, HEADS if role == "attn_q" else KV_HEADS)
         if arch in _GEMMA and role.endswith("norm"):

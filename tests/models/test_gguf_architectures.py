@@ -27,6 +27,7 @@ from mlx_engine_server.models.loader import ModelSource, load_model, read_model_
 from ..conftest import LiveServer, run_live_server
 from ..gguf_factory import (
     CHATML,
+    CONFIG_TENSORS,
     HEAD_DIM,
     LLAMA3_ROPE,
     TinyGGUF,
@@ -46,6 +47,7 @@ CASES = [
     ("gemma2", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),
     ("gemma3", "Q4_0", "4-bit affine, group size 32; some layers 8-bit"),
     ("phi3", "Q4_K_M", "4-bit affine, group size 32; some layers 8-bit"),
+    ("phi3_long", "Q5_K_M", "8-bit affine, group size 32"),  # LongRoPE factors as tensors
 ]
 PROMPT_IDS = [1, 60, 3, 70, 80, 90, 100, 110]
 MAX_TOKENS = 8
@@ -73,7 +75,7 @@ def reference_model(tiny: TinyGGUF, arch: str) -> nn.Module:
 
 
 def _reference_bits(tiny: TinyGGUF, arch: str) -> dict[str, int]:
-    weights = [name for name in tiny.meant if name != "rope_freqs.weight"]
+    weights = [name for name in tiny.meant if name not in CONFIG_TENSORS]
     named = dict(zip(weights, reference_weights(tiny, arch), strict=True))
     return {
         named[name].removesuffix(".weight"): _AUTO_BITS[qtype]
@@ -159,7 +161,7 @@ def test_greedy_text_equals_mlx_lm_on_the_same_weights(
 def test_rope_freqs_of_no_llama3_scaling_are_refused() -> None:
     metadata = tiny_metadata("llama3")
     llama = ARCHITECTURES["llama"]
-    matching = model_config(llama, metadata, True, llama3_rope_freqs().tolist())
+    matching = model_config(llama, metadata, True, {"rope_freqs.weight": llama3_rope_freqs()})
     assert matching["rope_scaling"] == LLAMA3_ROPE
     with pytest.raises(StartupError, match=r"'rope_freqs\.weight' matches no Llama 3 RoPE scaling"):
-        model_config(llama, metadata, True, [1.0] * (HEAD_DIM // 2))
+        model_config(llama, metadata, True, {"rope_freqs.weight": [1.0] * (HEAD_DIM // 2)})

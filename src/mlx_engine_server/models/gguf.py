@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader
 
 from ..errors import StartupError
-from .gguf_arch import ROPE_FREQS_TENSOR, Architecture, architecture_of, model_config
+from .gguf_arch import CONFIG_TENSORS, Architecture, architecture_of, model_config
 from .gguf_quants import (
     GROUP_SIZE,
     Requantize,
@@ -67,7 +67,7 @@ class GGUFFile:
     arch: Architecture
     metadata: Metadata
     tensors: list[SourceTensor]
-    rope_freqs: list[float] | None = None  # Llama 3's RoPE scaling, as llama.cpp stores it
+    rope_tensors: dict[str, list[float]]  # RoPE scaling that llama.cpp stores as tensors
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -170,17 +170,15 @@ def _read_gguf(path: Path) -> GGUFFile:
         if key not in metadata:
             raise StartupError(f"{path.name}: GGUF file has no tokenizer (no metadata {key!r}).")
     tensors = [SourceTensor(t.name, QType(t.tensor_type), t.data) for t in reader.tensors]
-    rope_freqs = [
-        dequantize(t).reshape(-1).tolist() for t in tensors if t.name == ROPE_FREQS_TENSOR
-    ]
-    weights = [t for t in tensors if t.name != ROPE_FREQS_TENSOR]  # it is config, not a weight
-    return GGUFFile(path, arch, metadata, weights, rope_freqs[0] if rope_freqs else None)
+    rope = {t.name: dequantize(t).reshape(-1).tolist() for t in tensors if t.name in CONFIG_TENSORS}
+    weights = [t for t in tensors if t.name not in CONFIG_TENSORS]  # those are config
+    return GGUFFile(path, arch, metadata, weights, rope)
 
 
 def _write_model_dir(dest: Path, gguf: GGUFFile, dtype: mx.Dtype, requantize: Requantize) -> None:
     weights = _convert_tensors(gguf, dtype, requantize)
     has_lm_head = "lm_head.weight" in weights
-    config = model_config(gguf.arch, gguf.metadata, has_lm_head, gguf.rope_freqs)
+    config = model_config(gguf.arch, gguf.metadata, has_lm_head, gguf.rope_tensors)
     quantization = _quantization_config(weights)
     if quantization is not None:
         config["quantization"] = quantization

@@ -48,6 +48,12 @@ _GEMMA3_LOCAL_ROPE_BASE = 10000.0
 # Llama 3.1 and 3.3 (factor 8) and 3.2 (factor 32) store their RoPE scaling only as the
 # per-frequency factors it yields, in a `rope_freqs` tensor: we find which one it is.
 ROPE_FREQS_TENSOR = "rope_freqs.weight"
+# Phi-3's 128k variants (and Phi-3.5) store LongRoPE's factors as tensors too.
+LONG_ROPE_TENSORS = {
+    "long_factor": "rope_factors_long.weight",
+    "short_factor": "rope_factors_short.weight",
+}
+CONFIG_TENSORS = (ROPE_FREQS_TENSOR, *LONG_ROPE_TENSORS.values())
 _LLAMA3_ROPE_FACTORS = (8.0, 32.0, 16.0, 4.0)
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
 _LLAMA3_ORIGINAL_CONTEXT = 8192
@@ -153,9 +159,10 @@ def model_config(
     arch: Architecture,
     metadata: Metadata,
     has_lm_head: bool,
-    rope_freqs: Sequence[float] | None = None,
+    rope_tensors: Mapping[str, Sequence[float]] | None = None,
 ) -> Config:
-    """mlx-lm's `config.json` for the model, from the file's metadata (and `rope_freqs`)."""
+    """mlx-lm's `config.json` for the model, from the file's metadata and `CONFIG_TENSORS`."""
+    rope_tensors = rope_tensors or {}
     key = arch.name
     heads = int(scalar(metadata, f"{key}.attention.head_count"))
     hidden = int(scalar(metadata, f"{key}.embedding_length"))
@@ -174,9 +181,13 @@ def model_config(
         "max_position_embeddings": int(scalar(metadata, f"{key}.context_length", 2048)),
         "vocab_size": int(scalar(metadata, f"{key}.vocab_size", len(tokens))),
         "tie_word_embeddings": not has_lm_head,
-        "rope_scaling": _rope_scaling(metadata, key, rope_freqs),
+        "rope_scaling": _rope_scaling(metadata, key, rope_tensors),
         **arch.extra_config(metadata, key),
     }
+    if LONG_ROPE_TENSORS["long_factor"] in rope_tensors:
+        config["original_max_position_embeddings"] = int(
+            scalar(metadata, f"{key}.rope.scaling.original_context_length")
+        )
     for name in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{name}" in metadata:
             config[name] = int(scalar(metadata, f"tokenizer.ggml.{name}"))
@@ -184,10 +195,13 @@ def model_config(
 
 
 def _rope_scaling(
-    metadata: Metadata, arch: str, rope_freqs: Sequence[float] | None
+    metadata: Metadata, arch: str, rope_tensors: Mapping[str, Sequence[float]]
 ) -> Config | None:
-    if rope_freqs is not None:
-        return _llama3_rope_scaling(metadata, arch, rope_freqs)
+    if ROPE_FREQS_TENSOR in rope_tensors:
+        return _llama3_rope_scaling(metadata, arch, rope_tensors[ROPE_FREQS_TENSOR])
+    if all(name in rope_tensors for name in LONG_ROPE_TENSORS.values()):
+        factors = {key: list(rope_tensors[name]) for key, name in LONG_ROPE_TENSORS.items()}
+        return {"type": "longrope", **factors}
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
