@@ -297,9 +297,12 @@ def _scheme_type(role: str, scheme: str) -> QType:
     return high if role.rpartition(".")[2] in _HIGH_PRECISION_ROLES else main
 
 
-def write_tiny_model(path: Path, arch: str, scheme: str, seed: int = 0) -> TinyGGUF:
-    """A one-layer model of `arch` in GGUF layout: matrices in `scheme`'s types, vectors F32
-    (Gemma's norms stored as 1 + w, as llama.cpp writes them)."""
+def write_tiny_model(
+    path: Path, arch: str, scheme: str, seed: int = 0, tokenizer: dict[str, Any] | None = None
+) -> TinyGGUF:
+    """A small model of `arch` in GGUF layout: matrices in `scheme`'s types, vectors F32
+    (Gemma's norms stored as 1 + w, as llama.cpp writes them); `tokenizer` replaces the
+    byte-level vocabulary's metadata."""
     rng = np.random.default_rng(seed)
     vocab = len(byte_level_vocabulary()[0])
     variant, arch = arch, gguf_architecture(arch)
@@ -317,6 +320,9 @@ def write_tiny_model(path: Path, arch: str, scheme: str, seed: int = 0) -> TinyG
         name = role if role.endswith(".bias") else f"{role}.weight"
         tensors[name] = (values.reshape(size), QType.F32)
     metadata = tiny_metadata(variant)
+    if tokenizer is not None:  # another vocabulary than the byte-level one
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.")}
+        metadata |= tokenizer
     if variant == "llama3":
         tensors["rope_freqs.weight"] = (llama3_rope_freqs(), QType.F32)
     if variant == "phi3_long":

@@ -21,6 +21,7 @@ from mlx_lm.utils import _get_classes, load, load_tokenizer
 from mlx_engine_server.engine import EngineOptions
 from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.errors import StartupError
+from mlx_engine_server.models.gguf import convert_gguf
 from mlx_engine_server.models.gguf_arch import ARCHITECTURES, model_config
 from mlx_engine_server.models.loader import ModelSource, load_model, read_model_config
 
@@ -165,3 +166,29 @@ def test_rope_freqs_of_no_llama3_scaling_are_refused() -> None:
     assert matching["rope_scaling"] == LLAMA3_ROPE
     with pytest.raises(StartupError, match=r"'rope_freqs\.weight' matches no Llama 3 RoPE scaling"):
         model_config(llama, metadata, True, {"rope_freqs.weight": [1.0] * (HEAD_DIM // 2)})
+
+
+SENTENCEPIECE = {
+    "tokenizer.ggml.model": "llama",
+    "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "\u2581", "h", "i", "\u2581h", "\u2581hi"],
+    "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0],
+    "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, 1, 1, 1],
+    "tokenizer.ggml.bos_token_id": 1,
+    "tokenizer.ggml.eos_token_id": 2,
+    "tokenizer.ggml.unknown_token_id": 0,
+}
+
+
+@pytest.mark.parametrize(
+    ("arch", "hi_ids"),
+    [("gemma2", [1, 4, 5]), ("phi3", [1, 7])],  # Gemma adds no space before the text
+)
+def test_sentencepiece_vocabularies_build_by_architecture(
+    cache_dir: Path, arch: str, hi_ids: list[int]
+) -> None:
+    """Gemma's and Phi-3's files carry sentencepiece vocabularies, built per architecture."""
+    path = write_tiny_model(cache_dir / f"{arch}-sp.gguf", arch, "Q8_0", tokenizer=SENTENCEPIECE)
+    tokenizer = load_tokenizer(convert_gguf(path.path, cache_dir / "sp"))
+    assert tokenizer.encode("hi") == hi_ids
+    assert tokenizer.encode(" hi")[-1] == 7  # ▁hi
+    assert tokenizer.eos_token_id == 2
