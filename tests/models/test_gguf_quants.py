@@ -5,9 +5,11 @@ and `--gguf-requantize` picks the bits."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, cast
 
+import httpx2 as httpx
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -19,6 +21,14 @@ from mlx_engine_server.models.gguf import convert_gguf
 from mlx_engine_server.models.gguf_quants import SourceTensor, repack_legacy, to_mlx
 from mlx_engine_server.models.loader import ModelSource, load_model
 
+from ..cli.test_cli import (
+    MLX_SERVER,
+    ServerProcess,
+    clean_env,
+    free_port,
+    run_cli,
+    wait_until_healthy,
+)
 from ..gguf_factory import quantize, write_gguf, write_tiny_model
 
 K_TYPES = [QType.Q4_K, QType.Q5_K, QType.Q6_K]
@@ -108,3 +118,33 @@ def test_status_shows_the_requantized_model(tmp_path: Path) -> None:
     unknown = ModelSource(model_path=str(path), cache_dir=tmp_path, gguf_requantize="3")
     with pytest.raises(StartupError, match="--gguf-requantize '3' is not one of auto, 4, 8, none"):
         load_model(unknown)
+
+
+def test_mlx_server_process_takes_the_setting_from_the_environment(tmp_path: Path) -> None:
+    """Through the real command and its engine process: the env var reaches the converter."""
+    path = write_tiny_model(tmp_path / "m.gguf", "qwen3", "Q4_K_M").path
+    port = free_port()
+    env = clean_env(MLX_SERVER_GGUF_REQUANTIZE="8")
+    args = [MLX_SERVER, str(path), "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server)
+        status = httpx.get(f"{server.base_url}/v1/mlx/status", timeout=10).json()
+        assert status["model"]["quantization"] == "8-bit affine, group size 32"
+        assert status["model"]["resolved_path"].endswith("-requantize-8")
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_unsupported_architecture_stops_the_command(tmp_path: Path) -> None:
+    """Refused at start-up, naming the architecture and the supported ones; exit status 1."""
+    tensors = {"w": (random_weights(), QType.F32)}
+    mamba = write_gguf(tmp_path / "mamba.gguf", "mamba", {"mamba.block_count": 1}, tensors)
+    outcome = run_cli(str(mamba.path), "--cache-dir", str(tmp_path / "cache"))
+    assert outcome.returncode == 1
+    supported = "supported: llama, qwen2, qwen3, gemma2, gemma3, phi3"
+    assert f"GGUF architecture 'mamba' is not supported; {supported}" in outcome.stderr
