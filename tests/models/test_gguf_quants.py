@@ -26,7 +26,6 @@ from ..cli.test_cli import (
     ServerProcess,
     clean_env,
     free_port,
-    run_cli,
     wait_until_healthy,
 )
 from ..gguf_factory import quantize, write_gguf, write_tiny_model
@@ -138,13 +137,3 @@ def test_mlx_server_process_takes_the_setting_from_the_environment(tmp_path: Pat
     finally:
         process.kill()
         process.wait(timeout=10)
-
-
-def test_unsupported_architecture_stops_the_command(tmp_path: Path) -> None:
-    """Refused at start-up, naming the architecture and the supported ones; exit status 1."""
-    tensors = {"w": (random_weights(), QType.F32)}
-    mamba = write_gguf(tmp_path / "mamba.gguf", "mamba", {"mamba.block_count": 1}, tensors)
-    outcome = run_cli(str(mamba.path), "--cache-dir", str(tmp_path / "cache"))
-    assert outcome.returncode == 1
-    supported = "supported: llama, qwen2, qwen3, gemma2, gemma3, phi3"
-    assert f"GGUF architecture 'mamba' is not supported; {supported}" in outcome.stderr
