@@ -114,9 +114,11 @@ def timed_load(model_dir: Path) -> tuple[Any, Any, float]:
     return model, tokenizer, time.perf_counter() - began
 
 
-def greedy_answers(model: Any, tokenizer: Any, max_tokens: int) -> tuple[list[list[int]], float]:
+def greedy_answers(
+    model: Any, tokenizer: Any, max_tokens: int, prompts: list[str]
+) -> tuple[list[list[int]], float]:
     answers, tokens, elapsed = [], 0, 0.0
-    for question in PROMPTS:
+    for question in prompts:
         messages = [{"role": "user", "content": question}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         began = time.perf_counter()
@@ -175,8 +177,8 @@ def mx_load_q4_k_error(path: Path) -> float:
     return worst
 
 
-def measure_settings(work: Path, max_tokens: int, schemes: list[str]) -> None:
-    print(f"SmolLM2-135M rewritten; {len(PROMPTS)} chat prompts, {max_tokens} greedy tokens")
+def measure_settings(work: Path, max_tokens: int, schemes: list[str], prompts: list[str]) -> None:
+    print(f"SmolLM2-135M rewritten; {len(prompts)} chat prompts, {max_tokens} greedy tokens")
     header = "scheme  setting  convert_s  load_s  MB     tok/s  same  prefix  max|dw|  rel-rms"
     for scheme in schemes:
         path, types = rewrite_smollm(work / f"smollm-{scheme}.gguf", scheme)
@@ -193,14 +195,14 @@ def measure_settings(work: Path, max_tokens: int, schemes: list[str]) -> None:
             model_dir = convert_gguf(path, work / "cache", setting)  # type: ignore[arg-type]
             convert_s = time.perf_counter() - began
             model, tokenizer, load_s = timed_load(model_dir)
-            answers, speed = greedy_answers(model, tokenizer, max_tokens)
+            answers, speed = greedy_answers(model, tokenizer, max_tokens, prompts)
             if baseline is None:
                 baseline = (model, answers)
             same, prefix = agreement(answers, baseline[1])
             worst_abs, worst_rms = weight_errors(model, baseline[0])
             print(
                 f"{scheme:7} {setting:8} {convert_s:9.1f} {load_s:7.2f} "
-                f"{parameter_bytes(model) / 1e6:6.1f} {speed:6.1f} {same:3}/{len(PROMPTS)} "
+                f"{parameter_bytes(model) / 1e6:6.1f} {speed:6.1f} {same:3}/{len(prompts)} "
                 f"{prefix:6.2f} {worst_abs:8.4f} {worst_rms:8.4f}"
             )
 
@@ -228,12 +230,14 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="the architecture x type table")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many to ask")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.table:
             load_table(Path(tmp))
         else:
-            measure_settings(Path(tmp), args.max_tokens, args.schemes)
+            prompts = PROMPTS[: args.prompts]
+            measure_settings(Path(tmp), args.max_tokens, args.schemes, prompts)
 
 
 if __name__ == "__main__":
