@@ -52,12 +52,12 @@ CASES = [
 ]
 PROMPT_IDS = [1, 60, 3, 70, 80, 90, 100, 110]
 MAX_TOKENS = 8
-_AUTO_BITS = {QType.Q4_K: 4, QType.Q5_K: 8, QType.Q6_K: 8}
+_AUTO_BITS = {QType.Q5_K: 8, QType.Q6_K: 8}
 
 
 def reference_model(tiny: TinyGGUF, arch: str) -> nn.Module:
-    """The file's weights as mlx-lm's own model; K-quant matrices quantized as "auto" does,
-    Q4_0/Q8_0 ones kept as the floats they exactly hold."""
+    """The file's weights as mlx-lm's own model; Q5_K and Q6_K matrices quantized as "auto"
+    does, Q4_K, Q4_0 and Q8_0 ones kept as the floats they exactly hold."""
     config = reference_config(arch)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))

@@ -48,10 +48,18 @@ def test_k_blocks_written_here_decode_to_what_they_mean(qtype: QType) -> None:
     assert np.abs(meant - weights).max() < 0.2 * np.abs(weights).max()  # a real quantization
 
 
-@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("setting", ["auto", "4", "8", "none"])
+def test_q4_k_is_repacked_without_loss(setting: Any) -> None:
+    """Q4_K's 32-weight sub-blocks are MLX's 4-bit groups: gguf-py's weights, exactly."""
+    raw, meant = quantize(random_weights(), QType.Q4_K)
+    packed = to_mlx(SourceTensor("w", QType.Q4_K, raw), setting)
+    restored = mx.dequantize(*packed.values(), group_size=32, bits=4)
+    assert np.array_equal(np.array(restored), meant)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q5_K, QType.Q6_K], ids=lambda q: q.name)
 def test_k_quants_hold_gguf_py_weights_after_requantizing(qtype: QType) -> None:
-    """8 bits keep gguf-py's weights to within an 8-bit step; `mx.load` is off by far more
-    on Q4_K (it applies the even sub-block's scale and min to the odd one too)."""
+    """8 bits keep gguf-py's weights to within an 8-bit step."""
     raw, meant = quantize(random_weights(), qtype)
     packed = to_mlx(SourceTensor("w", qtype, raw), "8")
     assert packed["weight"].dtype == mx.uint32
@@ -91,23 +99,27 @@ def quantization_after(path: Path, cache: Path, requantize: Any) -> dict[str, An
 
 
 def test_requantize_setting_picks_the_bits(tmp_path: Path) -> None:
-    """Q4_K_M: Q4_K matrices and Q6_K ones (V, FFN down, embeddings)."""
+    """Q4_K_M: Q4_K matrices (kept 4-bit, exactly) and Q6_K ones (V, FFN down, embeddings)."""
     path = write_tiny_model(tmp_path / "m.gguf", "qwen3", "Q4_K_M").path
     cache = tmp_path / "cache"
+    v_proj, embeddings = "model.layers.0.self_attn.v_proj", "model.embed_tokens"
     auto = quantization_after(path, cache, "auto")
     assert auto is not None
     assert auto["bits"] == 4
-    assert auto["model.layers.0.self_attn.v_proj"]["bits"] == 8
-    assert auto["model.embed_tokens"]["bits"] == 8
+    assert auto[v_proj]["bits"] == auto[embeddings]["bits"] == 8
     four = quantization_after(path, cache, "4")
     assert four is not None
     assert four["bits"] == 4
     assert not any(isinstance(entry, dict) for entry in four.values())
-    eight = quantization_after(path, cache, "8")
-    assert eight is not None
-    assert eight["bits"] == 8
-    assert quantization_after(path, cache, "none") is None  # floats, as gguf-py decodes them
-    assert len([d for d in cache.iterdir() if d.is_dir()]) == 4  # one conversion per setting
+    none = quantization_after(path, cache, "none")  # Q6_K as floats, as gguf-py decodes them
+    assert none is not None
+    assert none["bits"] == 4
+    assert none[v_proj] is False
+    assert none[embeddings] is False
+    q5 = write_tiny_model(tmp_path / "q5.gguf", "qwen3", "Q5_K_M").path
+    assert (quantization_after(q5, cache, "auto") or {})["bits"] == 8
+    assert (quantization_after(q5, cache, "4") or {})["bits"] == 4
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 5  # one conversion per setting
 
 
 def test_status_shows_the_requantized_model(tmp_path: Path) -> None:
@@ -121,9 +133,9 @@ def test_status_shows_the_requantized_model(tmp_path: Path) -> None:
 
 def test_mlx_server_process_takes_the_setting_from_the_environment(tmp_path: Path) -> None:
     """Through the real command and its engine process: the env var reaches the converter."""
-    path = write_tiny_model(tmp_path / "m.gguf", "qwen3", "Q4_K_M").path
+    path = write_tiny_model(tmp_path / "m.gguf", "qwen3", "Q6_K").path
     port = free_port()
-    env = clean_env(MLX_SERVER_GGUF_REQUANTIZE="8")
+    env = clean_env(MLX_SERVER_GGUF_REQUANTIZE="4")
     args = [MLX_SERVER, str(path), "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
@@ -132,8 +144,8 @@ def test_mlx_server_process_takes_the_setting_from_the_environment(tmp_path: Pat
     try:
         wait_until_healthy(server)
         status = httpx.get(f"{server.base_url}/v1/mlx/status", timeout=10).json()
-        assert status["model"]["quantization"] == "8-bit affine, group size 32"
-        assert status["model"]["resolved_path"].endswith("-requantize-8")
+        assert status["model"]["quantization"] == "4-bit affine, group size 32"
+        assert status["model"]["resolved_path"].endswith("-requantize-4")
     finally:
         process.kill()
         process.wait(timeout=10)
