@@ -2,7 +2,7 @@
 
 gguf-py's reader maps the file; `gguf_arch.py` says what each architecture is in mlx-lm
 (tensor names, config from the metadata, norm conventions) and `gguf_quants.py` turns each
-tensor into MLX arrays: Q4_0, Q4_1 and Q8_0 repacked without loss, the K-quants and other
+tensor into MLX arrays: Q4_0, Q4_1, Q8_0 and Q4_K repacked without loss, the other K-quants and other
 types decoded and re-quantized as `--gguf-requantize` says. The tokenizer and its chat
 template are rebuilt from the file with transformers' torch-free GGUF tokenizer builders.
 
