@@ -2,9 +2,9 @@
 
 gguf-py's reader maps the file; `gguf_arch.py` says what each architecture is in mlx-lm
 (tensor names, config from the metadata, norm conventions) and `gguf_quants.py` turns each
-tensor into MLX arrays: Q4_0, Q4_1, Q8_0 and Q4_K repacked without loss, the other K-quants and other
-types decoded and re-quantized as `--gguf-requantize` says. The tokenizer and its chat
-template are rebuilt from the file with transformers' torch-free GGUF tokenizer builders.
+tensor into MLX arrays: Q4_0, Q4_1, Q8_0 and Q4_K repacked without loss, the other types
+decoded and re-quantized as `--gguf-requantize` says. The tokenizer and its chat template
+are rebuilt from the file with transformers' torch-free GGUF tokenizer builders.
 
 The result lives in `cache_root/<sha256 of the file>-<dtype>-requantize-<setting>/` (see
 `compute_dtype`), written into a temporary directory and renamed into place, so an
