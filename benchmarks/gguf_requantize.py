@@ -55,15 +55,8 @@ SCHEMES = {
 FALLBACK = {QType.Q4_K: QType.Q5_0, QType.Q6_K: QType.Q8_0}
 HIGH_ROLES = ("attn_v", "ffn_down", "token_embd", "output")
 SETTINGS = ("none", "4", "8", "auto")
-TABLE_CASES = [
-    ("llama", "Q4_K_M"),
-    ("llama", "Q4_0"),
-    ("qwen2", "Q5_K_M"),
-    ("qwen3", "Q6_K"),
-    ("gemma2", "Q4_K_M"),
-    ("gemma3", "Q8_0"),
-    ("phi3", "Q4_K_M"),
-]
+TABLE_ARCHS = ("llama", "llama3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_long")
+TABLE_SCHEMES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 
 
 def storage_type(name: str, cols: int, scheme: str) -> QType:
@@ -208,8 +201,10 @@ def measure_settings(work: Path, max_tokens: int, schemes: list[str], prompts: l
 
 
 def load_table(work: Path) -> None:
-    print("arch     file     convert_s  load_s  params MB  status quantization")
-    rows = [(arch, scheme, None) for arch, scheme in TABLE_CASES]
+    print("arch       file     convert_s  load_s  params MB  status quantization")
+    rows: list[tuple[str, str, Path | None]] = [
+        (arch, scheme, None) for arch in TABLE_ARCHS for scheme in TABLE_SCHEMES
+    ]
     rows.append(("llama", "Q4_1", smollm_gguf_path()))
     for arch, scheme, given in rows:
         path = given or write_tiny_model(work / f"{arch}-{scheme}.gguf", arch, scheme).path
@@ -217,10 +212,11 @@ def load_table(work: Path) -> None:
         model_dir = convert_gguf(path, work / "table-cache")
         convert_s = time.perf_counter() - began
         model, _, load_s = timed_load(model_dir)
+        mx.eval(model(mx.array([[1, 2, 3]])))  # it runs
         quant = describe_quantization(read_model_config(model_dir))
         name = "SmolLM2" if given else "tiny"
         print(
-            f"{arch:8} {scheme:8} {convert_s:9.2f} {load_s:7.2f} "
+            f"{arch:10} {scheme:8} {convert_s:9.2f} {load_s:7.2f} "
             f"{parameter_bytes(model) / 1e6:10.2f}  {quant} ({name})"
         )
 
