@@ -192,3 +192,19 @@ def test_sentencepiece_vocabularies_build_by_architecture(
     assert tokenizer.encode("hi") == hi_ids
     assert tokenizer.encode(" hi")[-1] == 7  # ▁hi
     assert tokenizer.eos_token_id == 2
+
+
+def test_partial_rotary_and_yarn_come_from_the_metadata() -> None:
+    """Phi-4-mini (phi3 in GGUF) rotates 3/4 of each head; Qwen's long files use YaRN."""
+    phi = tiny_metadata("phi3") | {"phi3.rope.dimension_count": HEAD_DIM * 3 // 4}
+    assert model_config(ARCHITECTURES["phi3"], phi, True)["partial_rotary_factor"] == 0.75
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    qwen = tiny_metadata("qwen2") | {
+        "qwen2.rope.scaling.type": "yarn",
+        "qwen2.rope.scaling.factor": 4.0,
+        "qwen2.rope.scaling.original_context_length": 32768,
+    }
+    assert model_config(ARCHITECTURES["qwen2"], qwen, True)["rope_scaling"] == yarn
+    qwen["qwen2.rope.scaling.type"] = "longrope"
+    with pytest.raises(StartupError, match="RoPE scaling 'longrope' is not supported"):
+        model_config(ARCHITECTURES["qwen2"], qwen, True)

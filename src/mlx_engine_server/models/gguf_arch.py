@@ -102,6 +102,14 @@ def _gemma_attention_scalar(metadata: Metadata, arch: str) -> int:
     return int(scalar(metadata, f"{arch}.attention.key_length", hidden // heads))
 
 
+def _phi3_config(metadata: Metadata, arch: str) -> Config:
+    """Phi-4-mini (written as phi3) rotates only part of each head."""
+    hidden = int(scalar(metadata, f"{arch}.embedding_length"))
+    head_dim = hidden // int(scalar(metadata, f"{arch}.attention.head_count"))
+    rotated = int(scalar(metadata, f"{arch}.rope.dimension_count", head_dim))
+    return {"partial_rotary_factor": rotated / head_dim}
+
+
 def _gemma2_config(metadata: Metadata, arch: str) -> Config:
     return {
         "query_pre_attn_scalar": _gemma_attention_scalar(metadata, arch),
@@ -139,7 +147,9 @@ ARCHITECTURES = {
             norm_offset=1.0,
             extra_config=_gemma3_config,
         ),
-        Architecture("phi3", "phi3", {**_COMMON_BLOCK_NAMES, **_PHI3_FUSED}),
+        Architecture(
+            "phi3", "phi3", {**_COMMON_BLOCK_NAMES, **_PHI3_FUSED}, extra_config=_phi3_config
+        ),
     )
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
@@ -205,9 +215,13 @@ def _rope_scaling(
     kind = metadata.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
+    factor = float(scalar(metadata, f"{arch}.rope.scaling.factor"))
     if kind == "linear":
-        return {"type": "linear", "factor": float(scalar(metadata, f"{arch}.rope.scaling.factor"))}
-    raise StartupError(f"GGUF RoPE scaling {kind!r} is not supported (only 'linear').")
+        return {"type": "linear", "factor": factor}
+    if kind == "yarn":  # Qwen2.5's and Qwen3's long-context files
+        original = int(scalar(metadata, f"{arch}.rope.scaling.original_context_length"))
+        return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise StartupError(f"GGUF RoPE scaling {kind!r} is not supported (only 'linear' and 'yarn').")
 
 
 def llama3_rope_factors(factor: float, base: float, dims: int) -> list[float]:
