@@ -6,6 +6,8 @@ blocks are packed here from their fields (super-block scales, 6-bit sub-block sc
 quants), with a simple quantizer (not llama.cpp's search, which only makes the error smaller).
 `quantize` returns the bytes and the weights they mean, computed from the fields in gguf-py's
 order of operations; the tests check that gguf-py decodes the bytes to exactly those weights.
+A little over 400 lines: the block writers, the tiny models and their mlx-lm counterparts are
+one fixture, and the tests and benchmarks/gguf_requantize.py use all three together.
 """
 
 from __future__ import annotations
