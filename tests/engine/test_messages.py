@@ -76,6 +76,7 @@ MESSAGES = [
     Report(9, EngineReport(STATS, None, {}, PrefixCacheStats(1, 2, 3, 4, 5, 6))),
     EngineFailed("boom", exit_code=-9),
     EngineSpec("/m", None, None, "/cache", False, EngineOptions(max_batch_size=4)),
+    EngineSpec("/m.gguf", None, None, "/cache", False, EngineOptions(), gguf_requantize="4"),
 ]
 
 

@@ -31,6 +31,7 @@ from .keys import check_api_key, read_api_key_file
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
+GGUFRequantize = Literal["auto", "4", "8", "none"]
 # Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -69,6 +70,13 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     cache_dir: Path = Field(
         default=DEFAULT_CACHE_DIR, description="Where converted GGUF models are kept."
+    )
+    gguf_requantize: GGUFRequantize = Field(
+        default="auto",
+        description="GGUF tensors MLX cannot hold as they are (Q2_K, Q3_K, Q5_K, Q6_K, Q5_0, "
+        "Q5_1, IQ types; Q4_0, Q4_1, Q8_0 and Q4_K are repacked exactly): re-quantize to MLX "
+        "affine 4 or 8 bits, 'auto' (4 below 5 bits a weight, else 8), or keep as floats "
+        "('none').",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queue: int = Field(default=64, ge=0, le=100_000)

@@ -54,6 +54,13 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 )
 @click.option("--cache-dir", metavar="DIR", help="Where converted GGUF models are kept.")
 @click.option(
+    "--gguf-requantize",
+    type=click.Choice(["auto", "4", "8", "none"]),
+    help="GGUF tensors MLX cannot hold as they are (Q5_K, Q6_K, Q2_K, Q3_K, Q5_0, IQ...): "
+    "re-quantize to MLX 4 or 8 bits, auto (4 below 5 bits a weight, else 8), or keep floats.  "
+    "[default: auto]",
+)
+@click.option(
     "--max-batch-size", metavar="INT", help="Sequences generated together.  [default: 32]"
 )
 @click.option(

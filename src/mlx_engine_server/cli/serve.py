@@ -68,6 +68,7 @@ def serve(settings: Settings) -> int:
         model_id=settings.model_id,
         cache_dir=settings.cache_dir,
         trust_remote_code=settings.trust_remote_code,
+        gguf_requantize=settings.gguf_requantize,
     )
     if settings.tool_call_parser not in known_tool_call_parsers():
         raise StartupError(
@@ -449,6 +450,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         model_id=settings.model_id,
         cache_dir=str(settings.cache_dir),
         trust_remote_code=settings.trust_remote_code,
+        gguf_requantize=settings.gguf_requantize,
         options=engine_options(settings),
     )
 

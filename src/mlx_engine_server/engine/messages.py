@@ -293,6 +293,7 @@ class EngineSpec:
     cache_dir: str
     trust_remote_code: bool
     options: EngineOptions
+    gguf_requantize: str = "auto"
 
 
 ToEngine = Submit | Cancel | Drain | Stop | ReadReport

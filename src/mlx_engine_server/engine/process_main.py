@@ -44,6 +44,7 @@ def serve_engine(conn: Connection) -> int:
         model_id=spec.model_id,
         cache_dir=Path(spec.cache_dir),
         trust_remote_code=spec.trust_remote_code,
+        gguf_requantize=spec.gguf_requantize,
     )
     host = EngineHost(lambda: load_model(source), spec.options, send)
     try:

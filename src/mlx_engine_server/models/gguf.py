@@ -1,15 +1,15 @@
-"""Turn a llama-family GGUF file into an mlx-lm model directory, once, cached by hash.
+"""Turn a GGUF file into an mlx-lm model directory, once, cached by hash.
 
-`mx.load` reads GGUF natively: Q4_0, Q4_1 and Q8_0 tensors come back already packed
-for MLX (`weight` uint32, `scales`, `biases`; affine, group size 32); other types come
-back as floats. We rename llama.cpp's tensors to mlx-lm's llama names, write
-`config.json` from the metadata and rebuild the tokenizer with transformers' torch-free
-GGUF tokenizer builders.
+gguf-py's reader maps the file; `gguf_arch.py` says what each architecture is in mlx-lm
+(tensor names, config from the metadata, norm conventions) and `gguf_quants.py` turns each
+tensor into MLX arrays: Q4_0, Q4_1, Q8_0 and Q4_K repacked without loss, the other types
+decoded and re-quantized as `--gguf-requantize` says. The tokenizer and its chat template
+are rebuilt from the file with transformers' torch-free GGUF tokenizer builders.
 
-The result lives in `cache_root/<sha256 of the file>-<dtype>/` (see `compute_dtype`),
-written into a temporary directory and renamed into place, so an interrupted conversion
-never leaves a half-written cache. The hash of a file is remembered per (absolute path,
-size, mtime) in `cache_root/gguf-hashes.json`.
+The result lives in `cache_root/<sha256 of the file>-<dtype>-requantize-<setting>/` (see
+`compute_dtype`), written into a temporary directory and renamed into place, so an
+interrupted conversion never leaves a half-written cache. The hash of a file is remembered
+per (absolute path, size, mtime) in `cache_root/gguf-hashes.json`.
 """
 
 from __future__ import annotations
@@ -21,40 +21,36 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import mlx.core as mx
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFReader
 
 from ..errors import StartupError
+from .gguf_arch import CONFIG_TENSORS, Architecture, architecture_of, model_config
+from .gguf_quants import (
+    GROUP_SIZE,
+    Requantize,
+    SourceTensor,
+    dequantize,
+    is_quantized,
+    is_repacked_losslessly,
+    to_mlx,
+)
 from .progress import describe_bytes, progress
 
 logger = logging.getLogger(__name__)
 Weights = dict[str, mx.array]
 Metadata = dict[str, Any]
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-GROUP_SIZE = 32
+DEFAULT_REQUANTIZE: Requantize = "auto"
 HASH_INDEX_NAME = "gguf-hashes.json"
 _MATRIX_NDIM = 2
 _HASH_CHUNK_BYTES = 16 << 20
 _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-_TOP_LEVEL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
 # What we use of transformers.integrations.gguf.gguf_tokenizer_mapping.
 _TOKENIZER_BUILDERS = (
     "GGUF_TOKENIZER_MAPPING",
@@ -65,29 +61,41 @@ _TOKENIZER_BUILDERS = (
 )
 
 
+@dataclass(frozen=True)
+class GGUFFile:
+    path: Path
+    arch: Architecture
+    metadata: Metadata
+    tensors: list[SourceTensor]
+    rope_tensors: dict[str, list[float]]  # RoPE scaling that llama.cpp stores as tensors
+
+
 def is_gguf_file(path: Path) -> bool:
     """True for an existing file named `*.gguf`."""
     return path.suffix.lower() == ".gguf" and path.is_file()
 
 
-def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
+def convert_gguf(
+    gguf_path: Path, cache_root: Path, requantize: Requantize = DEFAULT_REQUANTIZE
+) -> Path:
     """The mlx-lm model directory for `gguf_path`, converting it on the first call."""
     gguf_path = gguf_path.resolve()
     if not gguf_path.is_file():
         raise StartupError(f"GGUF file {gguf_path} does not exist or is not a file.")
     _make_cache_root(cache_root)
     dtype = compute_dtype()
-    model_dir = cache_root / f"{file_sha256(gguf_path, cache_root)}-{_dtype_name(dtype)}"
+    digest = file_sha256(gguf_path, cache_root)
+    model_dir = cache_root / f"{digest}-{_dtype_name(dtype)}-requantize-{requantize}"
     if (model_dir / "config.json").is_file():
         logger.info("using %s, converted before", model_dir)
         return model_dir
     began = time.monotonic()
     logger.info("converting %s to an MLX model in %s (once)", gguf_path.name, model_dir)
-    weights, metadata = _read_gguf(gguf_path)
+    gguf = _read_gguf(gguf_path)
     with tempfile.TemporaryDirectory(dir=cache_root, prefix=".converting-") as tmp:
         staging = Path(tmp) / "model"
         staging.mkdir()
-        _write_model_dir(staging, (weights, metadata), dtype, gguf_path)
+        _write_model_dir(staging, gguf, dtype, requantize)
         _publish(staging, model_dir)
     logger.info("converted %s in %.1f s", gguf_path.name, time.monotonic() - began)
     return model_dir
@@ -146,75 +154,106 @@ def _publish(staging: Path, model_dir: Path) -> None:
             raise StartupError(f"Cannot write the converted model to {model_dir}: {exc}") from exc
 
 
-def _read_gguf(path: Path) -> tuple[Weights, Metadata]:
+def _read_gguf(path: Path) -> GGUFFile:
     logger.info("reading %s (%s)", path.name, describe_bytes(path.stat().st_size))
     try:
-        loaded = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError, OSError) as exc:
+        reader = GGUFReader(path)
+        metadata = {
+            name: field.contents()
+            for name, field in reader.fields.items()
+            if not name.startswith("GGUF.")
+        }
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as exc:
         raise StartupError(f"{path} is not a readable GGUF file ({exc}).") from exc
-    weights, metadata = cast("tuple[Weights, Metadata]", loaded)
-    architecture = metadata.get("general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise StartupError(
-            f"{path.name}: GGUF architecture {architecture!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
-        )
+    arch = architecture_of(metadata, path.name)
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens"):
         if key not in metadata:
             raise StartupError(f"{path.name}: GGUF file has no tokenizer (no metadata {key!r}).")
-    return weights, metadata
+    tensors = [SourceTensor(t.name, QType(t.tensor_type), t.data) for t in reader.tensors]
+    rope = {t.name: dequantize(t).reshape(-1).tolist() for t in tensors if t.name in CONFIG_TENSORS}
+    weights = [t for t in tensors if t.name not in CONFIG_TENSORS]  # those are config
+    return GGUFFile(path, arch, metadata, weights, rope)
 
 
-def _write_model_dir(
-    dest: Path, gguf: tuple[Weights, Metadata], dtype: mx.Dtype, source: Path
-) -> None:
-    weights, metadata = gguf
-    renamed = _rename_tensors(weights, source)
-    quantization = _quantization_config(renamed)
-    config = _model_config(metadata, renamed, quantization)
-    converted = _cast_floats(renamed, dtype)
+def _write_model_dir(dest: Path, gguf: GGUFFile, dtype: mx.Dtype, requantize: Requantize) -> None:
+    weights = _convert_tensors(gguf, dtype, requantize)
+    has_lm_head = "lm_head.weight" in weights
+    config = model_config(gguf.arch, gguf.metadata, has_lm_head, gguf.rope_tensors)
+    quantization = _quantization_config(weights)
+    if quantization is not None:
+        config["quantization"] = quantization
     logger.info("writing model.safetensors")
-    mx.save_safetensors(str(dest / "model.safetensors"), converted, {"format": "mlx"})
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, {"format": "mlx"})
     _write_json_atomically(dest / "config.json", config)
-    logger.info("building the tokenizer (%d tokens)", len(metadata["tokenizer.ggml.tokens"]))
-    _write_tokenizer(dest, metadata, source)
+    logger.info("building the tokenizer (%d tokens)", len(gguf.metadata["tokenizer.ggml.tokens"]))
+    _write_tokenizer(dest, gguf)
 
 
-def _rename_tensors(weights: Weights, source: Path) -> Weights:
-    renamed: Weights = {}
-    for name, tensor in weights.items():
-        _check_dtype(name, tensor, weights, source)
-        renamed[_mlx_name(name, source)] = tensor
-    return renamed
-
-
-def _mlx_name(gguf_name: str, source: Path) -> str:
-    base, _, suffix = gguf_name.rpartition(".")
-    parts = base.split(".")
-    if base in _TOP_LEVEL_NAMES:
-        return f"{_TOP_LEVEL_NAMES[base]}.{suffix}"
-    match parts:
-        case ["blk", layer, role] if role in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[role]}.{suffix}"
-    raise StartupError(
-        f"{source.name}: tensor {gguf_name!r} has no counterpart in mlx-lm's llama "
-        "model; this GGUF variant is not supported."
+def _convert_tensors(gguf: GGUFFile, dtype: mx.Dtype, requantize: Requantize) -> Weights:
+    """Each tensor renamed, decoded or repacked, in the compute dtype, evaluated one at a time
+    so that the progress shown is the work done."""
+    total_bytes = sum(tensor.data.nbytes for tensor in gguf.tensors)
+    logger.info(
+        "converting %d tensors (%s) to %s%s",
+        len(gguf.tensors),
+        describe_bytes(total_bytes),
+        _dtype_name(dtype),
+        _describe_requantize(gguf, requantize),
     )
+    converted: Weights = {}
+    with progress(logger, "converting tensors", total_bytes) as advance:
+        for tensor in gguf.tensors:
+            converted.update(_convert_tensor(gguf, tensor, dtype, requantize))
+            advance(tensor.data.nbytes)
+    return converted
 
 
-def _check_dtype(name: str, tensor: mx.array, weights: Weights, source: Path) -> None:
-    base = name.rpartition(".")[0]
-    packed = f"{base}.scales" in weights and name == f"{base}.weight"
-    expected = (mx.uint32,) if packed else _FLOAT_DTYPES
-    if tensor.dtype not in expected:
+def _convert_tensor(
+    gguf: GGUFFile, tensor: SourceTensor, dtype: mx.Dtype, requantize: Requantize
+) -> Weights:
+    name = gguf.arch.mlx_name(tensor.name)
+    if name is None:
         raise StartupError(
-            f"{source.name}: tensor {name!r} has dtype {tensor.dtype} after reading, "
-            "which cannot be converted; use a Q4_0, Q4_1, Q8_0, F16 or F32 file."
+            f"{gguf.path.name}: tensor {tensor.name!r} has no counterpart in mlx-lm's "
+            f"{gguf.arch.model_type} model; this GGUF variant is not supported."
         )
+    try:
+        packed = to_mlx(tensor, requantize)
+    except ValueError as exc:
+        raise StartupError(
+            f"{gguf.path.name}: tensor {tensor.name!r} has type {tensor.qtype.name}, which "
+            f"cannot be converted ({exc})."
+        ) from exc
+    if gguf.arch.norm_offset and tensor.name.endswith("norm.weight"):
+        packed["weight"] = packed["weight"] - gguf.arch.norm_offset
+    base = name.removesuffix(".weight")
+    out = {
+        (name if suffix == "weight" else f"{base}.{suffix}"): _in_dtype(array, dtype)
+        for suffix, array in packed.items()
+    }
+    mx.eval(*out.values())
+    return out
+
+
+def _in_dtype(array: mx.array, dtype: mx.Dtype) -> mx.array:
+    return array.astype(dtype) if array.dtype in _FLOAT_DTYPES else array
+
+
+def _describe_requantize(gguf: GGUFFile, requantize: Requantize) -> str:
+    decoded = Counter(
+        t.qtype.name
+        for t in gguf.tensors
+        if is_quantized(t.qtype) and not is_repacked_losslessly(t.qtype)
+    )
+    if not decoded:
+        return ""
+    what = "kept as floats" if requantize == "none" else f"re-quantized ({requantize})"
+    kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(decoded.items()))
+    return f"; {kinds} decoded and {what}"
 
 
 def _quantization_config(weights: Weights) -> dict[str, Any] | None:
-    """mlx-lm's `quantization` entry: the most common bits, and per-layer exceptions."""
+    """mlx-lm's `quantization` entry: the bits most weights have, and per-layer exceptions."""
     bits_by_layer = {
         name.removesuffix(".scales"): _packed_bits(weights, name.removesuffix(".scales"))
         for name in weights
@@ -222,7 +261,10 @@ def _quantization_config(weights: Weights) -> dict[str, Any] | None:
     }
     if not bits_by_layer:
         return None
-    common_bits = Counter(bits_by_layer.values()).most_common(1)[0][0]
+    weights_by_bits: Counter[int] = Counter()
+    for layer, bits in bits_by_layer.items():
+        weights_by_bits[bits] += weights[f"{layer}.scales"].size  # in proportion to the weights
+    common_bits = weights_by_bits.most_common(1)[0][0]
     config: dict[str, Any] = {
         "group_size": GROUP_SIZE,
         "bits": common_bits,
@@ -234,7 +276,7 @@ def _quantization_config(weights: Weights) -> dict[str, Any] | None:
     for name, tensor in weights.items():
         layer = name.removesuffix(".weight")
         if tensor.ndim == _MATRIX_NDIM and layer not in bits_by_layer:
-            config[layer] = False  # came back as floats (e.g. a K-quant): keep unquantized
+            config[layer] = False  # stored as floats in the file, or kept as floats: unquantized
     return config
 
 
@@ -256,90 +298,11 @@ def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).rpartition(".")[2]
 
 
-def _cast_floats(weights: Weights, dtype: mx.Dtype) -> Weights:
-    """Scales, biases, norms and unquantized tensors in the model's compute dtype, evaluated
-    one tensor at a time so that the progress shown is the work done."""
-    total_bytes = sum(tensor.nbytes for tensor in weights.values())
-    logger.info(
-        "converting %d tensors (%s) to %s",
-        len(weights),
-        describe_bytes(total_bytes),
-        _dtype_name(dtype),
-    )
-    converted: Weights = {}
-    with progress(logger, "converting tensors", total_bytes) as advance:
-        for name, tensor in weights.items():
-            converted[name] = tensor.astype(dtype) if tensor.dtype in _FLOAT_DTYPES else tensor
-            mx.eval(converted[name])
-            advance(tensor.nbytes)
-    return converted
-
-
-def _scalar(metadata: Metadata, key: str, default: Any = None) -> Any:
-    value = metadata.get(key, default)
-    if value is None:
-        raise StartupError(f"GGUF metadata lacks {key!r}, needed to build the model config.")
-    if isinstance(value, mx.array):
-        if value.ndim != 0:
-            raise StartupError(f"GGUF metadata {key!r} is per-layer; only one value is supported.")
-        return value.item()
-    return value
-
-
-def _model_config(
-    metadata: Metadata, weights: Weights, quantization: dict[str, Any] | None
-) -> dict[str, Any]:
-    arch = metadata["general.architecture"]
-    heads = int(_scalar(metadata, f"{arch}.attention.head_count"))
-    hidden = int(_scalar(metadata, f"{arch}.embedding_length"))
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
-    config: dict[str, Any] = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(_scalar(metadata, f"{arch}.block_count")),
-        "intermediate_size": int(_scalar(metadata, f"{arch}.feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(_scalar(metadata, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_scalar(metadata, f"{arch}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_scalar(metadata, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_scalar(metadata, f"{arch}.rope.freq_base", 10000.0)),
-        "rope_traditional": True,  # llama.cpp permutes Q/K for interleaved RoPE
-        "max_position_embeddings": int(_scalar(metadata, f"{arch}.context_length", 2048)),
-        "vocab_size": int(_scalar(metadata, f"{arch}.vocab_size", len(tokens))),
-        "tie_word_embeddings": "lm_head.weight" not in weights,
-        "rope_scaling": _rope_scaling(metadata, arch),
-    }
-    for name in ("bos_token_id", "eos_token_id"):
-        if f"tokenizer.ggml.{name}" in metadata:
-            config[name] = int(_scalar(metadata, f"tokenizer.ggml.{name}"))
-    if quantization is not None:
-        config["quantization"] = quantization
-    return config
-
-
-def _rope_scaling(metadata: Metadata, arch: str) -> dict[str, Any] | None:
-    kind = metadata.get(f"{arch}.rope.scaling.type", "none")
-    if kind == "none":
-        return None
-    if kind == "linear":
-        return {
-            "type": "linear",
-            "factor": float(_scalar(metadata, f"{arch}.rope.scaling.factor")),
-        }
-    raise StartupError(f"GGUF RoPE scaling {kind!r} is not supported (only 'linear').")
-
-
-def _plain(value: Any) -> Any:
-    """Metadata as Python values: mx scalars and arrays become numbers and lists."""
-    return value.tolist() if isinstance(value, mx.array) else value
-
-
 def _tokenizer_metadata(metadata: Metadata, mapping: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(tokenizer_dict, tokenizer_config)` as `get_gguf_tokenizer` builds them."""
     grouped = {
         group: {
-            name: _plain(metadata[f"tokenizer.{key}"])
+            name: metadata[f"tokenizer.{key}"]
             for key, name in renames.items()
             if f"tokenizer.{key}" in metadata
         }
@@ -350,7 +313,7 @@ def _tokenizer_metadata(metadata: Metadata, mapping: Any) -> tuple[dict[str, Any
         tokenizer_config.setdefault("add_bos_token", True)
     tokens = tokenizer_dict["tokens"]
     for name, key in mapping._SPECIAL_TOKENS.items():
-        token_id = _plain(metadata.get(f"tokenizer.ggml.{key}"))
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
         if token_id is not None:
             tokenizer_config[name] = tokens[token_id]
     return tokenizer_dict, tokenizer_config
@@ -377,15 +340,16 @@ def _import_tokenizer_builders() -> tuple[Any, Any]:
     return transformers, mapping
 
 
-def _write_tokenizer(dest: Path, metadata: Metadata, source: Path) -> None:
+def _write_tokenizer(dest: Path, gguf: GGUFFile) -> None:
     transformers, mapping = _import_tokenizer_builders()
-    tokenizer_dict, tokenizer_config = _tokenizer_metadata(metadata, mapping)
+    tokenizer_dict, tokenizer_config = _tokenizer_metadata(gguf.metadata, mapping)
     try:
-        builder = mapping.select_tokenizer_builder("llama", tokenizer_dict["tokenizer_type"])
+        kind = tokenizer_dict["tokenizer_type"]
+        builder = mapping.select_tokenizer_builder(gguf.arch.name, kind)
         built = mapping.add_gguf_special_tokens(builder(tokenizer_dict), tokenizer_dict)
         built = mapping.set_split_regex(built, tokenizer_dict)
     except (ValueError, KeyError, TypeError) as exc:
-        raise StartupError(f"{source.name}: cannot build its tokenizer ({exc}).") from exc
+        raise StartupError(f"{gguf.path.name}: cannot build its tokenizer ({exc}).") from exc
     backend = built.backend_tokenizer
     if tokenizer_dict.get("pre_tokenizer_type") == "smollm":  # not in transformers' table
         backend.pre_tokenizer = _smollm_pre_tokenizer()

@@ -20,7 +20,8 @@ from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
 from .batch_fixes import fix_batched_attention
-from .gguf import convert_gguf, is_gguf_file
+from .gguf import DEFAULT_REQUANTIZE, convert_gguf, is_gguf_file
+from .gguf_quants import REQUANTIZE_CHOICES, Requantize
 from .progress import describe_bytes
 from .vision import VisionParts, is_vision_config, load_vision_front, load_vision_model
 
@@ -42,6 +43,7 @@ class ModelSource:
     model_id: str | None = None
     cache_dir: Path = Path.home() / ".cache" / "mlx-engine-server"
     trust_remote_code: bool = False
+    gguf_requantize: str = DEFAULT_REQUANTIZE  # see gguf_quants.REQUANTIZE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def resolve_model_path(source: ModelSource) -> Path:
     path = Path(name).expanduser() if name else bundled_model_path()
     logger.info("model: %s%s", path if name is None else name, "" if name else " (the bundled one)")
     if is_gguf_file(path):
-        return convert_gguf(path, source.cache_dir / "gguf")
+        return convert_gguf(path, source.cache_dir / "gguf", requantize_setting(source))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise StartupError(f"{path} is not a model directory: it has no config.json")
@@ -156,6 +158,16 @@ def resolve_model_path(source: ModelSource) -> Path:
         return _resolve_hf_repo(name)
     raise StartupError(
         f"model path {name!r} not found (expected a directory, .gguf file or repo id)"
+    )
+
+
+def requantize_setting(source: ModelSource) -> Requantize:
+    for choice in REQUANTIZE_CHOICES:
+        if source.gguf_requantize == choice:
+            return choice
+    raise StartupError(
+        f"--gguf-requantize {source.gguf_requantize!r} is not one of "
+        f"{', '.join(REQUANTIZE_CHOICES)}"
     )
 
 
@@ -301,7 +313,17 @@ def describe_quantization(config: dict[str, Any]) -> str | None:
     if not isinstance(quant, dict) or "bits" not in quant:
         return None
     mode = quant.get("mode", "affine")
-    return f"{quant['bits']}-bit {mode}, group size {quant.get('group_size', 64)}"
+    text = f"{quant['bits']}-bit {mode}, group size {quant.get('group_size', 64)}"
+    other_bits = sorted(
+        {
+            layer["bits"]
+            for layer in quant.values()
+            if isinstance(layer, dict) and layer.get("bits", quant["bits"]) != quant["bits"]
+        }
+    )
+    if other_bits:  # a GGUF "_M" mix keeps some layers at more bits
+        text += "; some layers " + ", ".join(f"{bits}-bit" for bits in other_bits)
+    return text
 
 
 def _default_model_id(shown_path: str) -> str:
