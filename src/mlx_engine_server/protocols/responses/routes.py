@@ -7,6 +7,7 @@ A stored response is written before its last event or its body reaches the clien
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from .translate import chat_fields, responses_param
 from .types import ResponsesRequest
 
 MAX_LIST_LIMIT = 100
+LIST_LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 async def responses(request: Request) -> Response:
@@ -86,7 +88,8 @@ def list_query(request: Request, default_order: str = "desc") -> dict[str, Any]:
     """OpenAI's list parameters: limit (1-100, 20), order (asc|desc), after (an item id)."""
     query = request.query_params
     limit = query.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if not LIST_LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
         raise InvalidRequestError(
             f"limit must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit"
         )
