@@ -105,6 +105,9 @@ def test_what_the_status_page_polls_is_not_counted(keyed_server: LiveServer) -> 
         assert polled.status_code == 200, path
         assert "x-ratelimit-remaining-requests" not in polled.headers
     assert [get_models(keyed_server, DAVE).status_code for _ in range(3)] == [200, 200, 429]
+    metrics = httpx.get(f"{keyed_server.base_url}/metrics", headers=headers).text
+    # Refused before the router ran, the 429 is still counted, under its route's template.
+    assert 'mlx_server_http_requests_total{path="/v1/models",status="429"}' in metrics
 
 
 def test_an_anthropic_client_over_its_limit_gets_429_rate_limit_error(
