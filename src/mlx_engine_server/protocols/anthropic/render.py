@@ -38,6 +38,7 @@ ERROR_TYPES = {
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    431: "request_too_large",
     500: "api_error",
     503: "api_error",
     504: "timeout_error",
