@@ -103,7 +103,10 @@ def test_store_false_keeps_nothing(tiny_server: LiveServer) -> None:
 def test_list_parameters_are_checked(tiny_server: LiveServer) -> None:
     created = sdk(tiny_server).responses.create(input="Hello", **TURN)
     url = f"{tiny_server.base_url}/v1/responses/{created.id}/input_items"
-    bad = ({"limit": "0"}, {"limit": "\u00b2"}, {"limit": "9" * 40}, {"order": "up"})
+    bad = (
+        *({"limit": "0"}, {"limit": "\u00b2"}, {"limit": "9" * 40}, {"order": "up"}),
+        {"after": "msg_not_in_this_list"},  # was read as "from the start"
+    )
     for query in bad:  # '²' passes str.isdigit() but not int(): it was a 500
         param = next(iter(query))
         answer = httpx.get(url, params=query)

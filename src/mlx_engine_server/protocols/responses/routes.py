@@ -23,6 +23,7 @@ from ...pipeline.admission import collect
 from ...pipeline.events import named_events
 from ...pipeline.prepare import summary_usage
 from ...pipeline.run import ChatRun, start_chat
+from ...state.store import ItemPage, RecordKey, StateStore
 from ..openai.types import ChatCompletionRequest
 from .render import (
     OutputItems,
@@ -78,10 +79,18 @@ async def delete_response(request: Request) -> Response:
 async def list_input_items(request: Request) -> Response:
     memory = memory_of(request)
     record = await memory.response(request.path_params["response_id"])
-    page = await memory.store.list_items(
-        memory.key(RESPONSE, record["response"]["id"]), **list_query(request)
-    )
+    page = await list_page(request, memory.store, memory.key(RESPONSE, record["response"]["id"]))
     return JSONResponse(item_list(page))
+
+
+async def list_page(request: Request, store: StateStore, key: RecordKey) -> ItemPage:
+    """One page of a list's items. An `after` not in the list is a 400: read as "from the
+    start", a client paging on past a deleted item would be handed the first pages again."""
+    query = list_query(request)
+    after = query["after"]
+    if after is not None and await store.get_item(key, after) is None:
+        raise InvalidRequestError(f"No item with id '{after}' in this list.", param="after")
+    return await store.list_items(key, **query)
 
 
 def list_query(request: Request, default_order: str = "desc") -> dict[str, Any]:
