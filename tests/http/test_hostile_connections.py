@@ -189,6 +189,19 @@ def test_stalled_headers_and_bodies_get_408_and_are_closed(server: ServerProcess
     assert_no_traceback(server)
 
 
+def test_a_stalled_anthropic_body_gets_a_408_in_anthropics_shape(server: ServerProcess) -> None:
+    """The refusal is written to the socket past the app: it spoke OpenAI's shape everywhere."""
+    with socket.create_connection(address(server)) as sock:
+        sock.settimeout(TIMEOUT_S * 10)
+        sock.sendall(raw_post("/v1/messages", b"{", "stalled-anthropic", length=100))
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["type"] == "error"
+    assert body["error"]["type"] == "timeout_error"
+    assert "stalled" in body["error"]["message"]
+
+
 def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess) -> None:
     """Connections reading a body are busy, not idle: none is closed to make room."""
     busy = [socket.create_connection(address(server)) for _ in range(MAX_CONNECTIONS)]

@@ -114,6 +114,18 @@ def test_a_completion_through_nginx_keeps_the_request_id(proxy: Proxy) -> None:
     assert httpx.get(f"{proxy.base_url}/health", timeout=10).json()["status"] == "ok"
 
 
+def test_the_status_pages_own_posts_pass_the_origin_check_through_nginx(proxy: Proxy) -> None:
+    """A browser on the proxied page sends Origin: the proxy's; nginx sends Host: localhost.
+    The page's chat box got 403 origin_not_allowed; another site's page still does."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    url = f"{proxy.base_url}/v1/chat/completions"
+    own = httpx.post(url, json=body, headers={"Origin": proxy.base_url}, timeout=60)
+    assert own.status_code == 200, own.text
+    other = httpx.post(url, json=body, headers={"Origin": "http://evil.test"}, timeout=60)
+    assert other.status_code == 403
+    assert other.json()["error"]["code"] == "origin_not_allowed"
+
+
 def test_streaming_through_nginx_arrives_event_by_event(proxy: Proxy) -> None:
     body = {
         "messages": [{"role": "user", "content": "Hi"}],

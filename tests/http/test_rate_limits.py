@@ -8,9 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx2 as httpx
 import openai
 import pytest
+from anthropic import Anthropic
 from openai import OpenAI
 
 from mlx_engine_server.cli.config import load_settings
@@ -22,6 +24,7 @@ from mlx_engine_server.state.store import owner_of
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
 
 ALICE, BOB, CAROL = "key-of-alice", "key-of-bob", "key-of-carol"
+DAVE, ERIN = "key-of-dave", "key-of-erin"
 
 
 def fresh_window(margin_s: float = 10.0) -> None:
@@ -35,7 +38,7 @@ def fresh_window(margin_s: float = 10.0) -> None:
 def keyed_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
     """Every key 2 requests a minute; Alice's own limit (as a key file gives it): 40 tokens."""
     policy = RatePolicy(RateLimits(2, None), {owner_of(ALICE.encode()): RateLimits(None, 40)})
-    options = ServerOptions(api_keys=(ALICE, BOB, CAROL), rate_limits=policy)
+    options = ServerOptions(api_keys=(ALICE, BOB, CAROL, DAVE, ERIN), rate_limits=policy)
     live = run_live_server(start_engine(tiny_model_dir), options)
     yield live
     live.stop()
@@ -90,6 +93,39 @@ def test_a_keys_own_token_limit_counts_prompt_and_completion(keyed_server: LiveS
     with pytest.raises(openai.RateLimitError) as refused:
         sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
     assert refused.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+def test_what_the_status_page_polls_is_not_counted(keyed_server: LiveServer) -> None:
+    """The page reads /v1/mlx/status every 2 s: counted, it used a 2-a-minute key's requests
+    before its chat box could send one."""
+    fresh_window()
+    headers = {"Authorization": f"Bearer {DAVE}"}
+    for path in ("/v1/mlx/status", "/metrics", "/openapi.json") * 2:
+        polled = httpx.get(f"{keyed_server.base_url}{path}", headers=headers)
+        assert polled.status_code == 200, path
+        assert "x-ratelimit-remaining-requests" not in polled.headers
+    assert [get_models(keyed_server, DAVE).status_code for _ in range(3)] == [200, 200, 429]
+    metrics = httpx.get(f"{keyed_server.base_url}/metrics", headers=headers).text
+    # Refused before the router ran, the 429 is still counted, under its route's template.
+    assert 'mlx_server_http_requests_total{path="/v1/models",status="429"}' in metrics
+
+
+def test_an_anthropic_client_over_its_limit_gets_429_rate_limit_error(
+    keyed_server: LiveServer,
+) -> None:
+    """Not 529 overloaded_error, which says the server is busy (it was, for every 429)."""
+    fresh_window()
+    assert [get_models(keyed_server, ERIN).status_code for _ in range(2)] == [200, 200]
+    client = close_after_test(
+        Anthropic(base_url=keyed_server.base_url, api_key=ERIN, max_retries=0)
+    )
+    with pytest.raises(anthropic.RateLimitError) as refused:
+        client.messages.create(
+            model="m", max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+        )
+    assert refused.value.status_code == 429
+    assert refused.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert 1 <= int(refused.value.response.headers["retry-after"]) <= WINDOW_S
 
 
 def test_without_keys_the_client_address_is_counted(tiny_model_dir: Path) -> None:

@@ -316,7 +316,7 @@ def test_refused_preflight_of_an_allowed_origin_is_an_openai_error(cors_client: 
         "/v1/models",
         headers={
             "Origin": ORIGIN,
-            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Method": "PUT",  # DELETE is allowed (stored state)
             "Access-Control-Request-Private-Network": "true",
         },
     )

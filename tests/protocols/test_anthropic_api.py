@@ -339,6 +339,9 @@ def test_other_errors_keep_anthropics_shape(client: TestClient, tiny_app: Starle
     assert (mistyped.status_code, mistyped.json()["type"]) == (404, "error")
     assert mistyped.json()["error"]["type"] == "not_found_error"
     assert client.post("/v1/messagesx", json={}).json()["error"]["code"] == "unknown_url"
+    big_headers = client.post("/v1/messages", json={}, headers={"x-pad": "a" * 40_000})
+    assert big_headers.status_code == 431
+    assert big_headers.json()["error"]["type"] == "request_too_large"  # not api_error (a 5xx's)
     strict = TestClient(create_app(tiny_app.state.engine, ServerOptions(strict_model_name=True)))
     unknown = strict.post(
         "/v1/messages", json={"model": "claude-x", "max_tokens": 2, "messages": ASK}

@@ -14,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from mlx_engine_server.http.app import ServerOptions
+from mlx_engine_server.protocols.openai.limits import RequestLimits
 
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
 
@@ -95,5 +96,31 @@ def test_a_session_is_forgotten_after_its_ttl(tiny_model_dir: Path) -> None:
         assert httpx.get(f"{live.base_url}/v1/sessions/short").status_code == 200
         time.sleep(0.7)
         assert httpx.get(f"{live.base_url}/v1/sessions/short").status_code == 404
+    finally:
+        live.stop()
+
+
+def test_a_session_past_max_messages_keeps_going_on_its_newest_turns(tiny_model_dir: Path) -> None:
+    """--max-messages bounds what a client sends; counted on the session's whole history, it
+    refused every turn of a long session for good, whatever --context-overflow said."""
+    options = ServerOptions(limits=RequestLimits(max_messages=4))
+    live = run_live_server(start_engine(tiny_model_dir), options)
+    try:
+        client, session = sdk(live), {"session_id": "long"}
+        system = {"role": "system", "content": "Be brief."}
+        client.chat.completions.create(
+            messages=[system, {"role": "user", "content": "one"}], extra_body=session, **TURN
+        )
+        for turn in ("two", "three"):
+            client.chat.completions.create(
+                messages=[{"role": "user", "content": turn}], extra_body=session, **TURN
+            )
+        kept = httpx.get(f"{live.base_url}/v1/sessions/long").json()["messages"]
+        assert [message["role"] for message in kept] == ["system", "user", "assistant"]
+        assert kept[:2] == [system, {"role": "user", "content": "three"}]
+        too_many = [{"role": "user", "content": "x"}] * 5  # the request's own: still refused
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(messages=too_many, extra_body=session, **TURN)
+        assert refused.value.code == "array_above_max_length"
     finally:
         live.stop()

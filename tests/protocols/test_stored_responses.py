@@ -103,7 +103,12 @@ def test_store_false_keeps_nothing(tiny_server: LiveServer) -> None:
 def test_list_parameters_are_checked(tiny_server: LiveServer) -> None:
     created = sdk(tiny_server).responses.create(input="Hello", **TURN)
     url = f"{tiny_server.base_url}/v1/responses/{created.id}/input_items"
-    for query, param in (({"limit": "0"}, "limit"), ({"order": "up"}, "order")):
+    bad = (
+        *({"limit": "0"}, {"limit": "\u00b2"}, {"limit": "9" * 40}, {"order": "up"}),
+        {"after": "msg_not_in_this_list"},  # was read as "from the start"
+    )
+    for query in bad:  # '²' passes str.isdigit() but not int(): it was a 500
+        param = next(iter(query))
         answer = httpx.get(url, params=query)
         assert answer.status_code == 400
         assert answer.json()["error"]["param"] == param
@@ -113,6 +118,17 @@ def test_list_parameters_are_checked(tiny_server: LiveServer) -> None:
     )
     assert missing.status_code == 404
     assert missing.json()["error"]["param"] == "previous_response_id"
+
+
+def test_a_responses_metadata_has_openais_limits_as_it_is_stored(tiny_server: LiveServer) -> None:
+    """17 pairs or a 513-character value were stored as sent (a conversation refused them)."""
+    for metadata in ({str(pair): "v" for pair in range(17)}, {"k": "v" * 513}):
+        answer = httpx.post(
+            f"{tiny_server.base_url}/v1/responses",
+            json={**TURN, "input": "x", "metadata": metadata},
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == "metadata"
 
 
 @pytest.fixture(scope="module")

@@ -108,10 +108,12 @@ def _responses_routes() -> list[Route]:
 def _middleware(
     options: ServerOptions, metrics: ServerMetrics, store: StateStore
 ) -> list[Middleware]:
-    """Outermost first: log everything; then Host, Origin, CORS (preflights need no key), API key,
-    rate limits (counted per accepted key)."""
+    """Outermost first: log and count everything; then Host, Origin, CORS (preflights need no
+    key), API key, rate limits (counted per accepted key)."""
     stack = [
         Middleware(RequestLog),
+        # Outside the guards: their refusals (401, 403, 429, ...) are counted too.
+        Middleware(RequestCounter, metrics=metrics),
         Middleware(HeaderLimit, max_header_bytes=options.max_header_bytes),
     ]
     if options.host_policy is not None:
@@ -134,5 +136,4 @@ def _middleware(
         stack.append(Middleware(ApiKeyGuard, api_keys=options.api_keys))
     if options.rate_limits.active:
         stack.append(Middleware(RateLimit, store=store, policy=options.rate_limits))
-    stack.append(Middleware(RequestCounter, metrics=metrics))
     return stack

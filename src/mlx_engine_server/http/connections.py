@@ -19,11 +19,13 @@ import logging
 import resource
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
-from ..errors import APIError, RequestTimeoutError, ServiceUnavailableError
+from ..errors import APIError, ErrorDialect, RequestTimeoutError, ServiceUnavailableError
+from .errors import OPENAI
+from .guards import dialect_of
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +151,9 @@ class GuardedH11Protocol(H11Protocol):
         error = RequestTimeoutError(
             f"The request body stalled for {self.limits.body_timeout_s:g} s."
         )
-        self._answer_and_close(error)
+        # The route is known by now: an Anthropic client gets its own error shape.
+        scope = cast("dict[str, Any]", self.scope)
+        self._answer_and_close(error, dialect_of(scope) if cycle is not None else OPENAI)
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for a request's headers, if any."""
@@ -168,14 +172,14 @@ class GuardedH11Protocol(H11Protocol):
         oldest.transport.close()
         return True
 
-    def _answer_and_close(self, error: APIError) -> None:
+    def _answer_and_close(self, error: APIError, dialect: ErrorDialect = OPENAI) -> None:
         """A whole response written straight to the socket (h11 will not start one before a
         request has arrived), then the connection closed."""
         self._cancel_timer()
         if self.transport.is_closing():
             return
-        body = json.dumps(error.to_body()).encode()
-        status = HTTPStatus(error.status_code)
+        body = json.dumps(dialect.body(error)).encode()
+        status = HTTPStatus(dialect.status(error))
         head = (
             f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"

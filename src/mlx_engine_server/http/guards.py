@@ -143,10 +143,11 @@ class OriginPolicy:
 
     cors_origins: frozenset[str] = frozenset()
 
-    def allows(self, origin: str, host_header: str | None) -> bool:
+    def allows(self, origin: str, *hosts: str | None) -> bool:
+        """`hosts`: the Host header and the proxy's X-Forwarded-Host, where they are given."""
         if "*" in self.cors_origins or origin in self.cors_origins:
             return True
-        return host_header is not None and is_same_origin(origin, host_header)
+        return any(host is not None and is_same_origin(origin, host) for host in hosts)
 
 
 def is_same_origin(origin: str, host_header: str) -> bool:
@@ -172,7 +173,9 @@ class OriginGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         origin = _header(scope, b"origin") if scope["type"] == "http" else None
-        if origin is not None and not self.policy.allows(origin, _header(scope, b"host")):
+        if origin is not None and not self.policy.allows(
+            origin, _header(scope, b"host"), _forwarded_host(scope)
+        ):
             error = PermissionDeniedError(
                 f"Requests from the web origin {origin!r} are not allowed; the operator can "
                 "allow it with --cors-origin.",
@@ -253,6 +256,14 @@ def _raw_header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def _forwarded_host(scope: Scope) -> str | None:
+    """The Host a proxy was sent (its first hop): a page served through the proxy is ours too.
+    Trusting it is safe against web pages: one of another origin cannot add this header without
+    a CORS preflight, and the preflight carries its Origin, which is refused."""
+    value = _header(scope, b"x-forwarded-host")
+    return None if value is None else value.split(",")[0].strip()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -17,6 +17,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette._utils import get_route_path  # the router's own path: the one it routes by
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..chat.overflow import CompactionCounters
@@ -188,8 +190,21 @@ class RequestCounter:
 
 def _route_label(scope: Scope) -> str:
     """The template of the route that answered (`/v1/models/{model_id}`), which the router
-    leaves in the scope; "other" for a path no route matched."""
-    template = getattr(scope.get("route"), "path", None)
+    leaves in the scope, or of the route a guard refused the request for; "other" for a path
+    no route matches."""
+    route = scope.get("route") or _route_of_path(scope)
+    template = getattr(route, "path", None)
     if not isinstance(template, str):
         return OTHER_PATH
     return PATH_CONVERTER.sub(r"{\1}", template)
+
+
+def _route_of_path(scope: Scope) -> BaseRoute | None:
+    """A guard answered before the router ran: the app's first route whose path matches."""
+    path = get_route_path(scope)
+    routes: list[BaseRoute] = getattr(getattr(scope.get("app"), "router", None), "routes", [])
+    for route in routes:
+        pattern = getattr(route, "path_regex", None)
+        if pattern is not None and pattern.match(path):
+            return route
+    return None

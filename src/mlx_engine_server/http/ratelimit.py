@@ -21,6 +21,9 @@ from .errors import error_response
 from .guards import OWNER_KEY, PUBLIC_PATHS, dialect_of
 
 logger = logging.getLogger(__name__)
+# Never counted: the pages and /health (public), and what the status page polls every 2 s or a
+# scraper reads, which do no model work; counting them would lock a page's own chat box out.
+UNCOUNTED_PATHS = PUBLIC_PATHS | {"/v1/mlx/status", "/metrics", "/openapi.json"}
 RATE_LIMIT_HEADERS = tuple(
     f"x-ratelimit-{what}-{unit}"
     for unit in ("requests", "tokens")
@@ -35,7 +38,7 @@ class RateLimit:
         self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or get_route_path(scope) in PUBLIC_PATHS:
+        if scope["type"] != "http" or get_route_path(scope) in UNCOUNTED_PATHS:
             await self.app(scope, receive, send)
             return
         counter = rate_counter(scope)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...chat.output import Content, Part, Reasoning, ToolCallOut
 from ...engine import Finished, Usage
-from ...errors import APIError, ErrorDialect
+from ...errors import APIError, ErrorDialect, OverloadedError
 
 # Our parameter names, as the Anthropic request spells them, for error messages: the first
 # prefix that matches is replaced.
@@ -34,9 +34,11 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    431: "request_too_large",
     500: "api_error",
     503: "api_error",
     504: "timeout_error",
@@ -46,7 +48,8 @@ OVERLOADED = 529
 
 
 def error_status(error: APIError) -> int:
-    return OVERLOADED if error.error_type == "rate_limit_error" else error.status_code
+    """A full queue is the server's load (529); a key over its rate limit stays a 429."""
+    return OVERLOADED if isinstance(error, OverloadedError) else error.status_code
 
 
 def _message_naming_param(error: APIError) -> str:

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from ...errors import NotFoundError
 from ...http.body import read_model
 from ..responses.render import new_id
-from ..responses.routes import list_query, memory_of
+from ..responses.routes import list_page, memory_of
 from ..responses.stored import CONVERSATION, ResponseMemory, check_items, item_list
 from .types import ConversationCreate, ConversationUpdate, ItemsCreate
 
@@ -58,9 +58,7 @@ async def delete_conversation(request: Request) -> Response:
 async def list_items(request: Request) -> Response:
     memory, conversation_id = _target(request)
     await memory.conversation(conversation_id)
-    page = await memory.store.list_items(
-        memory.key(CONVERSATION, conversation_id), **list_query(request)
-    )
+    page = await list_page(request, memory.store, memory.key(CONVERSATION, conversation_id))
     return JSONResponse(item_list(page))
 
 

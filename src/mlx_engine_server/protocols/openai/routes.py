@@ -92,7 +92,9 @@ async def chat_completions(request: Request) -> Response:
     body = await read_model(request, ChatCompletionRequest)
     options: ServerOptions = request.app.state.options
     owner = request_owner(request.scope)
-    session = await Session.open(request.app.state.store, owner, body, options.session_ttl_s)
+    session = await Session.open(
+        request.app.state.store, owner, body, options.session_ttl_s, options.limits.max_messages
+    )
     if session is not None:
         body = session.continued(body)
     planned = await plan_request(request, body)

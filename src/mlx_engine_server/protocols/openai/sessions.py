@@ -22,15 +22,26 @@ DONE = "[DONE]"
 
 
 class Session:
-    def __init__(self, store: StateStore, key: RecordKey, ttl_s: float, record: Json) -> None:
+    def __init__(
+        self, store: StateStore, key: RecordKey, ttl_s: float, record: Json, max_messages: int
+    ) -> None:
         self.store = store
         self.key = key
         self.ttl_s = ttl_s
         self.record = record
+        # A request's messages are at most --max-messages, its session's included: a long
+        # session goes on from its newest turns instead of being refused from then on.
+        self.max_messages = max_messages
+        self.earlier: list[Json] = []  # the history this request continues
 
     @classmethod
     async def open(
-        cls, store: StateStore, owner: str, body: ChatCompletionRequest, ttl_s: float
+        cls,
+        store: StateStore,
+        owner: str,
+        body: ChatCompletionRequest,
+        ttl_s: float,
+        max_messages: int,
     ) -> Session | None:
         """The request's session (a new one for an id not seen before), or None without one."""
         if body.session_id is None:
@@ -40,7 +51,7 @@ class Session:
         key = RecordKey(owner, SESSION, body.session_id)
         now = int(time.time())
         record = await store.get(key) or _new_record(body.session_id, now)
-        return cls(store, key, ttl_s, record)
+        return cls(store, key, ttl_s, record, max_messages)
 
     @property
     def history(self) -> list[Json]:
@@ -48,17 +59,19 @@ class Session:
         return messages
 
     def continued(self, body: ChatCompletionRequest) -> ChatCompletionRequest:
-        """The request with the session's messages before its own."""
+        """The request with the session's newest messages before its own."""
+        self.earlier = newest_messages(self.history, self.max_messages - len(body.messages))
         try:
-            earlier = MESSAGES.validate_python(self.history)
+            earlier = MESSAGES.validate_python(self.earlier)
         except ValidationError:
             raise InternalError("A stored session message could not be read back.") from None
         return body.model_copy(update={"messages": [*earlier, *body.messages]})
 
     async def save(self, body: ChatCompletionRequest, reply: Json) -> None:
         """`body` as `continued` made it: its own messages follow the session's."""
-        own = body.messages[len(self.history) :]
-        messages = [*self.history, *(_dumped(message) for message in own), reply]
+        own = body.messages[len(self.earlier) :]
+        messages = [*self.earlier, *(_dumped(message) for message in own), reply]
+        messages = newest_messages(messages, self.max_messages)
         record = {**self.record, "messages": messages, "updated_at": int(time.time())}
         await self.store.put(self.key, record, ttl_s=self.ttl_s)
 
@@ -75,6 +88,25 @@ class Session:
             elif data != DONE:
                 reply.feed(json.loads(data))
             yield event
+
+
+def newest_messages(messages: list[Json], at_most: int) -> list[Json]:
+    """At most `at_most` messages: the leading system messages, then the newest turns from a
+    user message on (a cut never leaves a reply without what it answers)."""
+    if len(messages) <= at_most:
+        return messages
+    pinned = 0
+    while pinned < len(messages) and messages[pinned].get("role") in ("system", "developer"):
+        pinned += 1
+    room = at_most - pinned
+    if room <= 0:
+        return []
+    newest = messages[len(messages) - room :]
+    first_user = next(
+        (index for index, message in enumerate(newest) if message.get("role") == "user"),
+        len(newest),
+    )
+    return [*messages[:pinned], *newest[first_user:]]
 
 
 def reply_of(completion: Json) -> Json:

@@ -7,6 +7,7 @@ A stored response is written before its last event or its body reaches the clien
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from ...pipeline.admission import collect
 from ...pipeline.events import named_events
 from ...pipeline.prepare import summary_usage
 from ...pipeline.run import ChatRun, start_chat
+from ...state.store import ItemPage, RecordKey, StateStore
 from ..openai.types import ChatCompletionRequest
 from .render import (
     OutputItems,
@@ -36,6 +38,7 @@ from .translate import chat_fields, responses_param
 from .types import ResponsesRequest
 
 MAX_LIST_LIMIT = 100
+LIST_LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 async def responses(request: Request) -> Response:
@@ -76,17 +79,26 @@ async def delete_response(request: Request) -> Response:
 async def list_input_items(request: Request) -> Response:
     memory = memory_of(request)
     record = await memory.response(request.path_params["response_id"])
-    page = await memory.store.list_items(
-        memory.key(RESPONSE, record["response"]["id"]), **list_query(request)
-    )
+    page = await list_page(request, memory.store, memory.key(RESPONSE, record["response"]["id"]))
     return JSONResponse(item_list(page))
+
+
+async def list_page(request: Request, store: StateStore, key: RecordKey) -> ItemPage:
+    """One page of a list's items. An `after` not in the list is a 400: read as "from the
+    start", a client paging on past a deleted item would be handed the first pages again."""
+    query = list_query(request)
+    after = query["after"]
+    if after is not None and await store.get_item(key, after) is None:
+        raise InvalidRequestError(f"No item with id '{after}' in this list.", param="after")
+    return await store.list_items(key, **query)
 
 
 def list_query(request: Request, default_order: str = "desc") -> dict[str, Any]:
     """OpenAI's list parameters: limit (1-100, 20), order (asc|desc), after (an item id)."""
     query = request.query_params
     limit = query.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    if not LIST_LIMIT.fullmatch(limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
         raise InvalidRequestError(
             f"limit must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit"
         )

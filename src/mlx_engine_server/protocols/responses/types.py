@@ -24,6 +24,28 @@ from ..openai.types import (
 # asking for its encrypted form is honoured by the reasoning item's plain content.
 SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content"})
 MAX_ID_CHARS = 256
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
+
+
+class Metadata(WireModel):
+    """OpenAI's metadata limits, on a response as on a conversation: both are stored."""
+
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata", mode="after")
+    @classmethod
+    def _openai_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        pairs = value or {}
+        refuse_unless(len(pairs) <= MAX_METADATA_PAIRS, "at most 16 metadata pairs")
+        refuse_unless(
+            all(
+                len(key) <= MAX_METADATA_KEY_CHARS and len(text) <= MAX_METADATA_VALUE_CHARS
+                for key, text in pairs.items()
+            ),
+            "metadata keys have at most 64 characters, values at most 512",
+        )
+        return value
 
 
 class TextContent(WireModel):
@@ -170,7 +192,7 @@ class ReasoningConfig(WireModel):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponsesRequest(WireModel):
+class ResponsesRequest(Metadata):
     model: str | None = None
     input: str | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
@@ -185,8 +207,8 @@ class ResponsesRequest(WireModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to pad here
     include: list[str] | None = None
-    # Accepted no-ops: identifiers for abuse tracking and cache routing; one tier.
-    metadata: dict[str, str] | None = None
+    # Accepted no-ops: identifiers for abuse tracking and cache routing; one tier. (metadata:
+    # from Metadata, kept with the stored response.)
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
