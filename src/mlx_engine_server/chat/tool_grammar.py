@@ -1,10 +1,11 @@
-"""Grammars that force a tool call: tool_choice "required" or a named function.
+"""Grammars for tool calls: forced ones (tool_choice "required" or a named function), or a call
+as one alternative beside another answer (a response_format's JSON, the fallback's plain text).
 
 A pure function from the offered tools to an llguidance Lark grammar (each function's call
 embedded as a `%json` schema: the name a constant, the arguments the function's own schema).
-The engine enforces it token by token, so the answer is a well-formed call to an offered
-function whose arguments match its schema. Families with a grammar here are forced in their
-own format; the others are forced in the Hermes `<tool_call>` form, which is then parsed.
+The engine enforces it token by token, so a call is a well-formed call to an offered function
+whose arguments match its schema. Families with a grammar here are written in their own format;
+the others in the Hermes `<tool_call>` form, which is then parsed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SHAPES = {
     "hermes": FamilyShape("arguments", "", "<tool_call>\n", "\n</tool_call>", "\n"),
     "llama3": FamilyShape("parameters", "", "", "", "; "),
     "mistral": FamilyShape("arguments", "[TOOL_CALLS][", "", "", ", ", "]"),
+    "generic": FamilyShape("arguments", '{"tool_calls": [', "", "", ", ", "]}"),
 }
 
 
@@ -63,15 +65,18 @@ def tool_call_grammar(
     *,
     thinking: ThinkingShape | None = None,
     special_ids: Mapping[str, int] | None = None,
+    answer: str | None = None,
 ) -> str:
-    """Lark text for `policy`'s forced call(s) in `family`'s format (see forced_format)."""
+    """Lark text for `policy`'s call(s) in `family`'s format (see forced_format); `answer`, a
+    Lark expression, is the other answer allowed instead of calls (None: a call is forced)."""
     shape = SHAPES.get(family, SHAPES["hermes"])
     specials = special_ids or {}
     tools = [tool for tool in policy.offered if policy.forced_name in (None, tool.name)]
     block = f"{_marker(shape.call_open, specials)} call {_marker(shape.call_close, specials)}"
     repeat = f" ({json.dumps(shape.separator)} call_block)*" if policy.parallel else ""
+    reply = "calls" if answer is None else "(calls | answer)"
     lines = [
-        f"start: {_thinking_prefix(thinking, specials)}calls",
+        f"start: {_thinking_prefix(thinking, specials)}{reply}",
         f"calls: {_marker(shape.calls_open, specials)} call_block{repeat} "
         f"{_marker(shape.calls_close, specials)}",
         f"call_block: {block}",
@@ -81,6 +86,8 @@ def tool_call_grammar(
             for index, tool in enumerate(tools)
         ),
     ]
+    if answer is not None:
+        lines.append(f"answer: {answer}")
     if thinking is not None:
         lines += ["ws: /[ \\t\\r\\n]*/", _thinking_rule(thinking.end, specials)]
     return "\n".join(lines) + "\n"

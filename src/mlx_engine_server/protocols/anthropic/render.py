@@ -50,7 +50,7 @@ def _message_naming_param(error: APIError) -> str:
         return error.message
     head = re.match(r"[A-Za-z_]*", error.param).group()  # type: ignore[union-attr]
     param = ANTHROPIC_PARAMS.get(head, head) + error.param[len(head) :]
-    if error.param in error.message:
+    if f"'{error.param}'" in error.message:  # named as a field, not a word ("render tools")
         return error.message.replace(f"'{error.param}'", f"'{param}'")
     return f"{param}: {error.message}"
 
