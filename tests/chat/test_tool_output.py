@@ -226,10 +226,8 @@ GENERIC_PARIS = '{"tool_calls": [%s]}' % (PARIS % "arguments")
 def test_generic_grammar_forces_the_documented_object(ll_tokenizer: llguidance.LLTokenizer) -> None:
     grammar = tool_call_grammar(ToolPolicy(TOOLS, "required"), "generic")
     assert accepts(ll_tokenizer, grammar, GENERIC_PARIS)
-    two = '{"tool_calls": [%s, %s]}' % (
-        PARIS % "arguments",
-        '{"name": "get_time", "arguments": {}}',
-    )
+    time_call = '{"name": "get_time", "arguments": {}}'
+    two = f'{{"tool_calls": [{PARIS % "arguments"}, {time_call}]}}'
     assert accepts(ll_tokenizer, grammar, two)
     assert not accepts(ll_tokenizer, grammar, GENERIC_PARIS.replace("Paris", "Berlin"))
     single = tool_call_grammar(ToolPolicy(TOOLS, "required", parallel=False), "generic")
