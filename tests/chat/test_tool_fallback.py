@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 from transformers import AutoTokenizer
 
 from mlx_engine_server.chat.plan import chat_formats, plan_chat
+from mlx_engine_server.chat.tool_fallback import INSTRUCTIONS
 from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.protocols.openai.types import ChatCompletionRequest
 
@@ -319,3 +320,9 @@ def test_a_cut_off_call_is_no_text_in_responses_or_anthropic_answers(
     assert not "".join(texts)
     assert message.stop_reason == "max_tokens"
     assert not [block for block in message.content if block.type in ("text", "tool_use")]
+
+
+def test_the_documented_format_is_the_one_the_model_is_shown() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "tool-fallback.md").read_text()
+    shown = INSTRUCTIONS.format(tools="{tools}").splitlines()
+    assert all(line in doc for line in shown if line and line != "{tools}")
