@@ -86,7 +86,8 @@ async def _run_agent(live: LiveServer, api: str, *, once: bool) -> tuple[Weather
     return result.final_output_as(Weather), calls
 
 
-@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+@pytest.mark.smollm
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
 def test_an_agent_on_the_bundled_model(smollm_server: LiveServer, api: str) -> None:
     weather, calls = run_agent(smollm_server, api, once=True)
     assert len(calls) == 1
