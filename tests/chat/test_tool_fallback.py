@@ -79,23 +79,34 @@ def test_the_fallback_writes_tools_and_earlier_calls_into_the_prompt(tiny_model_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     formats = chat_formats(tokenizer, "auto", "auto")
     assert formats.tool_fallback
-    call = {"id": "c1", "type": "function"}
-    call["function"] = {"name": "get_weather", "arguments": '{"city": "Rome"}'}  # type: ignore[assignment]
+    calls = [
+        {
+            "id": f"c{city}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": f'{{"city": "{city}"}}'},
+        }
+        for city in calls_to
+    ]
     messages = [
         {"role": "system", "content": "Be brief."},
         *ASK,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "c1", "content": "Rain."},
+        {"role": "assistant", "content": "Let me see.", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "cRome", "content": "Rain."},
+        {"role": "tool", "tool_call_id": "cParis", "content": "Sun."},
     ]
     body = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
     text = plan_chat(tokenizer, formats, body).prompt_text
     system = text.split("<|im_end|>")[0]
     assert '"name": "get_weather", "description": "The weather in a city."' in system
     assert system.endswith("Be brief.")
-    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome"}}]}' in text
-    assert (
-        '<|im_start|>user\n{"tool_response": {"name": "get_weather", "content": "Rain."}}' in text
-    )
+    rome, paris = (f'{{"name": "get_weather", "arguments": {{"city": "{c}"}}}}' for c in calls_to)
+    written = f'{{"tool_calls": [{rome}, {paris}]}}'
+    assert f"<|im_start|>assistant\nLet me see.\n{written}<|im_end|>" in text
+    results = [
+        '{"tool_response": {"name": "get_weather", "content": "Rain."}}',
+        '{"tool_response": {"name": "get_weather", "content": "Sun."}}',
+    ]
+    assert "<|im_start|>user\n" + "\n".join(results) + "<|im_end|>" in text  # one user turn
     assert not chat_formats(tokenizer, "none", "auto").tool_fallback
 
 

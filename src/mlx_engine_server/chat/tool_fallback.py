@@ -81,23 +81,25 @@ def _calls_as_text(conversation: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Assistant calls as the JSON the model writes; each run of tool results as one user
     message (templates that insist on alternating roles accept it)."""
     turns: list[dict[str, Any]] = []
+    results: list[str] = []  # the run of tool results not yet written out
     for entry in conversation:
         if entry["role"] == "tool":
-            response = json.dumps(
-                {"tool_response": {"name": entry.get("name", ""), "content": _text(entry)}},
-                ensure_ascii=False,
-            )
-            if turns and turns[-1].get("tool_results"):
-                response = _text(turns[-1]) + "\n" + response
-                turns[-1]["content"] = _shaped_like(entry["content"], response)
-            else:
-                content = _shaped_like(entry["content"], response)
-                turns.append({"role": "user", "content": content, "tool_results": True})
-        elif entry.get("tool_calls"):
-            turns.append(_assistant_calls(entry))
-        else:
-            turns.append(entry)
-    return [{key: value for key, value in turn.items() if key != "tool_results"} for turn in turns]
+            results.append(_tool_response(entry))
+            continue
+        if results:
+            turns.append({"role": "user", "content": _shaped_like(entry["content"], results)})
+            results = []
+        turns.append(_assistant_calls(entry) if entry.get("tool_calls") else entry)
+    if results:
+        turns.append(
+            {"role": "user", "content": _shaped_like(conversation[-1]["content"], results)}
+        )
+    return turns
+
+
+def _tool_response(entry: dict[str, Any]) -> str:
+    response = {"name": entry.get("name", ""), "content": _text(entry)}
+    return json.dumps({"tool_response": response}, ensure_ascii=False)
 
 
 def _assistant_calls(entry: dict[str, Any]) -> dict[str, Any]:
@@ -108,11 +110,12 @@ def _assistant_calls(entry: dict[str, Any]) -> dict[str, Any]:
     written = json.dumps({"tool_calls": calls}, ensure_ascii=False)
     text = _text(entry)
     rest = {key: value for key, value in entry.items() if key != "tool_calls"}
-    return {**rest, "content": _shaped_like(entry["content"], f"{text}\n{written}".lstrip())}
+    return {**rest, "content": _shaped_like(entry["content"], [text, written])}
 
 
-def _shaped_like(content: Any, text: str) -> Any:
-    """`text` as a list of parts where the conversation uses parts (vision templates)."""
+def _shaped_like(content: Any, lines: list[str]) -> Any:
+    """`lines` as one text, a list of parts where the conversation uses parts (vision)."""
+    text = "\n".join(line for line in lines if line)
     return [{"type": "text", "text": text}] if isinstance(content, list) else text
 
 
