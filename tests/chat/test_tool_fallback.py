@@ -79,6 +79,7 @@ def test_the_fallback_writes_tools_and_earlier_calls_into_the_prompt(tiny_model_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     formats = chat_formats(tokenizer, "auto", "auto")
     assert formats.tool_fallback
+    calls_to = ("Rome", "Paris")
     calls = [
         {
             "id": f"c{city}",
