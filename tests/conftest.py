@@ -24,7 +24,13 @@ from mlx_engine_server.models.gguf import convert_gguf
 from mlx_engine_server.models.loader import ModelSource, load_model
 from mlx_engine_server.state.store import StateStore
 
-from .model_factory import build_tiny_llama, scripted_model, smollm_gguf_path, use_chat_template
+from .model_factory import (
+    build_scripted_llama,
+    build_tiny_llama,
+    scripted_model,
+    smollm_gguf_path,
+    use_chat_template,
+)
 
 TINY_CONTEXT_WINDOW = 256
 
@@ -154,6 +160,35 @@ def hermes_agent_server(
     Hermes-style template: for the Anthropic and Responses protocol tests."""
     root = tmp_path_factory.mktemp("agent") / "scripted-hermes"
     model = scripted_model(root, smollm_dir, HERMES_ANSWER, "hermes_tools.jinja")
+    live = run_live_server(start_engine(model))
+    yield live
+    live.stop()
+
+
+BRACE_ANSWER = '{"'  # then a grammar decides, every other token tied: the lowest allowed id
+
+
+def brace_model(root: Path, smollm_dir: Path, template: str | None) -> Path:
+    """A scripted model that opens a JSON object, behind a fixture template (None: SmolLM2's
+    own, which renders no tools): under a grammar it takes the JSON branch, never a marker's."""
+    from transformers import AutoTokenizer
+
+    if template is not None:
+        return scripted_model(root, smollm_dir, BRACE_ANSWER, template)
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    script = tokenizer.encode(BRACE_ANSWER, add_special_tokens=False)
+    prompt_end = [tokenizer.encode("\n")[-1]]
+    return build_scripted_llama(root, smollm_dir, script, prompt_end, tokenizer.eos_token_id)
+
+
+@pytest.fixture(scope="session")
+def brace_hermes_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Iterator[LiveServer]:
+    """BRACE_ANSWER behind a Hermes-style template: a response_format's JSON, not a call."""
+    model = brace_model(
+        tmp_path_factory.mktemp("brace") / "hermes", smollm_dir, "hermes_tools.jinja"
+    )
     live = run_live_server(start_engine(model))
     yield live
     live.stop()

@@ -23,6 +23,8 @@ from mlx_engine_server.chat.output import (
     split_whole,
 )
 from mlx_engine_server.chat.parsers import OURS, known_tool_call_parsers, resolve_tool_call_format
+from mlx_engine_server.chat.structured import json_schema_rule
+from mlx_engine_server.chat.tool_fallback import TEXT_ANSWER
 from mlx_engine_server.chat.tool_grammar import ThinkingShape, tool_call_grammar
 from mlx_engine_server.chat.tools import ToolPolicy, ToolSpec
 
@@ -214,3 +216,87 @@ def test_parallel_calls_and_thinking_first(ll_tokenizer: llguidance.LLTokenizer)
     grammar = tool_call_grammar(ToolPolicy(TOOLS, "required"), "hermes", thinking=optional)
     assert accepts(ll_tokenizer, grammar, call)
     assert accepts(ll_tokenizer, grammar, "<think>hmm</think>\n" + call)
+
+
+# --- calls beside another answer; the fallback format; calls cut off by max_tokens -----------
+
+GENERIC_PARIS = '{"tool_calls": [%s]}' % (PARIS % "arguments")
+
+
+def test_generic_grammar_forces_the_documented_object(ll_tokenizer: llguidance.LLTokenizer) -> None:
+    grammar = tool_call_grammar(ToolPolicy(TOOLS, "required"), "generic")
+    assert accepts(ll_tokenizer, grammar, GENERIC_PARIS)
+    time_call = '{"name": "get_time", "arguments": {}}'
+    two = f'{{"tool_calls": [{PARIS % "arguments"}, {time_call}]}}'
+    assert accepts(ll_tokenizer, grammar, two)
+    assert not accepts(ll_tokenizer, grammar, GENERIC_PARIS.replace("Paris", "Berlin"))
+    single = tool_call_grammar(ToolPolicy(TOOLS, "required", parallel=False), "generic")
+    assert not accepts(ll_tokenizer, single, two)
+
+
+def test_auto_fallback_allows_text_or_a_call(ll_tokenizer: llguidance.LLTokenizer) -> None:
+    grammar = tool_call_grammar(ToolPolicy(TOOLS), "generic", answer=TEXT_ANSWER)
+    assert accepts(ll_tokenizer, grammar, GENERIC_PARIS)
+    assert accepts(ll_tokenizer, grammar, "It is sunny {today}.")
+    assert not accepts(ll_tokenizer, grammar, '{"tool_calls": [{"name": "nope", "arguments": {}}]}')
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"sky": {"enum": ["sunny"]}}, "required": ["sky"]}
+
+
+@pytest.mark.parametrize(
+    ("family", "call"),
+    [("generic", GENERIC_PARIS), ("hermes", f"<tool_call>\n{PARIS % 'arguments'}\n</tool_call>")],
+)
+def test_a_call_or_the_response_formats_json(
+    ll_tokenizer: llguidance.LLTokenizer, family: str, call: str
+) -> None:
+    answer = json_schema_rule(ANSWER_SCHEMA)
+    grammar = tool_call_grammar(ToolPolicy(TOOLS), family, answer=answer)
+    assert accepts(ll_tokenizer, grammar, call)
+    assert accepts(ll_tokenizer, grammar, '{"sky":"sunny"}')
+    assert not accepts(ll_tokenizer, grammar, '{"sky":"rainy"}')
+    assert not accepts(ll_tokenizer, grammar, "It is sunny.")
+
+
+def test_generic_answers_parse_into_calls_or_stay_content() -> None:
+    generic = rules("generic", reasoning=None)
+    output = split_whole(generic, GENERIC_PARIS)
+    assert [(call.name, json.loads(call.arguments)) for call in output.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert output.content == ""
+    for text in ("It is sunny.", '{"sky":"sunny"}'):
+        output = split_whole(generic, text)
+        assert (output.content, output.tool_calls) == (text, [])
+
+
+HERMES_CUT = (
+    'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    '\n<tool_call>\n{"name": "get_weather", "arguments":'
+)
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "content", "calls"),
+    [
+        ("hermes", HERMES_CUT, "Sure.", 1),
+        ("hermes", '<tool_call>\n{"name": "get_', "", 0),
+        ("generic", '{"tool_calls": [{"name": "get_weather", "argu', "", 0),
+        ("generic", '{"tool_', "", 0),
+        ("llama3", '{"name": "get_weather", "param', "", 0),
+        ("generic", '{"sky": "sun', '{"sky": "sun', 0),  # a response_format's answer, cut
+    ],
+)
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_a_call_cut_off_by_max_tokens_is_dropped_not_shown(
+    family: str, text: str, content: str, calls: int, size: int
+) -> None:
+    splitter = OutputSplitter(rules(family, reasoning=None))
+    output = ParsedOutput()
+    for start in range(0, len(text), size):
+        output.add(splitter.feed(text[start : start + size]))
+    output.add(splitter.finish(cut_off=True))
+    assert (output.content, len(output.tool_calls)) == (content, calls)
+    # The same text ended by the model, not by max_tokens, is no call: it stays content.
+    assert split_whole(rules(family, reasoning=None), text).content.endswith(text[-6:])

@@ -307,7 +307,6 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "argu
         ),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
-        ({"tools": [LOOKUP]}, "tools"),  # SmolLM2's template does not render tools
     ],
 )
 def test_bad_tool_requests_are_400_naming_the_parameter(

@@ -2,7 +2,9 @@
 
 One state machine serves streaming and non-streaming answers alike (a whole answer is one feed),
 so both always agree. Text that might be the start of a marker is held back until it is known
-not to be one: no `<tool_call>` or `<think>` half reaches a client's content.
+not to be one: no `<tool_call>` or `<think>` half reaches a client's content, and a call that
+max_tokens cut off before it was complete is dropped, never shown as text (OpenAI reports such an
+answer with finish_reason "length" and no partial call).
 """
 
 from __future__ import annotations
@@ -71,11 +73,11 @@ class ParsedOutput:
                 self.tool_calls.append(part)
 
 
-def split_whole(rules: OutputRules, text: str) -> ParsedOutput:
+def split_whole(rules: OutputRules, text: str, *, cut_off: bool = False) -> ParsedOutput:
     splitter = OutputSplitter(rules)
     output = ParsedOutput()
     output.add(splitter.feed(text))
-    output.add(splitter.finish())
+    output.add(splitter.finish(cut_off=cut_off))
     return output
 
 
@@ -102,10 +104,11 @@ class OutputSplitter:
         self._advance(final=False)
         return self._take()
 
-    def finish(self) -> list[Part]:
+    def finish(self, *, cut_off: bool = False) -> list[Part]:
+        """The rest of the output; `cut_off`: the generation ended at max_tokens."""
         self._advance(final=True)
         if self._mode == "tool":
-            self._close_block(self._buffer)
+            self._close_block(self._buffer, unfinished=cut_off)
             self._buffer = ""
         if self._held_space and not self._calls:
             self._parts.append(Content(self._held_space))
@@ -220,10 +223,11 @@ class OutputSplitter:
             self._content_started = True
             self._parts.append(Content(body))
 
-    def _close_block(self, body: str, closed_by: str = "") -> None:
+    def _close_block(self, body: str, closed_by: str = "", *, unfinished: bool = False) -> None:
         calls = self._accepted_calls(body)
         if calls is None:
-            self._emit_content(self._block_start + body + closed_by)
+            if not (unfinished and self._opens_call(body)):
+                self._emit_content(self._block_start + body + closed_by)
             return
         self._held_space = ""
         for call in calls:
@@ -232,6 +236,11 @@ class OutputSplitter:
             arguments = json.dumps(call.arguments, ensure_ascii=False)
             self._parts.append(ToolCallOut(self._calls, new_call_id(), call.name, arguments))
             self._calls += 1
+
+    def _opens_call(self, body: str) -> bool:
+        """A block after a call marker is a call; leading JSON only if it begins like one."""
+        tools = self._rules.tools
+        return bool(self._block_start) or (tools is not None and tools.opens_call(body))
 
     def _accepted_calls(self, body: str) -> list[ParsedCall] | None:
         """The block's calls, or None when anything is off: then the block is plain content."""

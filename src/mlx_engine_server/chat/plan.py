@@ -1,5 +1,6 @@
 """One chat request made ready for the engine: its prompt, how its output is split, and the
-grammar that forces a tool call when the client demands one."""
+grammar that constrains the answer: a forced tool call, a response_format's JSON, or (with tools
+offered) a call or that other answer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any, Literal
 from ..protocols.openai.types import ChatCompletionRequest
 from .output import OutputRules, ReasoningMarkers
 from .parsers import ToolCallFormat, resolve_tool_call_format
+from .parsers import generic as generic_format
 from .prompt import chat_prompt
+from .structured import response_format_rule
+from .tool_fallback import TEXT_ANSWER, fallback_conversation, template_renders_tools
 from .tool_grammar import ThinkingShape, check_tool_schemas, forced_format, tool_call_grammar
 from .tools import (
     ToolPolicy,
@@ -35,6 +39,7 @@ class ChatFormats:
     model_thinks: bool  # the tokenizer has thinking markers of its own
     special_ids: Mapping[str, int] = field(default_factory=dict)
     multimodal: bool = False  # a vision model: its template takes content as parts
+    tool_fallback: bool = False  # tools go into the system message (chat/tool_fallback.py)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,11 @@ def chat_formats(
     tokenizer: Any, tool_call_parser: str, reasoning_parser: str, *, multimodal: bool = False
 ) -> ChatFormats:
     tools = resolve_tool_call_format(tool_call_parser, tokenizer)
+    fallback = tool_call_parser == "generic" or (
+        tool_call_parser == "auto" and not template_renders_tools(tokenizer)
+    )
+    if fallback:
+        tools = generic_format.FORMAT
     model_thinks = bool(getattr(tokenizer, "has_thinking", False))
     thinking = (
         ReasoningMarkers(tokenizer.think_start, tokenizer.think_end)
@@ -63,24 +73,20 @@ def chat_formats(
         model_thinks=model_thinks,
         special_ids=_special_token_ids(tokenizer, markers),
         multimodal=multimodal,
+        tool_fallback=fallback,
     )
 
 
 def plan_chat(tokenizer: Any, formats: ChatFormats, body: ChatCompletionRequest) -> ChatPlan:
     policy = tool_policy(body)
     check_conversation(list(body.messages))
-    prompt = chat_prompt(
-        tokenizer,
-        template_messages(list(body.messages), multimodal=formats.multimodal),
-        template_tools(body),
-        template_kwargs(body),
-    )
+    conversation = template_messages(list(body.messages), multimodal=formats.multimodal)
+    tools = template_tools(body)
+    if formats.tool_fallback:
+        conversation, tools = fallback_conversation(conversation, body), None
+    prompt = chat_prompt(tokenizer, conversation, tools, template_kwargs(body))
     opened = _opens_thinking(prompt.text, formats.thinking)
-    output_format = formats.tools if policy.offered else None
-    grammar = None
-    if policy.forced:
-        output_format = forced_format(formats.tools)
-        grammar = _forcing_grammar(policy, output_format, formats, body, opened=opened)
+    output_format, grammar = _constraint(policy, formats, body, opened=opened)
     rules = OutputRules(
         reasoning=formats.thinking if formats.split_reasoning else None,
         starts_in_reasoning=opened,
@@ -91,13 +97,41 @@ def plan_chat(tokenizer: Any, formats: ChatFormats, body: ChatCompletionRequest)
     return ChatPlan(prompt.tokens, rules, grammar, prompt.text)
 
 
-def _forcing_grammar(
+def _constraint(
+    policy: ToolPolicy, formats: ChatFormats, body: ChatCompletionRequest, *, opened: bool
+) -> tuple[ToolCallFormat | None, str | None]:
+    """The format calls are parsed in, and the grammar of the answer.
+
+    A forced call is all the answer holds: a response_format applies to a later turn (as at
+    OpenAI). With calls allowed but not forced, a response_format's JSON or the fallback's plain
+    text is the other answer the grammar allows.
+    """
+    answer = response_format_rule(body.response_format)  # checked even when a call is forced
+    if policy.forced:
+        answer = None
+    elif not policy.offered or formats.tools is None:  # no call may be made, or none is read
+        return formats.tools if policy.offered else None, _only(answer)
+    elif answer is None and formats.tool_fallback:
+        answer = TEXT_ANSWER
+    elif answer is None:
+        return formats.tools, None
+    output_format = forced_format(formats.tools)
+    grammar = _tool_grammar(policy, output_format, formats, body, opened=opened, answer=answer)
+    return output_format, grammar
+
+
+def _only(answer: str | None) -> str | None:
+    return None if answer is None else f"start: {answer}"
+
+
+def _tool_grammar(
     policy: ToolPolicy,
     output_format: ToolCallFormat,
     formats: ChatFormats,
     body: ChatCompletionRequest,
     *,
     opened: bool,
+    answer: str | None,
 ) -> str:
     indexes = {tool.function.name: index for index, tool in enumerate(body.tools or ())}
     check_tool_schemas(policy, indexes)
@@ -105,7 +139,11 @@ def _forcing_grammar(
     if opened or formats.model_thinks:
         thinking = ThinkingShape(formats.thinking.start, formats.thinking.end, opened=opened)
     return tool_call_grammar(
-        policy, output_format.name, thinking=thinking, special_ids=formats.special_ids
+        policy,
+        output_format.name,
+        thinking=thinking,
+        special_ids=formats.special_ids,
+        answer=answer,
     )
 
 

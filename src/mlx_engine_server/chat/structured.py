@@ -85,10 +85,16 @@ def check_schema_has_finite_instance(schema: Any, param: str = SCHEMA_PARAM) -> 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
     """The grammar a response_format asks for; None for plain text."""
+    rule = response_format_rule(response_format)
+    return None if rule is None else "start: " + rule
+
+
+def response_format_rule(response_format: ResponseFormat | None) -> str | None:
+    """The Lark expression of a response_format's answer (its schema checked); None for text."""
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return json_object_grammar()
+        return json_schema_rule({"type": "object"})
     spec = response_format.json_schema
     if spec is None:
         raise InvalidRequestError(
@@ -96,8 +102,9 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
             param="response_format.json_schema",
         )
     if spec.schema_ is None:  # OpenAI: no schema means any JSON object
-        return json_object_grammar()
-    return json_schema_grammar(spec.schema_)
+        return json_schema_rule({"type": "object"})
+    check_json_schema(_compact(spec.schema_))
+    return json_schema_rule(spec.schema_)
 
 
 def _compact(schema: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Grammars that force a tool call: tool_choice "required" or a named function.
+"""Grammars for tool calls: forced ones (tool_choice "required" or a named function), or a call
+as one alternative beside another answer (a response_format's JSON, the fallback's plain text).
 
 A pure function from the offered tools to an llguidance Lark grammar (each function's call
 embedded as a `%json` schema: the name a constant, the arguments the function's own schema).
-The engine enforces it token by token, so the answer is a well-formed call to an offered
-function whose arguments match its schema. Families with a grammar here are forced in their
-own format; the others are forced in the Hermes `<tool_call>` form, which is then parsed.
+The engine enforces it token by token, so a call is a well-formed call to an offered function
+whose arguments match its schema. Families with a grammar here are written in their own format;
+the others in the Hermes `<tool_call>` form, which is then parsed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ SHAPES = {
     "llama3": FamilyShape("parameters", "", "", "", "; "),
     "mistral": FamilyShape("arguments", "[TOOL_CALLS][", "", "", ", ", "]"),
 }
+# The fallback's `{"tool_calls": [...]}` is one JSON schema, not markers around calls: an answer
+# that is JSON too (a response_format) can then be its alternative (llguidance cannot choose
+# between a literal and a `%json` that both open with "{").
+GENERIC = "generic"
+REF_PREFIXES = ("#/$defs/", "#/definitions/")
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class ThinkingShape:
 
 def forced_format(model_format: ToolCallFormat | None) -> ToolCallFormat:
     """The format a forced call is written in: the model's own when a grammar exists for it."""
-    if model_format is not None and model_format.name in SHAPES:
+    if model_format is not None and model_format.name in (*SHAPES, GENERIC):
         return model_format
     return hermes_format.FORMAT
 
@@ -63,15 +69,31 @@ def tool_call_grammar(
     *,
     thinking: ThinkingShape | None = None,
     special_ids: Mapping[str, int] | None = None,
+    answer: str | None = None,
 ) -> str:
-    """Lark text for `policy`'s forced call(s) in `family`'s format (see forced_format)."""
-    shape = SHAPES.get(family, SHAPES["hermes"])
+    """Lark text for `policy`'s call(s) in `family`'s format (see forced_format); `answer`, a
+    Lark expression, is the other answer allowed instead of calls (None: a call is forced)."""
     specials = special_ids or {}
     tools = [tool for tool in policy.offered if policy.forced_name in (None, tool.name)]
+    reply = "calls" if answer is None else "(calls | answer)"
+    lines = [f"start: {_thinking_prefix(thinking, specials)}{reply}"]
+    if family == GENERIC:
+        lines.append(f"calls: %json {json.dumps(generic_calls_schema(tools, policy.parallel))}")
+    else:
+        lines += _marked_calls(tools, SHAPES.get(family, SHAPES["hermes"]), policy, specials)
+    if answer is not None:
+        lines.append(f"answer: {answer}")
+    if thinking is not None:
+        lines += ["ws: /[ \\t\\r\\n]*/", _thinking_rule(thinking.end, specials)]
+    return "\n".join(lines) + "\n"
+
+
+def _marked_calls(
+    tools: list[ToolSpec], shape: FamilyShape, policy: ToolPolicy, specials: Mapping[str, int]
+) -> list[str]:
     block = f"{_marker(shape.call_open, specials)} call {_marker(shape.call_close, specials)}"
     repeat = f" ({json.dumps(shape.separator)} call_block)*" if policy.parallel else ""
-    lines = [
-        f"start: {_thinking_prefix(thinking, specials)}calls",
+    return [
         f"calls: {_marker(shape.calls_open, specials)} call_block{repeat} "
         f"{_marker(shape.calls_close, specials)}",
         f"call_block: {block}",
@@ -81,9 +103,45 @@ def tool_call_grammar(
             for index, tool in enumerate(tools)
         ),
     ]
-    if thinking is not None:
-        lines += ["ws: /[ \\t\\r\\n]*/", _thinking_rule(thinking.end, specials)]
-    return "\n".join(lines) + "\n"
+
+
+def generic_calls_schema(tools: list[ToolSpec], parallel: bool) -> dict[str, Any]:
+    """`{"tool_calls": [call, ...]}` with each call one of `tools`; their `$defs` gathered at
+    the root, each renamed after its function so that two functions' names cannot clash."""
+    variants, defs = [], {}
+    for index, tool in enumerate(tools):
+        schema = call_schema(tool, "arguments")
+        schema.pop("x-guidance")
+        prefix = f"fn{index}_"
+        for key in ("$defs", "definitions"):
+            for name, definition in schema.pop(key, {}).items():
+                defs[prefix + name] = _renamed_refs(definition, prefix)
+        variants.append(_renamed_refs(schema, prefix))
+    calls: dict[str, Any] = {"type": "array", "items": {"anyOf": variants}, "minItems": 1}
+    if not parallel:
+        calls["maxItems"] = 1
+    return {
+        "type": "object",
+        "properties": {"tool_calls": calls},
+        "required": ["tool_calls"],
+        "additionalProperties": False,
+        "x-guidance": JSON_STYLE,
+        **({"$defs": defs} if defs else {}),
+    }
+
+
+def _renamed_refs(node: Any, prefix: str) -> Any:
+    if isinstance(node, list):
+        return [_renamed_refs(item, prefix) for item in node]
+    if not isinstance(node, dict):
+        return node
+    renamed = {key: _renamed_refs(value, prefix) for key, value in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        for start in REF_PREFIXES:
+            if ref.startswith(start):
+                renamed["$ref"] = "#/$defs/" + prefix + ref[len(start) :]
+    return renamed
 
 
 def call_schema(tool: ToolSpec, arguments_key: str) -> dict[str, Any]:

@@ -118,8 +118,9 @@ class Settings(BaseSettings):
     tool_call_parser: str = Field(
         default="auto",
         pattern=r"^[a-z0-9_]+$",
-        description="Tool-call format: auto (from the chat template), none, hermes, llama3, "
-        "mistral, gemma, or an mlx-lm parser name.",
+        description="Tool-call format: auto (from the chat template; the generic fallback when "
+        "it renders no tools), generic, none (refuse tools the template cannot render), hermes, "
+        "llama3, mistral, gemma, or an mlx-lm parser name.",
     )
     reasoning_parser: Literal["auto", "none"] = Field(
         default="auto",

@@ -120,8 +120,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option(
     "--tool-call-parser",
     metavar="NAME",
-    help="Tool-call format: auto, none, hermes, llama3, mistral, gemma or an mlx-lm parser.  "
-    "[default: auto]",
+    help="Tool-call format: auto, generic, none, hermes, llama3, mistral, gemma or an mlx-lm "
+    "parser (auto: generic when the template renders no tools).  [default: auto]",
 )
 @click.option(
     "--reasoning-parser",

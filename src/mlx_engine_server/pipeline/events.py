@@ -76,7 +76,7 @@ async def named_events(
         if isinstance(event, TextDelta):
             payloads = shape.parts(splitter.feed(event.text))
         elif isinstance(event, Finished):
-            parts = shape.parts(splitter.finish())
+            parts = shape.parts(splitter.finish(cut_off=event.finish_reason == "length"))
             payloads = [*parts, *shape.closing(event, splitter.made_tool_calls)]
         else:
             generation.cancel()

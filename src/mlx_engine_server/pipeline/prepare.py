@@ -27,7 +27,6 @@ from ..chat.overflow import (
 )
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
 from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
-from ..chat.structured import response_format_grammar
 from ..engine import EngineClient, SamplingParams, Usage, VisionPrompt
 from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from ..http.access_log import request_record
@@ -113,19 +112,6 @@ def chat_formats_of(request: Request) -> ChatFormats:
         )
     formats: ChatFormats = state.chat_formats
     return formats
-
-
-def request_grammar(
-    tool_grammar: str | None, body: ChatCompletionRequest | CompletionRequest
-) -> str | None:
-    """A forced tool call or a response_format: the two cannot both hold."""
-    format_grammar = response_format_grammar(body.response_format)
-    if tool_grammar is not None and format_grammar is not None:
-        raise InvalidRequestError(
-            "response_format cannot be combined with a tool_choice that forces a tool call",
-            param="response_format",
-        )
-    return tool_grammar or format_grammar
 
 
 async def fit_conversation_for(

@@ -18,7 +18,6 @@ from .prepare import (
     ServerOptions,
     check_choice_count,
     plan_request,
-    request_grammar,
     sampling_params,
 )
 
@@ -63,11 +62,13 @@ async def start(
     vision: VisionPrompt | None = None,
     compaction: Compaction | None = None,
 ) -> Run:
-    """Admit every choice of the request (`body.n` per prompt): a full engine is a 429 here."""
+    """Admit every choice of the request (`body.n` per prompt): a full engine is a 429 here.
+
+    `grammar`: the constraint on every choice (a chat plan's, or a completion's response_format).
+    """
     engine: EngineClient = request.app.state.engine
     options: ServerOptions = request.app.state.options
     check_choice_count(engine, options, body.n, len(prompts))
-    grammar = request_grammar(grammar, body)
     choices = [
         (prompt, replace(params, seed=choice_seed(params.seed, index)))
         for prompt in prompts

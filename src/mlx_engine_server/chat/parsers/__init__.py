@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import gemma, hermes, llama3, mistral
+from . import gemma, generic, hermes, llama3, mistral
 from .mlx_lm_parsers import MLX_LM_TO_OURS, mlx_lm_format, mlx_lm_parser_names, tokenizer_format
 from .types import ParsedCall, ToolCallFormat
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 OURS: dict[str, ToolCallFormat] = {
     format_.name: format_
-    for format_ in (hermes.FORMAT, llama3.FORMAT, mistral.FORMAT, gemma.FORMAT)
+    for format_ in (hermes.FORMAT, llama3.FORMAT, mistral.FORMAT, gemma.FORMAT, generic.FORMAT)
 }
 
 # Template text that tells a family apart when mlx-lm does not recognise the template.

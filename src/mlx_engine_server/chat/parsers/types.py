@@ -19,7 +19,8 @@ class ToolCallFormat:
     """How one family writes tool calls.
 
     `starts` open a block of calls; `end` closes it ("" = the block runs to the end of the
-    output). `leading_json`: output that begins with a JSON object is a block too (Llama 3).
+    output). `leading_json`: output that begins with a JSON object is a block too (Llama 3);
+    `call_opener`: how such a call begins, to tell an unfinished call from other JSON.
     `parse` turns a block's body into calls and raises on anything malformed.
     """
 
@@ -28,6 +29,13 @@ class ToolCallFormat:
     end: str
     parse: Callable[[str], list[ParsedCall]]
     leading_json: bool = False
+    call_opener: str = '{"name"'
+
+    def opens_call(self, body: str) -> bool:
+        """Could `body` (the text after a block's start, maybe cut short) be a call?"""
+        compact = "".join(body.split())
+        opener = self.call_opener
+        return compact.startswith(opener) or opener.startswith(compact)
 
 
 def calls_from_json(payload: Any, arguments_keys: tuple[str, ...]) -> list[ParsedCall]:

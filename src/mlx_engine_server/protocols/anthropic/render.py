@@ -56,7 +56,7 @@ def _message_naming_param(error: APIError) -> str:
     if not error.param:
         return error.message
     param = anthropic_param(error.param)
-    if error.param in error.message:
+    if f"'{error.param}'" in error.message:  # named as a field, not a word ("render tools")
         return error.message.replace(f"'{error.param}'", f"'{param}'")
     return f"{param}: {error.message}"
 

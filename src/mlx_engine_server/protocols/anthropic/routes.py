@@ -69,7 +69,7 @@ async def _whole(request: Request, run: ChatRun, *, omit_thinking: bool) -> Resp
     splitter = OutputSplitter(run.rules)
     blocks = ContentBlocks(omit_thinking=omit_thinking)
     blocks.add(splitter.feed(result.text))
-    blocks.add(splitter.finish())
+    blocks.add(splitter.finish(cut_off=result.finish_reason == "length"))
     finish_reason: FinishReason = "length" if result.finish_reason == "length" else "stop"
     finished = Finished(finish_reason, usage, result.stop_sequence)
     body = message_body(

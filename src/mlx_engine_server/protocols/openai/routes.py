@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from ...chat.output import OutputRules, split_whole
 from ...chat.overflow import Compaction
 from ...chat.prompt import completion_prompt_tokens
+from ...chat.structured import response_format_grammar
 from ...engine import EngineClient, Usage, VisionPrompt
 from ...errors import InvalidRequestError
 from ...http.body import read_model, request_limits
@@ -74,7 +75,10 @@ def chat_surface(rules: OutputRules) -> Surface:
         with_logprobs: bool,
         _echoes: list[str] | None,
     ) -> dict[str, Any]:
-        outputs = [split_whole(rules, result.text) for result in results]
+        outputs = [
+            split_whole(rules, result.text, cut_off=result.finish_reason == "length")
+            for result in results
+        ]
         return chat_completion(head, results, outputs, usage, with_logprobs=with_logprobs)
 
     return Surface("chatcmpl", shape, whole)
@@ -147,7 +151,8 @@ async def completions(request: Request) -> Response:
             check_text_can_fit(tokenizer, len(prompt), window, _prompt_param(given, index))
     tokens = await off_loop(_prompt_tokens, tokenizer, given)
     echoes = [_echo_text(tokenizer, prompt) for prompt in given] if body.echo else None
-    return await _generate(request, body, Prompts(tokens, echoes), TEXT)
+    grammar = response_format_grammar(body.response_format)
+    return await _generate(request, body, Prompts(tokens, echoes), TEXT, grammar=grammar)
 
 
 def _prompt_param(given: list[str | list[int]], index: int) -> str:

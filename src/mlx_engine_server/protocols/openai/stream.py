@@ -53,7 +53,7 @@ class ChatShape:
 
     def closing(self, index: int, finish: str) -> list[dict[str, Any]]:
         splitter = self._splitter(index)
-        chunks = self._part_chunks(index, splitter.finish())
+        chunks = self._part_chunks(index, splitter.finish(cut_off=finish == "length"))
         reason = chat_finish_reason(finish, made_tool_calls=splitter.made_tool_calls)
         return [*chunks, self._chunk(index, {}, reason)]
 

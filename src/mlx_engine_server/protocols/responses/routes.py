@@ -157,7 +157,7 @@ async def _whole(
     splitter = OutputSplitter(run.rules)
     items = OutputItems()
     items.add(splitter.feed(result.text))
-    items.add(splitter.finish())
+    items.add(splitter.finish(cut_off=result.finish_reason == "length"))
     status = final_status(result.finish_reason)
     items.close(status)
     reasoning_tokens = _count_tokens(request)(items.reasoning_text)
