@@ -85,6 +85,16 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
     )
+    speculative: Literal["none", "ngram"] = Field(
+        default="none",
+        description="Speculative decoding: ngram drafts by prompt lookup, verified in the batch.",
+    )
+    num_draft_tokens: int = Field(
+        default=5, ge=1, le=64, description="Most tokens a row drafts per step."
+    )
+    ngram_size: int = Field(
+        default=3, ge=1, le=32, description="Tokens matched against the context to find a draft."
+    )
     max_tokens_default: int | None = Field(
         default=None,
         ge=1,

@@ -449,4 +449,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         prefix_cache_bytes=settings.prefix_cache_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
         memory_budget_bytes=settings.memory_budget_bytes,
+        speculative=settings.speculative,
+        num_draft_tokens=settings.num_draft_tokens,
+        ngram_size=settings.ngram_size,
     )

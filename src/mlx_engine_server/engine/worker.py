@@ -45,8 +45,10 @@ from .messages import (
     VisionPrompt,
 )
 from .messages import Cancellation as CancellationFlag
+from .ngram import DraftSettings
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
 from .sampling import make_request_processors, make_request_sampler
+from .speculative import SpeculativeBatchGenerator, check_can_speculate
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
@@ -130,6 +132,8 @@ class Worker:
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
+        if options.speculative != "none":
+            check_can_speculate(loaded.model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -159,13 +163,21 @@ class Worker:
 
     def _new_generator(self) -> BatchGenerator:
         eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
-        return BatchGenerator(
-            self.loaded.model,
-            stop_tokens=[[token] for token in eos_ids],
-            completion_batch_size=self.options.max_batch_size,
-            prefill_batch_size=min(PREFILL_BATCH, self.options.max_batch_size),
-            prefill_step_size=self.options.prefill_step_size,
-        )
+        settings: dict[str, Any] = {
+            "stop_tokens": [[token] for token in eos_ids],
+            "completion_batch_size": self.options.max_batch_size,
+            "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
+            "prefill_step_size": self.options.prefill_step_size,
+        }
+        if self.options.speculative == "ngram":
+            drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
+            return SpeculativeBatchGenerator(
+                self.loaded.model, drafting=drafting, on_verified=self._count_drafts, **settings
+            )
+        return BatchGenerator(self.loaded.model, **settings)
+
+    def _count_drafts(self, drafted: int, accepted: int) -> None:
+        self.counters.record_drafts(drafted, accepted)
 
     def _admit(self, *, block: bool) -> None:
         while True:
@@ -329,7 +341,7 @@ class Worker:
             return
         self.counters.record_step(len(responses))
         logprobs = self._logprobs(responses)
-        for response in responses:
+        for response, logprob in zip(responses, logprobs, strict=True):
             sequence = self._live.get(response.uid)
             if sequence is None:
                 continue
@@ -339,25 +351,26 @@ class Worker:
                 )
                 continue
             try:
-                self._on_token(response.uid, sequence, response, logprobs.get(response.uid))
+                self._on_token(response.uid, sequence, response, logprob)
             except Exception as exc:
                 logger.exception("handling a generated token failed")
                 self._fail_one(response.uid, f"internal error: {type(exc).__name__}")
 
-    def _logprobs(self, responses: list[Any]) -> dict[int, TokenLogprob]:
-        """Only rows that asked for logprobs cost anything; an end-of-sequence token has none."""
+    def _logprobs(self, responses: list[Any]) -> list[TokenLogprob | None]:
+        """One per response (a speculative step gives a row several); only rows that asked
+        cost anything; an end-of-sequence token has none."""
         asking = []
-        for response in responses:
+        for position, response in enumerate(responses):
             sequence = self._live.get(response.uid)
             top = sequence.submission.params.logprobs if sequence is not None else None
             if top is not None and response.finish_reason != "stop":
-                asking.append(
-                    (response.uid, LogprobRequest(response.logprobs, response.token, top))
-                )
-        if not asking:
-            return {}
-        gathered = gather_logprobs([row for _, row in asking], self.vocabulary.token_bytes)
-        return {uid: logprob for (uid, _), logprob in zip(asking, gathered, strict=True)}
+                asking.append((position, LogprobRequest(response.logprobs, response.token, top)))
+        found: list[TokenLogprob | None] = [None] * len(responses)
+        if asking:
+            gathered = gather_logprobs([row for _, row in asking], self.vocabulary.token_bytes)
+            for (position, _), logprob in zip(asking, gathered, strict=True):
+                found[position] = logprob
+        return found
 
     def _on_token(
         self, uid: int, sequence: LiveSequence, response: Any, logprob: TokenLogprob | None

@@ -65,6 +65,12 @@ def status_body(engine: EngineClient, report: EngineReport | None) -> dict[str, 
             "event_send_s": round(report.event_send_s, 6) if report else 0.0,
         },
         "prefix_cache": _prefix_cache_body(report),
+        "speculative": {
+            "mode": engine.options.speculative,
+            "draft_tokens_total": stats.draft_tokens_total,
+            "accepted_tokens_total": stats.accepted_tokens_total,
+            "acceptance_rate": round(stats.acceptance_rate, 4),
+        },
         "counters": {
             "requests_total": stats.requests_total,
             "failures_total": stats.failures_total,
