@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     ngram_size: int = Field(
         default=3, ge=1, le=32, description="Tokens matched against the context to find a draft."
     )
+    kv_bits: Literal[4, 8] | None = Field(
+        default=None, description="Bits per value of a quantized KV cache; None: not quantized."
+    )
+    kv_group_size: Literal[32, 64, 128] = Field(
+        default=64, description="Values sharing one scale and bias in a quantized KV cache."
+    )
     max_tokens_default: int | None = Field(
         default=None,
         ge=1,

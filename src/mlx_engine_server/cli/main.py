@@ -97,6 +97,17 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "--ngram-size", metavar="INT", help="Tokens matched to find an ngram draft.  [default: 3]"
 )
 @click.option(
+    "--kv-bits",
+    type=click.Choice(["4", "8"]),
+    help="Store the KV cache of running requests and cached prefixes quantized.  "
+    "[default: 16-bit, the model's dtype]",
+)
+@click.option(
+    "--kv-group-size",
+    type=click.Choice(["32", "64", "128"]),
+    help="Values sharing one scale in the quantized KV cache.  [default: 64]",
+)
+@click.option(
     "--max-tokens-default",
     metavar="INT",
     help="max_tokens when a request gives none.  [default: context left]",

@@ -57,6 +57,8 @@ class EngineOptions:
     speculative: SpeculativeMode = "none"
     num_draft_tokens: int = 5  # the most tokens a row drafts in one step
     ngram_size: int = 3  # tokens matched against the context to find a draft
+    kv_bits: int | None = None  # running rows' and cached prefixes' KV stored quantized
+    kv_group_size: int = 64
     # Run a few requests through the batch before Ready, so that kernels compiled at first use
     # are compiled then, not in a user's request; None: on CUDA only (NVRTC compiles there).
     warmup: bool | None = None

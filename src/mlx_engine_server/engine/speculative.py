@@ -338,12 +338,12 @@ def _leading_true(flags: list[bool]) -> int:
     return len(flags)
 
 
-def check_can_speculate(model: Any) -> None:
-    """Rewinding rows needs caches that forget positions: plain attention caches only (no
-    sliding window, no recurrent state)."""
+def check_plain_kv_cache(model: Any) -> None:
+    """Rewinding rows, and quantizing them, needs plain attention caches (no sliding window,
+    no recurrent state)."""
     kinds = {type(layer).__name__ for layer in make_prompt_cache(model)}
     if kinds - {"KVCache"}:
         raise ValueError(
-            "speculative decoding needs a model whose every layer has a plain KV cache; "
-            f"this one has {', '.join(sorted(kinds))}: start without --speculative"
+            "--speculative and --kv-bits need a model whose every layer has a plain KV cache; "
+            f"this one has {', '.join(sorted(kinds))}: start without them"
         )

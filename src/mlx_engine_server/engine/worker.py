@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..models.loader import LoadedModel
 from .constraints import GrammarProcessor, TokenVocabulary
@@ -47,8 +48,9 @@ from .messages import (
 from .messages import Cancellation as CancellationFlag
 from .ngram import DraftSettings
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
+from .quantized_kv import as_row_cache, empty_row_cache
 from .sampling import make_request_processors, make_request_sampler
-from .speculative import SpeculativeBatchGenerator, check_can_speculate
+from .speculative import SpeculativeBatchGenerator, check_plain_kv_cache
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
@@ -121,7 +123,9 @@ class Worker:
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
         self.memory = MemoryLedger(
-            measure_memory(loaded.model, options.memory_budget_bytes, prefill_tokens)
+            measure_memory(
+                loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
+            )
         )
         if options.fold_quantized_decode and should_fold():
             logger.info(
@@ -132,8 +136,8 @@ class Worker:
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
-        if options.speculative != "none":
-            check_can_speculate(loaded.model)
+        if options.speculative != "none" or options.kv_bits is not None:
+            check_plain_kv_cache(loaded.model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -290,7 +294,7 @@ class Worker:
                 (uid,) = self._generator.insert(
                     [prompt[hit.cached_tokens :]],
                     max_tokens=[params.max_tokens],
-                    caches=[hit.cache] if hit.cache else None,
+                    caches=self._row_caches(hit),
                     all_tokens=[prompt[: hit.cached_tokens]],
                     samplers=[sampler] if sampler else None,
                     logits_processors=[processors],
@@ -315,6 +319,22 @@ class Worker:
         self.counters.active = len(self._live)
         submission.post(Admitted(cached_tokens=live.cached_tokens))
         return int(uid)
+
+    def _empty_cache(self, model: Any) -> list[Any]:
+        """A new row's cache: mlx-lm's own, or quantized layers under --kv-bits."""
+        bits = self.options.kv_bits
+        if bits is None:
+            return make_prompt_cache(model)
+        group_size = self.options.kv_group_size
+        return empty_row_cache(len(make_prompt_cache(model)), group_size, bits)
+
+    def _row_caches(self, hit: CacheHit) -> list[list[Any]] | None:
+        bits = self.options.kv_bits
+        if bits is None:
+            return [hit.cache] if hit.cache else None
+        if hit.cache:
+            return [as_row_cache(hit.cache, self.options.kv_group_size, bits)]
+        return [self._empty_cache(self.loaded.model)]
 
     def _end_unstarted(self, submission: Submission, need_bytes: int, event: Failed | str) -> None:
         """A request that ended before joining the batch gives back its memory."""

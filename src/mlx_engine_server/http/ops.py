@@ -56,6 +56,7 @@ def status_body(engine: EngineClient, report: EngineReport | None) -> dict[str, 
         "engine": {
             "max_batch_size": engine.options.max_batch_size,
             "max_queue": engine.options.max_queue,
+            "kv_bits": engine.options.kv_bits,
             "process_id": loaded.engine_pid,
             "warmup_s": loaded.warmup_s,
             "requests_active": stats.requests_active,
