@@ -34,7 +34,8 @@ from .ngram import DraftSettings, RowDrafter
 from .sampling import SeededSampler
 
 OnVerified = Callable[[int, int], None]  # (tokens drafted, tokens accepted) in one step
-PROBE_EVERY_STEPS = 32  # a plain step among speculative ones, to keep the comparison fresh
+PROBE_EVERY_STEPS = 32  # plain steps among speculative ones keep the comparison fresh:
+PROBE_STEPS = 3  # this many in a row, since a plain step's time shows in the one after it
 MAX_PAUSE_STEPS = 256
 RATE_EMA = 0.2
 
@@ -52,14 +53,18 @@ class StepPacer:
     paused_steps: int = 0
     pause_length: int = 1
     steps_since_plain: int = 0
+    probe_steps: int = 0
     _last: tuple[bool, int, float] | None = None  # (speculative, tokens, started)
     _before_last: bool | None = None
 
     def allows_drafts(self) -> bool:
-        if self.paused_steps > 0:
-            self.paused_steps -= 1
+        if self.steps_since_plain >= PROBE_EVERY_STEPS:
+            self.probe_steps = PROBE_STEPS
+        if self.probe_steps > 0 or self.paused_steps > 0:
+            self.probe_steps = max(0, self.probe_steps - 1)
+            self.paused_steps = max(0, self.paused_steps - 1)
             return False
-        return self.steps_since_plain < PROBE_EVERY_STEPS
+        return True
 
     def step_started(self, speculative: bool) -> None:
         now = time.perf_counter()
