@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import mlx.core as mx
 import pytest
 from openai import OpenAI
 
-from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine import EngineOptions, SamplingParams
 from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
+from mlx_engine_server.engine.sampling import SeededSampler
 
 from ..conftest import LiveServer, run_live_server, start_engine
 
@@ -180,3 +182,24 @@ def test_real_model_accepts_drafts_when_it_copies(
     assert answers[0] == answers[1]
     assert "lazy dog" in answers[0]
     assert counts["acceptance_rate"] > 0.3, counts
+
+
+def test_rejection_rule_keeps_the_sampling_distribution() -> None:
+    """With a one-token draft, the emitted token is distributed as the model's p, whatever
+    the draft: kept with probability p(draft), else drawn from p without the draft."""
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logprobs = mx.log(mx.array([probs, probs]))
+    sampler = SeededSampler(SamplingParams(max_tokens=1, temperature=1.0, seed=3))
+    trials = 3000
+    counts = [0] * len(probs)
+    kept = 0
+    for _ in range(trials):
+        accepted, choices = sampler.verify_drafts(logprobs, [1])
+        if accepted.item():
+            kept += 1
+            counts[1] += 1
+        else:
+            counts[int(choices[0].item())] += 1
+    assert kept / trials == pytest.approx(probs[1], abs=0.03)
+    for count, p in zip(counts, probs, strict=True):
+        assert count / trials == pytest.approx(p, abs=0.03)
