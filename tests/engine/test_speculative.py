@@ -4,6 +4,7 @@ engine gives without it, and the drafted and accepted tokens are counted."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from openai import OpenAI
 from mlx_engine_server.engine import EngineOptions, SamplingParams
 from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
 from mlx_engine_server.engine.sampling import SeededSampler
+from mlx_engine_server.engine.speculative import PROBE_EVERY_STEPS, PROBE_STEPS, StepPacer
 
 from ..conftest import LiveServer, run_live_server, start_engine
 
@@ -203,3 +205,30 @@ def test_rejection_rule_keeps_the_sampling_distribution() -> None:
     assert kept / trials == pytest.approx(probs[1], abs=0.03)
     for count, p in zip(counts, probs, strict=True):
         assert count / trials == pytest.approx(p, abs=0.03)
+
+
+def test_pacer_pauses_drafting_while_it_loses_and_probes_plain_steps() -> None:
+    pacer = StepPacer()
+
+    def step(speculative: bool, tokens: int, seconds: float) -> None:
+        started = time.perf_counter()
+        pacer.step_started(speculative)
+        time.sleep(seconds)
+        pacer.step_done(speculative, tokens, started)
+
+    for _ in range(4):
+        step(False, 1, 0.01)  # plain: ~100 tokens/s
+    for _ in range(3):
+        assert pacer.allows_drafts()
+        step(True, 1, 0.04)  # speculative: ~25 tokens/s, a loss
+    step(False, 1, 0.01)
+    assert not pacer.allows_drafts()
+
+    winning = StepPacer()
+    allowed = 0
+    for _ in range(PROBE_EVERY_STEPS + PROBE_STEPS):
+        allowed += winning.allows_drafts()
+        started = time.perf_counter()
+        winning.step_started(True)
+        winning.step_done(True, 3, started)
+    assert allowed == PROBE_EVERY_STEPS  # then a few plain steps refresh the comparison
