@@ -35,11 +35,19 @@ def smollm_gguf_path() -> Path:
 
 
 def build_tiny_llama(
-    dest: Path, tokenizer_dir: Path, *, context_window: int = 512, seed: int = 0
+    dest: Path,
+    tokenizer_dir: Path,
+    *,
+    context_window: int = 512,
+    seed: int = 0,
+    attention_heads: int = 4,
 ) -> Path:
-    """An mlx-lm llama dir: random float32 weights, `tokenizer_dir`'s tokenizer."""
+    """An mlx-lm llama dir: random float32 weights, `tokenizer_dir`'s tokenizer; a head has
+    64 / `attention_heads` dimensions."""
     dest.mkdir(parents=True, exist_ok=True)
     config = _tiny_llama_config(_vocab_size(tokenizer_dir), context_window)
+    config["num_attention_heads"] = attention_heads
+    config["num_key_value_heads"] = min(2, attention_heads)
     mx.random.seed(seed)
     args = llama.ModelArgs.from_dict(config)
     model = llama.Model(args)

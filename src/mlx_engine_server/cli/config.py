@@ -29,6 +29,8 @@ from ..chat.media import (
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
 
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 GGUFRequantize = Literal["auto", "4", "8", "none"]
@@ -92,6 +94,22 @@ class Settings(BaseSettings):
     )
     prefix_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
+    )
+    speculative: Literal["none", "ngram"] = Field(
+        default="none",
+        description="Speculative decoding: ngram drafts by prompt lookup, verified in the batch.",
+    )
+    num_draft_tokens: int = Field(
+        default=5, ge=1, le=64, description="Most tokens a row drafts per step."
+    )
+    ngram_size: int = Field(
+        default=3, ge=1, le=32, description="Tokens matched against the context to find a draft."
+    )
+    kv_bits: int | None = Field(
+        default=None, description="Bits per value (4 or 8) of a quantized KV cache; None: not."
+    )
+    kv_group_size: int = Field(
+        default=64, description="Values (32, 64 or 128) sharing one scale in a quantized cache."
     )
     max_tokens_default: int | None = Field(
         default=None,
@@ -212,6 +230,20 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("kv_bits", mode="after")
+    @classmethod
+    def _known_kv_bits(cls, value: int | None) -> int | None:
+        if value is not None and value not in KV_BITS:
+            raise ValueError(f"must be one of {', '.join(map(str, KV_BITS))}")
+        return value
+
+    @field_validator("kv_group_size", mode="after")
+    @classmethod
+    def _known_kv_group_size(cls, value: int) -> int:
+        if value not in KV_GROUP_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+        return value
 
     @field_validator("api_keys", mode="after")
     @classmethod

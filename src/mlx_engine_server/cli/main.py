@@ -92,6 +92,29 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     help="KV cache kept for prompt reuse; 0 turns it off.  [default: 1073741824]",
 )
 @click.option(
+    "--speculative",
+    type=click.Choice(["none", "ngram"]),
+    help="Speculative decoding: ngram drafts tokens by prompt lookup and verifies them in "
+    "the batch's step.  [default: none]",
+)
+@click.option(
+    "--num-draft-tokens", metavar="INT", help="Most tokens a row drafts per step.  [default: 5]"
+)
+@click.option(
+    "--ngram-size", metavar="INT", help="Tokens matched to find an ngram draft.  [default: 3]"
+)
+@click.option(
+    "--kv-bits",
+    type=click.Choice(["4", "8"]),
+    help="Store the KV cache of running requests and cached prefixes quantized.  "
+    "[default: 16-bit, the model's dtype]",
+)
+@click.option(
+    "--kv-group-size",
+    type=click.Choice(["32", "64", "128"]),
+    help="Values sharing one scale in the quantized KV cache.  [default: 64]",
+)
+@click.option(
     "--max-tokens-default",
     metavar="INT",
     help="max_tokens when a request gives none.  [default: context left]",

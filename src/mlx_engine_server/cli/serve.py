@@ -464,4 +464,9 @@ def engine_options(settings: Settings) -> EngineOptions:
         prefix_cache_bytes=settings.prefix_cache_bytes,
         shutdown_grace_s=settings.shutdown_grace_s,
         memory_budget_bytes=settings.memory_budget_bytes,
+        speculative=settings.speculative,
+        num_draft_tokens=settings.num_draft_tokens,
+        ngram_size=settings.ngram_size,
+        kv_bits=settings.kv_bits,
+        kv_group_size=settings.kv_group_size,
     )

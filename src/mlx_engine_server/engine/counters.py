@@ -20,6 +20,8 @@ class Counters:
     failures_total: int = 0
     cancelled_total: int = 0
     active: int = 0
+    draft_tokens_total: int = 0  # speculative decoding: tokens proposed for verification
+    accepted_tokens_total: int = 0  # and those the model agreed with
     recent_steps: deque[tuple[float, int]] = field(default_factory=deque)
     _steps_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -28,6 +30,10 @@ class Counters:
         with self._steps_lock:
             self.recent_steps.append((now, tokens))
             self._forget_before(now - RATE_WINDOW_S)
+
+    def record_drafts(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens_total += drafted
+        self.accepted_tokens_total += accepted
 
     def tokens_per_s(self, now: float | None = None) -> float:
         """Tokens generated over the last RATE_WINDOW_S seconds, per second, as of `now`: it

@@ -233,6 +233,8 @@ class EngineHost:
             failures_total=counters.failures_total if counters else 0,
             cancelled_total=counters.cancelled_total if counters else 0,
             tokens_per_s=counters.tokens_per_s() if counters else 0.0,
+            draft_tokens_total=counters.draft_tokens_total if counters else 0,
+            accepted_tokens_total=counters.accepted_tokens_total if counters else 0,
         )
         return EngineReport(
             stats=stats,

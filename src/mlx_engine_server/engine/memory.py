@@ -9,6 +9,7 @@ amount per request. Used only from the worker thread.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,12 @@ class MemoryModel:
         return self.budget_bytes - self.weights_bytes - self.prefill_workspace_bytes
 
 
-def measure_memory(model: Any, budget_bytes: int | None, prefill_tokens: int) -> MemoryModel:
+def measure_memory(
+    model: Any,
+    budget_bytes: int | None,
+    prefill_tokens: int,
+    make_cache: Callable[[Any], list[Any]] = make_prompt_cache,
+) -> MemoryModel:
     """Weights, KV bytes per token and activation bytes per token, from two short passes.
 
     A forward pass has a fixed cost (temporaries the size of a weight matrix, the logits) and a
@@ -55,8 +61,8 @@ def measure_memory(model: Any, budget_bytes: int | None, prefill_tokens: int) ->
     """
     parameters: Any = tree_flatten(model.parameters())
     weights = sum(array.nbytes for _, array in parameters)
-    one_token_peak, cache = _forward_peak(model, 1)
-    probe_peak, _ = _forward_peak(model, PROBE_TOKENS)
+    one_token_peak, cache = _forward_peak(model, 1, make_cache)
+    probe_peak, _ = _forward_peak(model, PROBE_TOKENS, make_cache)
     grows = [layer for layer in cache if hasattr(layer, "step")]
     fixed = [layer for layer in cache if not hasattr(layer, "step")]
     kv_per_token = sum(layer.nbytes / layer.step for layer in grows)
@@ -73,9 +79,11 @@ def measure_memory(model: Any, budget_bytes: int | None, prefill_tokens: int) ->
     )
 
 
-def _forward_peak(model: Any, tokens: int) -> tuple[int, list[Any]]:
+def _forward_peak(
+    model: Any, tokens: int, make_cache: Callable[[Any], list[Any]]
+) -> tuple[int, list[Any]]:
     """Peak bytes above what was in use, for one forward pass over `tokens` tokens."""
-    cache = make_prompt_cache(model)
+    cache = make_cache(model)
     mx.synchronize()
     before = mx.get_active_memory()
     mx.reset_peak_memory()

@@ -18,6 +18,7 @@ import numpy as np
 
 FinishReason = Literal["stop", "length"]
 DistributedMode = Literal["tensor", "pipeline"]
+SpeculativeMode = Literal["none", "ngram"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class EngineOptions:
     shutdown_grace_s: float = 10.0
     memory_budget_bytes: int | None = None
     fold_quantized_decode: bool = True
+    speculative: SpeculativeMode = "none"
+    num_draft_tokens: int = 5  # the most tokens a row drafts in one step
+    ngram_size: int = 3  # tokens matched against the context to find a draft
+    kv_bits: int | None = None  # running rows' and cached prefixes' KV stored quantized
+    kv_group_size: int = 64
     # Run a few requests through the batch before Ready, so that kernels compiled at first use
     # are compiled then, not in a user's request; None: on CUDA only (NVRTC compiles there).
     warmup: bool | None = None
@@ -158,6 +164,13 @@ class EngineStats:
     failures_total: int
     tokens_per_s: float
     cancelled_total: int = 0  # ended because the client hung up: no failure of ours
+    draft_tokens_total: int = 0  # speculative decoding: tokens drafted and verified
+    accepted_tokens_total: int = 0  # drafted tokens the model agreed with
+
+    @property
+    def acceptance_rate(self) -> float:
+        total = self.draft_tokens_total
+        return self.accepted_tokens_total / total if total else 0.0
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache
 
 from .messages import PrefixCacheStats
+from .quantized_kv import QuantizedRowCache
 
 TEXT_PARTITION = "text"  # prompts without images; others use their images' digest
 
@@ -264,6 +265,8 @@ def _share_prefix(layer: Any, length: int) -> Any:
         shared.values = layer.values[..., :length, :]
         shared.offset = length
         return shared
+    if isinstance(layer, QuantizedRowCache):
+        return layer.shared_prefix(length)
     clone = copy.deepcopy(layer)  # other cache kinds: rare, so correctness over speed
     if clone.size() > length:
         clone.trim(clone.size() - length)

@@ -43,6 +43,33 @@ class SeededSampler:
         self._params = params
 
     def __call__(self, logprobs: mx.array) -> mx.array:
+        self._key, step_key = mx.random.split(self._key)
+        return mx.random.categorical(self._scaled(logprobs), key=step_key)
+
+    def verify_drafts(self, logprobs: mx.array, drafts: list[int]) -> tuple[mx.array, mx.array]:
+        """Speculative sampling against a draft that is one token per position (a point mass).
+
+        `logprobs` holds len(drafts) + 1 positions. Draft token t at position j is accepted with
+        probability p_j(t); where it is rejected, the replacement comes from p_j with t removed
+        and renormalised, which keeps every output token distributed as p (Leviathan et al.,
+        2023, with q a point mass). Returns (accepted per draft, the token each position gives
+        if the row stops there): the last one is the bonus token after a fully accepted draft.
+        """
+        scaled = self._scaled(logprobs)
+        count = len(drafts)
+        self._key, accept_key, sample_key = mx.random.split(self._key, 3)
+        draft_ids = mx.array(drafts, dtype=mx.int32)[:, None]
+        probs = mx.softmax(scaled[:count], axis=-1)
+        chance = mx.take_along_axis(probs, draft_ids, axis=-1)[:, 0]
+        accepted = mx.random.uniform(shape=(count,), key=accept_key) < chance
+        without_draft = mx.put_along_axis(
+            scaled[:count], draft_ids, mx.array(float("-inf"), scaled.dtype), axis=-1
+        )
+        candidates = mx.concatenate([without_draft, scaled[count:]], axis=0)
+        return accepted, mx.random.categorical(candidates, key=sample_key)
+
+    def _scaled(self, logprobs: mx.array) -> mx.array:
+        """The row's filters (top_p, min_p, top_k) and temperature: what it samples from."""
         params = self._params
         if 0 < params.top_p < 1.0:
             logprobs = apply_top_p(logprobs, params.top_p)
@@ -50,8 +77,7 @@ class SeededSampler:
             logprobs = apply_min_p(logprobs, params.min_p)
         if params.top_k > 0:
             logprobs = apply_top_k(logprobs, params.top_k)
-        self._key, step_key = mx.random.split(self._key)
-        return mx.random.categorical(logprobs * (1.0 / params.temperature), key=step_key)
+        return logprobs * (1.0 / params.temperature)
 
 
 def make_request_processors(params: SamplingParams) -> list[LogitsProcessor]:

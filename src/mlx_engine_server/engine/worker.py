@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import make_prompt_cache
 
 from ..models.loader import LoadedModel
 from .constraints import GrammarProcessor, TokenVocabulary
@@ -45,8 +46,11 @@ from .messages import (
     VisionPrompt,
 )
 from .messages import Cancellation as CancellationFlag
+from .ngram import DraftSettings
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
+from .quantized_kv import as_row_cache, empty_row_cache
 from .sampling import make_request_processors, make_request_sampler
+from .speculative import SpeculativeBatchGenerator, check_plain_kv_cache
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
@@ -123,7 +127,9 @@ class Worker:
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
         self.memory = MemoryLedger(
-            measure_memory(loaded.model, options.memory_budget_bytes, prefill_tokens)
+            measure_memory(
+                loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
+            )
         )
         if options.fold_quantized_decode and should_fold():
             logger.info(
@@ -134,6 +140,8 @@ class Worker:
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
+        if options.speculative != "none" or options.kv_bits is not None:
+            check_plain_kv_cache(loaded.model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -163,13 +171,21 @@ class Worker:
 
     def _new_generator(self) -> BatchGenerator:
         eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
-        return BatchGenerator(
-            self.loaded.model,
-            stop_tokens=[[token] for token in eos_ids],
-            completion_batch_size=self.options.max_batch_size,
-            prefill_batch_size=min(PREFILL_BATCH, self.options.max_batch_size),
-            prefill_step_size=self.options.prefill_step_size,
-        )
+        settings: dict[str, Any] = {
+            "stop_tokens": [[token] for token in eos_ids],
+            "completion_batch_size": self.options.max_batch_size,
+            "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
+            "prefill_step_size": self.options.prefill_step_size,
+        }
+        if self.options.speculative == "ngram":
+            drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
+            return SpeculativeBatchGenerator(
+                self.loaded.model, drafting=drafting, on_verified=self._count_drafts, **settings
+            )
+        return BatchGenerator(self.loaded.model, **settings)
+
+    def _count_drafts(self, drafted: int, accepted: int) -> None:
+        self.counters.record_drafts(drafted, accepted)
 
     def _admit(self, *, block: bool) -> None:
         while True:
@@ -282,7 +298,7 @@ class Worker:
                 (uid,) = self._generator.insert(
                     [prompt[hit.cached_tokens :]],
                     max_tokens=[params.max_tokens],
-                    caches=[hit.cache] if hit.cache else None,
+                    caches=self._row_caches(hit),
                     all_tokens=[prompt[: hit.cached_tokens]],
                     samplers=[sampler] if sampler else None,
                     logits_processors=[processors],
@@ -307,6 +323,22 @@ class Worker:
         self.counters.active = len(self._live)
         submission.post(Admitted(cached_tokens=live.cached_tokens))
         return int(uid)
+
+    def _empty_cache(self, model: Any) -> list[Any]:
+        """A new row's cache: mlx-lm's own, or quantized layers under --kv-bits."""
+        bits = self.options.kv_bits
+        if bits is None:
+            return make_prompt_cache(model)
+        group_size = self.options.kv_group_size
+        return empty_row_cache(len(make_prompt_cache(model)), group_size, bits)
+
+    def _row_caches(self, hit: CacheHit) -> list[list[Any]] | None:
+        bits = self.options.kv_bits
+        if bits is None:
+            return [hit.cache] if hit.cache else None
+        if hit.cache:
+            return [as_row_cache(hit.cache, self.options.kv_group_size, bits)]
+        return [self._empty_cache(self.loaded.model)]
 
     def _end_unstarted(self, submission: Submission, need_bytes: int, event: Failed | str) -> None:
         """A request that ended before joining the batch gives back its memory."""
@@ -333,7 +365,7 @@ class Worker:
             return
         self.counters.record_step(len(responses))
         logprobs = self._logprobs(responses)
-        for response in responses:
+        for response, logprob in zip(responses, logprobs, strict=True):
             sequence = self._live.get(response.uid)
             if sequence is None:
                 continue
@@ -342,25 +374,26 @@ class Worker:
                 self._fail_one(response.uid, CONSTRAINED_DECODING_FAILED)
                 continue
             try:
-                self._on_token(response.uid, sequence, response, logprobs.get(response.uid))
+                self._on_token(response.uid, sequence, response, logprob)
             except Exception as exc:
                 logger.exception("handling a generated token failed")
                 self._fail_one(response.uid, f"internal error: {type(exc).__name__}")
 
-    def _logprobs(self, responses: list[Any]) -> dict[int, TokenLogprob]:
-        """Only rows that asked for logprobs cost anything; an end-of-sequence token has none."""
+    def _logprobs(self, responses: list[Any]) -> list[TokenLogprob | None]:
+        """One per response (a speculative step gives a row several); only rows that asked
+        cost anything; an end-of-sequence token has none."""
         asking = []
-        for response in responses:
+        for position, response in enumerate(responses):
             sequence = self._live.get(response.uid)
             top = sequence.submission.params.logprobs if sequence is not None else None
             if top is not None and response.finish_reason != "stop":
-                asking.append(
-                    (response.uid, LogprobRequest(response.logprobs, response.token, top))
-                )
-        if not asking:
-            return {}
-        gathered = gather_logprobs([row for _, row in asking], self.vocabulary.token_bytes)
-        return {uid: logprob for (uid, _), logprob in zip(asking, gathered, strict=True)}
+                asking.append((position, LogprobRequest(response.logprobs, response.token, top)))
+        found: list[TokenLogprob | None] = [None] * len(responses)
+        if asking:
+            gathered = gather_logprobs([row for _, row in asking], self.vocabulary.token_bytes)
+            for (position, _), logprob in zip(asking, gathered, strict=True):
+                found[position] = logprob
+        return found
 
     def _on_token(
         self, uid: int, sequence: LiveSequence, response: Any, logprob: TokenLogprob | None

@@ -106,6 +106,19 @@ class EngineCollector(Collector):
             "mlx_server_completion_tokens", "Tokens generated.", stats.completion_tokens_total
         )
         yield _gauge("mlx_server_batch_size", "Sequences in the batch.", stats.requests_active)
+        yield _counter(
+            "mlx_server_draft_tokens", "Speculative tokens drafted.", stats.draft_tokens_total
+        )
+        yield _counter(
+            "mlx_server_accepted_draft_tokens",
+            "Speculative tokens the model accepted.",
+            stats.accepted_tokens_total,
+        )
+        yield _gauge(
+            "mlx_server_draft_acceptance_rate",
+            "Accepted over drafted tokens since start.",
+            stats.acceptance_rate,
+        )
         yield _gauge("mlx_server_queue_depth", "Requests waiting.", stats.requests_queued)
         report = self.engine.last_report
         cache = report.prefix_cache if report is not None else None
@@ -165,7 +178,7 @@ def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def _gauge(name: str, documentation: str, value: int) -> GaugeMetricFamily:
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 

@@ -38,6 +38,10 @@ class GroupWorker(Worker):
         on_failure: Callable[[str], None],
         flush: Callable[[], None] = lambda: None,
     ) -> None:
+        if options.speculative != "none":
+            # Whether a step drafts depends on timings each rank measures on its own: ranks
+            # would run forward passes of different shapes and their collectives would hang.
+            raise ValueError("--speculative is not available under mlx.launch yet")
         super().__init__(loaded, options, inbox, flush=flush)
         self.group = group
         self._channel = StepChannel(group.handle)

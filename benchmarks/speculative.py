@@ -1,0 +1,247 @@
+"""Speculative decoding (prompt lookup) and the quantized KV cache, each against its baseline in
+the same run.
+
+    .venv/bin/python benchmarks/speculative.py [MODEL_PATH] [--passage-tokens 1000]
+        [--max-tokens 128] [--clients 32] [--client-tokens 48] [--budget-mib 256]
+
+1. One stream, the edit set (`edit_prompts.json`: ~1,000-token passages of this repository's own
+   docs, built once offline, each returned "with one small change"): decode tokens/s with
+   `--speculative ngram` against none, the acceptance rate, and whether the greedy texts match.
+   Target: >= 1.5x.
+2. `--clients` concurrent ordinary chat requests (no copying to find): throughput with ngram
+   against none. Target: no more than 5 % lost.
+3. `--kv-bits 8` against the model's own KV dtype: how many requests of one shape (an edit
+   prompt plus --max-tokens) admission fits in --budget-mib of KV room (from the engine's own
+   measured bytes per token), the throughput of (2) with it, and how many of (2)'s greedy
+   texts are the same. Targets: >= 1.8x rows, throughput within 10 %.
+
+Each server is a real `mlx-server` process on a free loopback port. MODEL_PATH defaults to the
+bundled SmolLM2-135M; on CPU pass smaller --passage-tokens, --max-tokens and --clients to keep
+the run short.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from mlx_engine_server.models.gguf import convert_gguf, is_gguf_file
+from mlx_engine_server.models.loader import bundled_model_path
+
+EDITS = Path(__file__).with_name("edit_prompts.json")
+STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Stream:
+    text: str
+    tokens: int
+    decode_s: float  # first token to last
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server(model: Path, *flags: str) -> Iterator[str]:
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlx-server"), str(model), "--port", str(port)]
+    process = subprocess.Popen(  # noqa: S603 - our own command line
+        [*command, "--log-level", "warning", *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base_url, process)
+        yield base_url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def wait_ready(base_url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not start")
+
+
+def edit_messages(item: dict[str, Any], passage_tokens: int) -> list[dict[str, str]]:
+    words = item["passage"].split(" ")
+    passage = " ".join(words[: max(1, len(words) * passage_tokens // item["passage_tokens"])])
+    ask = (
+        f"Here is a text:\n\n{passage}\n\nReturn the text exactly as it is, with one change: "
+        f'replace every "{item["old"]}" with "{item["new"]}". Output only the text.'
+    )
+    return [{"role": "user", "content": ask}]
+
+
+def stream(base_url: str, messages: list[dict[str, str]], max_tokens: int) -> Stream:
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    pieces: list[str] = []
+    first = last = 0.0
+    tokens = 0
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=1800) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                pieces.append(chunk["choices"][0]["delta"]["content"])
+                last = time.perf_counter()
+                first = first or last
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return Stream("".join(pieces), tokens, max(last - first, 1e-9))
+
+
+def status(base_url: str) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{base_url}/v1/mlx/status", timeout=30).json()
+    return body
+
+
+def one_stream(base_url: str, edits: list[dict[str, Any]], args: argparse.Namespace) -> Any:
+    stream(base_url, [{"role": "user", "content": "hi"}], 4)  # warm-up
+    runs = [
+        stream(base_url, edit_messages(item, args.passage_tokens), args.max_tokens)
+        for item in edits
+    ]
+    tokens = sum(run.tokens - 1 for run in runs)  # the first token's time is the prefill's
+    return runs, tokens / sum(run.decode_s for run in runs), status(base_url)["speculative"]
+
+
+def many_clients(base_url: str, clients: int, max_tokens: int) -> tuple[float, list[str]]:
+    """Tokens per second over `clients` concurrent greedy requests, and their texts."""
+    stream(base_url, [{"role": "user", "content": "hi"}], 4)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        runs = list(
+            pool.map(
+                lambda i: stream(
+                    base_url, [{"role": "user", "content": f"{STORY} (#{i})"}], max_tokens
+                ),
+                range(clients),
+            )
+        )
+    rate = sum(run.tokens for run in runs) / (time.perf_counter() - started)
+    return rate, [run.text for run in runs]
+
+
+def rows_in_budget(base_url: str, room_bytes: int, request_tokens: int) -> tuple[int, int]:
+    """Requests of `request_tokens` (prompt and max_tokens) that admission lets run at once in
+    `room_bytes` beside the weights and prefill workspace (MemoryModel.request_bytes, with the
+    engine's own measured figures), and its KV bytes a token."""
+    budget = status(base_url)["memory_budget"]
+    per_token = budget["kv_bytes_per_token"]
+    return room_bytes // (request_tokens * per_token), per_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_path", nargs="?")
+    parser.add_argument("--passage-tokens", type=int, default=1000)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--edits", type=int, default=4, help="edit prompts used, of the set")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--client-tokens", type=int, default=48)
+    parser.add_argument("--budget-mib", type=int, default=256, help="KV room of the budget")
+    parser.add_argument("--parts", default="speculation,kv", help="what to measure")
+    args = parser.parse_args()
+    model = Path(args.model_path) if args.model_path else bundled_model_path()
+    if is_gguf_file(model):
+        model = convert_gguf(model, Path(tempfile.gettempdir()) / "mlx-bench-cache")
+    edits = json.loads(EDITS.read_text(encoding="utf-8"))[: args.edits]
+    if "speculation" in args.parts:
+        report_speculation(measure_speculation(model, edits, args))
+    if "kv" in args.parts:
+        report_kv_bits(measure_kv_bits(model, args))
+
+
+def measure_speculation(
+    model: Path, edits: list[dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for mode in ("none", "ngram"):
+        with server(model, "--speculative", mode) as base_url:
+            found[mode] = one_stream(base_url, edits, args)
+            found[f"{mode}-clients"] = many_clients(base_url, args.clients, args.client_tokens)
+    return found
+
+
+def measure_kv_bits(model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    request_tokens = args.passage_tokens + 60 + args.max_tokens
+    for name, flags in (("dtype", ()), ("kv8", ("--kv-bits", "8"))):
+        with server(model, *flags) as base_url:
+            found[name] = rows_in_budget(base_url, args.budget_mib * MIB, request_tokens)
+            found[f"{name}-clients"] = many_clients(base_url, args.clients, args.client_tokens)
+    return found
+
+
+def report_speculation(speculation: dict[str, Any]) -> None:
+    plain_runs, plain_rate, _ = speculation["none"]
+    spec_runs, spec_rate, counts = speculation["ngram"]
+    same = sum(a.text == b.text for a, b in zip(plain_runs, spec_runs, strict=True))
+    print(f"one stream, edit set ({len(plain_runs)} prompts), greedy decode tokens/s:")
+    print(
+        f"  none {plain_rate:8.2f}   ngram {spec_rate:8.2f}   "
+        f"speed-up {spec_rate / plain_rate:.2f}x (target >= 1.5x)"
+    )
+    print(
+        f"  acceptance rate {counts['acceptance_rate']:.3f} "
+        f"({counts['accepted_tokens_total']}/{counts['draft_tokens_total']} drafted tokens)"
+    )
+    print(f"  texts identical to no speculation: {same}/{len(plain_runs)}")
+    (off, _), (on, _) = speculation["none-clients"], speculation["ngram-clients"]
+    print(
+        f"concurrent clients, tokens/s: none {off:8.2f}   ngram {on:8.2f}   "
+        f"change {100 * (on / off - 1):+.1f} % (target >= -5 %)"
+    )
+
+
+def report_kv_bits(kv: dict[str, Any]) -> None:
+    (rows_dtype, bytes_dtype), (rows8, bytes8) = kv["dtype"], kv["kv8"]
+    print(
+        f"--kv-bits 8: KV bytes/token {bytes_dtype} -> {bytes8}; rows in the budget "
+        f"{rows_dtype} -> {rows8}: {rows8 / max(rows_dtype, 1):.2f}x (target >= 1.8x vs 16-bit)"
+    )
+    (dtype_rate, dtype_texts), (kv8_rate, kv8_texts) = kv["dtype-clients"], kv["kv8-clients"]
+    agree = sum(a == b for a, b in zip(dtype_texts, kv8_texts, strict=True))
+    print(f"  greedy texts equal to the model-dtype cache's: {agree}/{len(dtype_texts)}")
+    print(
+        f"  concurrent clients, tokens/s: model dtype {dtype_rate:8.2f}   kv8 {kv8_rate:8.2f}   "
+        f"change {100 * (kv8_rate / dtype_rate - 1):+.1f} % (target >= -10 %)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""--kv-bits over real HTTP: quantized KV caches inside the batch and in the prefix cache,
+alone and under speculative decoding, and admission that counts the smaller bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from mlx_engine_server.engine import EngineOptions
+
+from ..conftest import LiveServer, run_live_server, start_engine
+from ..model_factory import build_tiny_llama
+
+# Two heads of 32 dimensions: a group of 32 values shares one scale and bias.
+KV8 = EngineOptions(kv_bits=8, kv_group_size=32)
+PROMPTS = ["red one two red one two red", "A long tale begins", "x y z", "1 2 3 4"]
+FLOAT32_BYTES = 4
+
+
+@pytest.fixture(scope="module")
+def wide_heads_model(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path) -> Path:
+    dest = tmp_path_factory.mktemp("wide-heads") / "tiny-llama"
+    return build_tiny_llama(dest, smollm_dir, context_window=256, attention_heads=2)
+
+
+@contextmanager
+def serve(model: Path, options: EngineOptions) -> Iterator[LiveServer]:
+    live = run_live_server(start_engine(model, options))
+    try:
+        yield live
+    finally:
+        live.stop()
+        live.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_server(wide_heads_model: Path) -> Iterator[LiveServer]:
+    with serve(wide_heads_model, EngineOptions()) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def kv8_server(wide_heads_model: Path) -> Iterator[LiveServer]:
+    with serve(wide_heads_model, KV8) as live:
+        yield live
+
+
+def complete(server: LiveServer, prompt: str) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def batched_texts(server: LiveServer) -> list[str]:
+    with ThreadPoolExecutor(max_workers=len(PROMPTS)) as pool:
+        results = list(pool.map(lambda p: complete(server, p), PROMPTS))
+    return [result["choices"][0]["text"] for result in results]
+
+
+def status(server: LiveServer) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{server.base_url}/v1/mlx/status").json()
+    return body
+
+
+def test_batched_rows_with_a_quantized_cache_answer_as_they_do_alone(
+    kv8_server: LiveServer,
+) -> None:
+    together = batched_texts(kv8_server)
+    alone = [complete(kv8_server, prompt)["choices"][0]["text"] for prompt in PROMPTS]
+    assert together == alone
+    assert all(len(text) > 0 for text in together)
+
+
+def test_prefix_cache_keeps_quantized_entries_and_reuses_them(kv8_server: LiveServer) -> None:
+    prompt = "reuse this prompt " * 6
+    first = complete(kv8_server, prompt)
+    second = complete(kv8_server, prompt)
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert status(kv8_server)["prefix_cache"]["entries"] > 0
+
+
+def test_admission_counts_the_quantized_bytes(
+    kv8_server: LiveServer, plain_server: LiveServer
+) -> None:
+    quantized = status(kv8_server)["memory_budget"]["kv_bytes_per_token"]
+    plain = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
+    # 8 bits a value plus a float32 scale and bias per 32 values, against float32 values.
+    expected = (1 + 2 * FLOAT32_BYTES / 32) / FLOAT32_BYTES
+    assert quantized / plain == pytest.approx(expected, rel=0.02)
+    assert status(kv8_server)["engine"]["kv_bits"] == 8
+
+
+def test_speculation_over_a_quantized_cache_keeps_greedy_answers(
+    wide_heads_model: Path, kv8_server: LiveServer
+) -> None:
+    options = EngineOptions(
+        kv_bits=8, kv_group_size=32, speculative="ngram", num_draft_tokens=4, ngram_size=2
+    )
+    with serve(wide_heads_model, options) as live:
+        assert batched_texts(live) == batched_texts(kv8_server)
+        assert status(live)["speculative"]["accepted_tokens_total"] > 0

@@ -1,0 +1,234 @@
+"""Speculative decoding (prompt lookup) over real HTTP, batched: the answers are the ones the
+engine gives without it, and the drafted and accepted tokens are counted."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import mlx.core as mx
+import pytest
+from openai import OpenAI
+
+from mlx_engine_server.engine import EngineOptions, SamplingParams
+from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
+from mlx_engine_server.engine.sampling import SeededSampler
+from mlx_engine_server.engine.speculative import PROBE_EVERY_STEPS, PROBE_STEPS, StepPacer
+
+from ..conftest import LiveServer, run_live_server, start_engine
+
+SPECULATIVE = EngineOptions(speculative="ngram", num_draft_tokens=4, ngram_size=2)
+# A random model decoding greedily soon repeats itself: prompt lookup then drafts tokens that
+# the model accepts, so these prompts exercise acceptance as well as rejection.
+PROMPTS = [f"{word} one two three {word} one two three {word}" for word in ("red", "blue", "ox")]
+PROMPTS += ["A long tale begins", "x y z"]
+
+
+@pytest.fixture(scope="module")
+def spec_server(tiny_model_dir: Path) -> Iterator[LiveServer]:
+    live = run_live_server(start_engine(tiny_model_dir, SPECULATIVE))
+    yield live
+    live.stop()
+    live.engine.stop()
+
+
+def complete(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True, **fields}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def together(base_url: str, prompts: list[str], **fields: Any) -> list[dict[str, Any]]:
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        return list(pool.map(lambda p: complete(base_url, p, **fields), prompts))
+
+
+def texts(results: list[dict[str, Any]]) -> list[str]:
+    return [result["choices"][0]["text"] for result in results]
+
+
+def speculation(server: LiveServer) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.get(f"{server.base_url}/v1/mlx/status").json()["speculative"]
+    return body
+
+
+def test_greedy_batched_answers_equal_those_without_speculation(
+    spec_server: LiveServer, tiny_server: LiveServer
+) -> None:
+    before = speculation(spec_server)
+    with_drafts = texts(together(spec_server.base_url, PROMPTS))
+    without = texts(together(tiny_server.base_url, PROMPTS))
+    assert with_drafts == without
+    after = speculation(spec_server)
+    assert after["mode"] == "ngram"
+    assert after["draft_tokens_total"] > before["draft_tokens_total"]
+    assert after["accepted_tokens_total"] > before["accepted_tokens_total"]
+    assert 0 < after["acceptance_rate"] <= 1
+
+
+def test_every_token_counts_once_with_its_logprob(spec_server: LiveServer) -> None:
+    for result in together(spec_server.base_url, PROMPTS[:3], logprobs=2, max_tokens=17):
+        choice = result["choices"][0]
+        assert result["usage"]["completion_tokens"] == 17
+        assert choice["finish_reason"] == "length"
+        assert len(choice["logprobs"]["tokens"]) == 17
+        assert len(choice["logprobs"]["top_logprobs"]) == 17
+        assert "".join(choice["logprobs"]["tokens"]).strip() == choice["text"].strip()
+
+
+def test_seeded_sampling_repeats_itself(spec_server: LiveServer) -> None:
+    fields = {"temperature": 0.8, "seed": 7}
+    first = texts(together(spec_server.base_url, PROMPTS, **fields))
+    again = texts(together(spec_server.base_url, PROMPTS, **fields))
+    assert first == again
+    other_seed = texts(together(spec_server.base_url, PROMPTS, temperature=0.8, seed=8))
+    assert other_seed != first
+
+
+def test_stop_string_cuts_where_it_first_appears(
+    spec_server: LiveServer, tiny_server: LiveServer
+) -> None:
+    full = complete(tiny_server.base_url, PROMPTS[0])["choices"][0]["text"]
+    words = re.findall(r"\S{2,}", full)
+    assert words, full
+    stop = words[len(words) // 2]
+    cut = together(spec_server.base_url, [PROMPTS[0]] * 2, stop=[stop])
+    for result in cut:
+        assert result["choices"][0]["text"] == full[: full.index(stop)]
+        assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_structured_output_rows_share_the_batch(spec_server: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    sdk = OpenAI(base_url=f"{spec_server.base_url}/v1", api_key="unused", max_retries=0)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        drafting = pool.submit(complete, spec_server.base_url, PROMPTS[1])
+        reply = sdk.chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": "a number"}],
+            max_tokens=40,
+            temperature=0,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": schema},
+            },
+        )
+        assert drafting.result()["usage"]["completion_tokens"] == 24
+    content = reply.choices[0].message.content or ""
+    assert content.lstrip().startswith("{"), content
+
+
+def test_metrics_show_drafted_and_accepted(spec_server: LiveServer) -> None:
+    complete(spec_server.base_url, PROMPTS[0])
+    text = httpx.get(f"{spec_server.base_url}/metrics").text
+    drafted = re.search(r"^mlx_server_draft_tokens_total (\S+)$", text, re.M)
+    accepted = re.search(r"^mlx_server_accepted_draft_tokens_total (\S+)$", text, re.M)
+    rate = re.search(r"^mlx_server_draft_acceptance_rate (\S+)$", text, re.M)
+    assert drafted is not None
+    assert accepted is not None
+    assert rate is not None
+    assert float(drafted.group(1)) >= float(accepted.group(1)) > 0
+    assert 0 < float(rate.group(1)) <= 1
+
+
+def test_a_row_whose_drafts_fail_rests_longer_each_time() -> None:
+    drafter = RowDrafter(DraftSettings(num_draft_tokens=4, ngram_size=2))
+    assert drafter.propose([1, 2, 3, 1, 2], limit=4) == [3, 1, 2]
+    drafter.record(drafted=3, accepted=0)
+    assert drafter.resting
+    rests = []
+    for _ in range(3):
+        steps = 0
+        while drafter.resting:
+            drafter.skip_step()
+            steps += 1
+        rests.append(steps)
+        drafter.record(drafted=1, accepted=0)
+    assert rests == sorted(rests)
+    assert rests[-1] > rests[0]
+    assert drafter.draft_length == 1
+
+
+ECHO = (
+    "Copy this sentence exactly: The quick brown fox jumps over the lazy dog while "
+    "the small cat sleeps on the warm red mat near the door."
+)
+
+
+@pytest.mark.smollm
+def test_real_model_accepts_drafts_when_it_copies(
+    smollm_dir: Path, smollm_server: LiveServer
+) -> None:
+    live = run_live_server(start_engine(smollm_dir, SPECULATIVE))
+    try:
+        body = {"messages": [{"role": "user", "content": ECHO}], "max_tokens": 24}
+        answers = [
+            httpx.post(
+                f"{server.base_url}/v1/chat/completions",
+                json={**body, "temperature": 0},
+                timeout=300,
+            ).json()["choices"][0]["message"]["content"]
+            for server in (live, smollm_server)
+        ]
+        counts = speculation(live)
+    finally:
+        live.stop()
+        live.engine.stop()
+    assert answers[0] == answers[1]
+    assert "lazy dog" in answers[0]
+    assert counts["acceptance_rate"] > 0.3, counts
+
+
+def test_rejection_rule_keeps_the_sampling_distribution() -> None:
+    """With a one-token draft, the emitted token is distributed as the model's p, whatever
+    the draft: kept with probability p(draft), else drawn from p without the draft."""
+    probs = [0.5, 0.3, 0.15, 0.05]
+    logprobs = mx.log(mx.array([probs, probs]))
+    sampler = SeededSampler(SamplingParams(max_tokens=1, temperature=1.0, seed=3))
+    trials = 3000
+    counts = [0] * len(probs)
+    kept = 0
+    for _ in range(trials):
+        accepted, choices = sampler.verify_drafts(logprobs, [1])
+        if accepted.item():
+            kept += 1
+            counts[1] += 1
+        else:
+            counts[int(choices[0].item())] += 1
+    assert kept / trials == pytest.approx(probs[1], abs=0.03)
+    for count, p in zip(counts, probs, strict=True):
+        assert count / trials == pytest.approx(p, abs=0.03)
+
+
+def test_pacer_pauses_drafting_while_it_loses_and_probes_plain_steps() -> None:
+    pacer = StepPacer()
+
+    def step(speculative: bool, tokens: int, seconds: float) -> None:
+        started = time.perf_counter()
+        pacer.step_started(speculative)
+        time.sleep(seconds)
+        pacer.step_done(speculative, tokens, started)
+
+    for _ in range(4):
+        step(False, 1, 0.01)  # plain: ~100 tokens/s
+    for _ in range(3):
+        assert pacer.allows_drafts()
+        step(True, 1, 0.04)  # speculative: ~25 tokens/s, a loss
+    step(False, 1, 0.01)
+    assert not pacer.allows_drafts()
+
+    winning = StepPacer()
+    allowed = 0
+    for _ in range(PROBE_EVERY_STEPS + PROBE_STEPS):
+        allowed += winning.allows_drafts()
+        started = time.perf_counter()
+        winning.step_started(True)
+        winning.step_done(True, 3, started)
+    assert allowed == PROBE_EVERY_STEPS  # then a few plain steps refresh the comparison
