@@ -93,7 +93,7 @@ class RedisStore:
             text = await pipe.get(_record(key))
             if (None if text is None else _loads(text)) != expected:
                 return False
-            pipe.multi()
+            pipe.multi()  # type: ignore[no-untyped-call]
             pipe.set(_record(key), _dumps(body), px=max(ttl_ms, 1))
             try:
                 await pipe.execute()
