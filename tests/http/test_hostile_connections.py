@@ -21,6 +21,7 @@ from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait
 MAX_CONNECTIONS = 64
 TIMEOUT_S = 2.0
 CHAT_PATH = "/v1/chat/completions"
+PAGE_ORIGIN = "https://app.example"  # a page allowed by --cors-origin
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def server(
     port = free_port()
     args = [str(tiny_model_dir), "--port", str(port), "--cache-dir", str(work / "cache")]
     args += ["--log-format", "json", "--max-connections", str(MAX_CONNECTIONS)]
-    args += ["--header-timeout-s", str(TIMEOUT_S)]
+    args += ["--header-timeout-s", str(TIMEOUT_S), "--cors-origin", PAGE_ORIGIN]
     env = clean_env(MLX_SERVER_BODY_TIMEOUT_S=str(TIMEOUT_S))  # env and flags both reach it
     log_path = work / "server.log"
     with log_path.open("wb") as log:
@@ -200,6 +201,24 @@ def test_a_stalled_anthropic_body_gets_a_408_in_anthropics_shape(server: ServerP
     assert body["type"] == "error"
     assert body["error"]["type"] == "timeout_error"
     assert "stalled" in body["error"]["message"]
+
+
+def test_a_page_allowed_by_cors_can_read_its_408(server: ServerProcess) -> None:
+    """The refusal is written past the app's CORS middleware: it writes the header itself."""
+    answers = []
+    for origin in (PAGE_ORIGIN, None):
+        with socket.create_connection(address(server)) as sock:
+            sock.settimeout(TIMEOUT_S * 10)
+            request = raw_post(CHAT_PATH, b"{", "stalled-page", length=100)
+            if origin is not None:
+                request = request.replace(b"\r\n", f"\r\nOrigin: {origin}\r\n".encode(), 1)
+            sock.sendall(request)
+            answers.append(sock.recv(4096).partition(b"\r\n\r\n")[0].lower())
+    allowed, no_origin = answers
+    assert allowed.startswith(b"http/1.1 408 ")
+    assert b"\r\naccess-control-allow-origin: https://app.example\r\n" in allowed
+    assert no_origin.startswith(b"http/1.1 408 ")
+    assert b"access-control-allow-origin" not in no_origin
 
 
 def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess) -> None:
