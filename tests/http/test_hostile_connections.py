@@ -16,7 +16,11 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from mlx_engine_server.http.app import ServerOptions
+from mlx_engine_server.http.connections import ConnectionLimits, guarded_h11
+
 from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
+from ..conftest import run_live_server, start_engine
 
 MAX_CONNECTIONS = 64
 TIMEOUT_S = 2.0
@@ -238,3 +242,32 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess)
         for sock in busy:
             sock.close()
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_with_every_origin_allowed_refusals_before_a_request_say_so_too(
+    tiny_model_dir: Path,
+) -> None:
+    """A 503 at the door and a 408 for half a header block come before any Origin is read:
+    only `--cors-origin '*'` can be answered then."""
+    limits = ConnectionLimits(header_timeout_s=0.5, max_connections=1, cors_origins=frozenset("*"))
+    live = run_live_server(
+        start_engine(tiny_model_dir), ServerOptions(cors_origins=("*",)), http=guarded_h11(limits)
+    )
+    host, port = live.base_url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as busy:
+            busy.sendall(raw_post(CHAT_PATH, b"{", "busy", length=100))
+            time.sleep(0.2)
+            with socket.create_connection((host, int(port))) as late:
+                late.settimeout(10)
+                refused = late.recv(4096).lower()
+        with socket.create_connection((host, int(port))) as half:
+            half.settimeout(10)
+            half.sendall(b"GET /health HTTP/1.1\r\nOrigin: https://any.example\r\n")
+            timed_out = half.recv(4096).lower()
+    finally:
+        live.stop()
+    assert refused.startswith(b"http/1.1 503 ")
+    assert timed_out.startswith(b"http/1.1 408 ")
+    for answer in (refused, timed_out):
+        assert b"\r\naccess-control-allow-origin: *\r\n" in answer
