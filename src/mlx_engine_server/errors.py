@@ -77,6 +77,12 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
+class ConflictError(APIError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class AuthenticationError(APIError):
     status_code = 401
     error_type = "authentication_error"

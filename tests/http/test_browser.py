@@ -208,6 +208,16 @@ def test_behind_root_path_with_a_key_the_page_asks_for_it_then_works(
     assert all(url.startswith(f"{base}{ROOT_PATH}/") for url in asked), asked
 
 
+def test_openapi_names_the_root_path_as_its_server(
+    server: LiveServer, keyed_server: LiveServer
+) -> None:
+    """No browser needed: what an OpenAPI client reads to know where the API is."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    behind = httpx.get(f"{keyed_server.base_url}/openapi.json", headers=headers).json()
+    assert behind["servers"] == [{"url": ROOT_PATH}]
+    assert "servers" not in httpx.get(f"{server.base_url}/openapi.json").json()
+
+
 def test_a_wrong_key_is_refused_and_the_form_comes_back(
     page: Page, keyed_server: LiveServer
 ) -> None:

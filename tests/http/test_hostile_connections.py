@@ -16,11 +16,16 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from mlx_engine_server.http.app import ServerOptions
+from mlx_engine_server.http.connections import ConnectionLimits, guarded_h11
+
 from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
+from ..conftest import run_live_server, start_engine
 
 MAX_CONNECTIONS = 64
 TIMEOUT_S = 2.0
 CHAT_PATH = "/v1/chat/completions"
+PAGE_ORIGIN = "https://app.example"  # a page allowed by --cors-origin
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +37,7 @@ def server(
     port = free_port()
     args = [str(tiny_model_dir), "--port", str(port), "--cache-dir", str(work / "cache")]
     args += ["--log-format", "json", "--max-connections", str(MAX_CONNECTIONS)]
-    args += ["--header-timeout-s", str(TIMEOUT_S)]
+    args += ["--header-timeout-s", str(TIMEOUT_S), "--cors-origin", PAGE_ORIGIN]
     env = clean_env(MLX_SERVER_BODY_TIMEOUT_S=str(TIMEOUT_S))  # env and flags both reach it
     log_path = work / "server.log"
     with log_path.open("wb") as log:
@@ -202,6 +207,24 @@ def test_a_stalled_anthropic_body_gets_a_408_in_anthropics_shape(server: ServerP
     assert "stalled" in body["error"]["message"]
 
 
+def test_a_page_allowed_by_cors_can_read_its_408(server: ServerProcess) -> None:
+    """The refusal is written past the app's CORS middleware: it writes the header itself."""
+    answers = []
+    for origin in (PAGE_ORIGIN, None):
+        with socket.create_connection(address(server)) as sock:
+            sock.settimeout(TIMEOUT_S * 10)
+            request = raw_post(CHAT_PATH, b"{", "stalled-page", length=100)
+            if origin is not None:
+                request = request.replace(b"\r\n", f"\r\nOrigin: {origin}\r\n".encode(), 1)
+            sock.sendall(request)
+            answers.append(sock.recv(4096).partition(b"\r\n\r\n")[0].lower())
+    allowed, no_origin = answers
+    assert allowed.startswith(b"http/1.1 408 ")
+    assert b"\r\naccess-control-allow-origin: https://app.example\r\n" in allowed
+    assert no_origin.startswith(b"http/1.1 408 ")
+    assert b"access-control-allow-origin" not in no_origin
+
+
 def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess) -> None:
     """Connections reading a body are busy, not idle: none is closed to make room."""
     busy = [socket.create_connection(address(server)) for _ in range(MAX_CONNECTIONS)]
@@ -219,3 +242,32 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(server: ServerProcess)
         for sock in busy:
             sock.close()
     assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
+
+
+def test_with_every_origin_allowed_refusals_before_a_request_say_so_too(
+    tiny_model_dir: Path,
+) -> None:
+    """A 503 at the door and a 408 for half a header block come before any Origin is read:
+    only `--cors-origin '*'` can be answered then."""
+    limits = ConnectionLimits(header_timeout_s=0.5, max_connections=1, cors_origins=frozenset("*"))
+    live = run_live_server(
+        start_engine(tiny_model_dir), ServerOptions(cors_origins=("*",)), http=guarded_h11(limits)
+    )
+    host, port = live.base_url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as busy:
+            busy.sendall(raw_post(CHAT_PATH, b"{", "busy", length=100))
+            time.sleep(0.2)
+            with socket.create_connection((host, int(port))) as late:
+                late.settimeout(10)
+                refused = late.recv(4096).lower()
+        with socket.create_connection((host, int(port))) as half:
+            half.settimeout(10)
+            half.sendall(b"GET /health HTTP/1.1\r\nOrigin: https://any.example\r\n")
+            timed_out = half.recv(4096).lower()
+    finally:
+        live.stop()
+    assert refused.startswith(b"http/1.1 503 ")
+    assert timed_out.startswith(b"http/1.1 408 ")
+    for answer in (refused, timed_out):
+        assert b"\r\naccess-control-allow-origin: *\r\n" in answer

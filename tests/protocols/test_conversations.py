@@ -129,6 +129,32 @@ def test_bad_conversation_bodies_are_400s_naming_the_field(server: LiveServer) -
     assert empty.status_code == 400
 
 
+def test_a_conversation_is_made_from_no_body_at_all(server: LiveServer) -> None:
+    """As on OpenAI: every field of the create (and update) body is optional."""
+    headers = {"Authorization": f"Bearer {ALICE}"}
+    made = httpx.post(f"{server.base_url}/v1/conversations", headers=headers)
+    assert made.status_code == 200, made.text
+    assert made.json()["metadata"] == {}
+    url = f"{server.base_url}/v1/conversations/{made.json()['id']}"
+    assert httpx.post(url, headers=headers).status_code == 200
+    items = httpx.post(f"{url}/items", headers=headers)  # `items` is required there
+    assert items.status_code == 400
+    assert items.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_repeated_item_id_keeps_its_first_place(server: LiveServer) -> None:
+    client = sdk(server)
+    first = {"type": "message", "role": "user", "content": "first", "id": "msg_same"}
+    conversation = client.conversations.create(
+        items=[first, {"type": "message", "role": "user", "content": "second"}]
+    )
+    client.conversations.items.create(
+        conversation.id, items=[{**first, "content": "first, edited"}]
+    )
+    listed = client.conversations.items.list(conversation.id, order="asc")
+    assert texts(listed.data) == ["first, edited", "second"]
+
+
 def test_an_item_that_is_not_an_object_is_a_400(server: LiveServer) -> None:
     answer = httpx.post(
         f"{server.base_url}/v1/conversations",

@@ -4,6 +4,7 @@ are saved too, the overflow policy sees the combined history, GET/DELETE, and th
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from openai import OpenAI
 
 from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.protocols.openai.limits import RequestLimits
+from mlx_engine_server.state.sqlite import SqliteStore
 
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
 
@@ -124,3 +126,67 @@ def test_a_session_past_max_messages_keeps_going_on_its_newest_turns(tiny_model_
         assert refused.value.code == "array_above_max_length"
     finally:
         live.stop()
+
+
+def _turns_at_once(urls: list[str], session_id: str) -> list[str]:
+    """One turn per URL, all sent at the same moment; the user messages they sent."""
+    said = [f"turn {index}" for index in range(len(urls))]
+    start = threading.Barrier(len(urls))
+
+    def turn(url: str, text: str) -> None:
+        start.wait()
+        body = {"messages": [{"role": "user", "content": text}], "session_id": session_id}
+        answer = httpx.post(f"{url}/v1/chat/completions", json={**TURN, **body}, timeout=60)
+        assert answer.status_code == 200, answer.text
+
+    threads = [threading.Thread(target=turn, args=pair) for pair in zip(urls, said, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return said
+
+
+def _kept_user_messages(url: str, session_id: str) -> list[str]:
+    kept = httpx.get(f"{url}/v1/sessions/{session_id}").json()["messages"]
+    assert [message["role"] for message in kept] == ["user", "assistant"] * (len(kept) // 2)
+    return sorted(message["content"] for message in kept if message["role"] == "user")
+
+
+def test_turns_sent_at_once_are_all_kept_one_after_another(tiny_server: LiveServer) -> None:
+    """Within one instance the turns of a session take turns: the later one is generated on the
+    history the earlier one saved, and none overwrites another."""
+    session_id = uuid.uuid4().hex
+    said = _turns_at_once([tiny_server.base_url] * 3, session_id)
+    assert _kept_user_messages(tiny_server.base_url, session_id) == said
+
+
+def test_two_instances_sharing_a_store_never_drop_a_turn(tiny_model_dir: Path) -> None:
+    """Across instances (one store, as with Redis) a turn saved meanwhile is not overwritten:
+    the later save goes after it."""
+    store = SqliteStore(None)
+    engine = start_engine(tiny_model_dir)
+    first, second = run_live_server(engine, store=store), run_live_server(engine, store=store)
+    try:
+        session_id = uuid.uuid4().hex
+        said = _turns_at_once([first.base_url, second.base_url] * 2, session_id)
+        assert _kept_user_messages(first.base_url, session_id) == said
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_a_turn_that_ends_early_lets_the_next_one_in(tiny_server: LiveServer) -> None:
+    """The session's lock goes with the turn however it ends: a refused turn, a stream whose
+    client leaves after its first event."""
+    url, session_id = tiny_server.base_url, uuid.uuid4().hex
+    body = {**TURN, "session_id": session_id, "messages": [{"role": "user", "content": "Hi"}]}
+    too_long = {**body, "messages": [{"role": "user", "content": "word " * 400}]}
+    refused = httpx.post(f"{url}/v1/chat/completions", json=too_long)  # past the 256 tokens
+    assert refused.status_code == 400, refused.text
+    streamed = {**body, "stream": True, "max_tokens": 64}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=streamed) as stream:
+        assert stream.status_code == 200
+        next(stream.iter_lines())
+    after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=20)
+    assert after.status_code == 200, after.text

@@ -94,6 +94,36 @@ def test_items_are_added_only_to_an_existing_record(on_store: Callable[[Scenario
     on_store(scenario)
 
 
+def test_a_repeated_item_id_keeps_its_first_place_with_its_newest_body(
+    on_store: Callable[[Scenario], None],
+) -> None:
+    async def scenario(store: StateStore) -> None:
+        key = fresh(ALICE, "conversation")
+        await store.put(key, {}, [{"id": "a", "v": 1}, {"id": "b"}, {"id": "a", "v": 2}])
+        assert await store.add_items(key, [{"id": "c"}, {"id": "b", "v": 3}])
+        page = await store.list_items(key, limit=9)
+        assert page.items == [{"id": "a", "v": 2}, {"id": "b", "v": 3}, {"id": "c"}]
+        assert await store.delete_item(key, "a")
+        assert [item["id"] for item in (await store.list_items(key, limit=9)).items] == ["b", "c"]
+
+    on_store(scenario)
+
+
+def test_replace_writes_only_over_the_record_it_expects(
+    on_store: Callable[[Scenario], None],
+) -> None:
+    async def scenario(store: StateStore) -> None:
+        key = fresh(ALICE, "session")
+        assert await store.replace(key, {"turn": 1}, expected=None)
+        assert not await store.replace(key, {"turn": 1}, expected=None)
+        assert not await store.replace(key, {"turn": 2}, expected={"turn": 0})
+        assert await store.get(key) == {"turn": 1}
+        assert await store.replace(key, {"turn": 2}, expected={"turn": 1}, ttl_s=60)
+        assert await store.get(key) == {"turn": 2}
+
+    on_store(scenario)
+
+
 def test_an_expired_record_is_gone(on_store: Callable[[Scenario], None]) -> None:
     async def scenario(store: StateStore) -> None:
         key = fresh(ALICE, "session")

@@ -209,6 +209,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         max_connections=settings.max_connections,
+        cors_origins=frozenset(settings.cors_origins),
     )
 
 

@@ -21,6 +21,8 @@ OFF_LOOP_BYTES = 256 * 1024
 async def read_model(request: Request, model: type[ModelT]) -> ModelT:
     raw = await _read_json_body(request)
     limits = request_limits(request)
+    if not raw.strip() and _all_optional(model):
+        raw = b"{}"  # as on OpenAI: a route whose fields are all optional takes no body at all
     if len(raw) < OFF_LOOP_BYTES:
         return _parse_and_validate(raw, limits, model)
     return await off_loop(_parse_and_validate, raw, limits, model)
@@ -36,6 +38,10 @@ def validate_model(model: type[ModelT], data: dict[str, Any]) -> ModelT:
         return model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc, data) from None
+
+
+def _all_optional(model: type[BaseModel]) -> bool:
+    return not any(field.is_required() for field in model.model_fields.values())
 
 
 def request_limits(request: Request) -> RequestLimits:

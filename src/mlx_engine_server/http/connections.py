@@ -39,6 +39,7 @@ class ConnectionLimits:
     header_timeout_s: float = 30.0
     body_timeout_s: float = 60.0
     max_connections: int = 512
+    cors_origins: frozenset[str] = frozenset()  # --cors-origin: they may read our refusals too
 
 
 def fit_open_file_limit(limits: ConnectionLimits) -> ConnectionLimits:
@@ -86,7 +87,7 @@ class GuardedH11Protocol(H11Protocol):
                 "The server has as many open connections as it accepts; try again shortly.",
                 code="too_many_connections",
             )
-            self._answer_and_close(error)
+            self._answer_and_close(error, cors=self._cors_for(None))
             return
         self._watch(data_arrived=False)
 
@@ -139,7 +140,7 @@ class GuardedH11Protocol(H11Protocol):
         error = RequestTimeoutError(
             f"The request headers did not arrive within {self.limits.header_timeout_s:g} s."
         )
-        self._answer_and_close(error)
+        self._answer_and_close(error, cors=self._cors_for(None))
 
     def _body_late(self) -> None:
         """The app is waiting for the body: it sees the client leave, and logs a 408."""
@@ -152,8 +153,21 @@ class GuardedH11Protocol(H11Protocol):
             f"The request body stalled for {self.limits.body_timeout_s:g} s."
         )
         # The route is known by now: an Anthropic client gets its own error shape.
+        if cycle is None:
+            self._answer_and_close(error, cors=self._cors_for(None))
+            return
         scope = cast("dict[str, Any]", self.scope)
-        self._answer_and_close(error, dialect_of(scope) if cycle is not None else OPENAI)
+        self._answer_and_close(error, dialect_of(scope), self._cors_for(_origin_of(scope)))
+
+    def _cors_for(self, origin: str | None) -> str:
+        """The CORS header lines of a refusal, as the app's CORS middleware would write them.
+        Before a header block has been read there is no Origin to answer: only `*` applies."""
+        allowed = self.limits.cors_origins
+        if "*" in allowed:
+            return "access-control-allow-origin: *\r\n"
+        if origin is not None and origin in allowed:
+            return f"access-control-allow-origin: {origin}\r\nvary: Origin\r\n"
+        return ""
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for a request's headers, if any."""
@@ -172,7 +186,9 @@ class GuardedH11Protocol(H11Protocol):
         oldest.transport.close()
         return True
 
-    def _answer_and_close(self, error: APIError, dialect: ErrorDialect = OPENAI) -> None:
+    def _answer_and_close(
+        self, error: APIError, dialect: ErrorDialect = OPENAI, cors: str = ""
+    ) -> None:
         """A whole response written straight to the socket (h11 will not start one before a
         request has arrived), then the connection closed."""
         self._cancel_timer()
@@ -182,7 +198,14 @@ class GuardedH11Protocol(H11Protocol):
         status = HTTPStatus(dialect.status(error))
         head = (
             f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            f"content-length: {len(body)}\r\n{cors}connection: close\r\n\r\n"
         )
         self.transport.write(head.encode("ascii") + body)
         self.transport.close()
+
+
+def _origin_of(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"origin":
+            return str(value.decode("latin-1"))
+    return None

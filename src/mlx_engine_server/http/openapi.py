@@ -440,4 +440,7 @@ async def openapi_json(request: Request) -> Response:
     document = getattr(request.app.state, "openapi", None)
     if document is None:
         document = request.app.state.openapi = openapi_document()
+    root_path = request.scope.get("root_path", "")
+    if root_path:  # behind a proxy's prefix (--root-path), clients call the API under it
+        document = {**document, "servers": [{"url": root_path}]}
     return JSONResponse(document)

@@ -31,6 +31,7 @@ class GenerationStream(EventSourceResponse):
         events: AsyncIterator[dict[str, str]],
         shutdown_grace_s: float,
         ping: Callable[[], ServerSentEvent] | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         # sse-starlette also sends `X-Accel-Buffering: no`, so nginx passes events at once.
         # On SIGTERM the engine ends what is still running after its grace period with an
@@ -43,12 +44,15 @@ class GenerationStream(EventSourceResponse):
             shutdown_grace_period=shutdown_grace_s + SHUTDOWN_MARGIN_S,
         )
         self._generation = generation
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._generation.cancel()
+            if self._on_close is not None:
+                self._on_close()
 
 
 async def _coalesced(

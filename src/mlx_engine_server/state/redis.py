@@ -23,6 +23,15 @@ from .store import ItemPage, Json, RecordKey, Retention, WindowCount
 
 PREFIX = "mlx-state"
 CONNECT_TIMEOUT_S = 5.0
+# KEYS: the order list, the bodies hash; ARGV: id, body, id, body, ...
+PUSH_ITEMS = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+  end
+end
+return 0
+"""
 Method = TypeVar("Method", bound=Callable[..., Awaitable[Any]])
 
 
@@ -73,6 +82,24 @@ class RedisStore:
             pipe.pexpire(_order(key), ttl_ms)
             pipe.pexpire(_bodies(key), ttl_ms)
             await pipe.execute()
+
+    @_unavailable_on_failure
+    async def replace(
+        self, key: RecordKey, body: Json, expected: Json | None, ttl_s: float | None = None
+    ) -> bool:
+        ttl_ms = int(1000 * (ttl_s if ttl_s is not None else self.retention.max_age_s))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(_record(key))
+            text = await pipe.get(_record(key))
+            if (None if text is None else _loads(text)) != expected:
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(_record(key), _dumps(body), px=max(ttl_ms, 1))
+            try:
+                await pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     @_unavailable_on_failure
     async def get(self, key: RecordKey) -> Json | None:
@@ -141,9 +168,11 @@ class RedisStore:
 
 
 def _push_items(pipe: aioredis.client.Pipeline, key: RecordKey, items: Sequence[Json]) -> None:
+    """A repeated id keeps its first place, as in the SQLite store: in one script, so that
+    the check and the push are one step for every instance sharing the server."""
     if items:
-        pipe.rpush(_order(key), *(item["id"] for item in items))
-        pipe.hset(_bodies(key), mapping={item["id"]: _dumps(item) for item in items})
+        pairs = [part for item in items for part in (item["id"], _dumps(item))]
+        pipe.eval(PUSH_ITEMS, 2, _order(key), _bodies(key), *pairs)
 
 
 def _name(key: RecordKey) -> str:

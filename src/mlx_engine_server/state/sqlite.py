@@ -93,15 +93,29 @@ class SqliteStore:
         def write() -> None:
             db = self._conn()
             with _transaction(db):
-                db.execute(
-                    "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                    "body = excluded.body, expires_at = excluded.expires_at",
-                    (key.owner, key.kind, key.id, text, now, expires),
-                )
+                _upsert(db, key, text, now, expires)
                 _insert_items(db, key, items)
             self._count_write()
 
         await self._run(write)
+
+    async def replace(
+        self, key: RecordKey, body: Json, expected: Json | None, ttl_s: float | None = None
+    ) -> bool:
+        now = time.time()
+        expires = now + (ttl_s if ttl_s is not None else self.retention.max_age_s)
+        text = json.dumps(body, separators=(",", ":"))
+
+        def write() -> bool:
+            db = self._conn()
+            with _transaction(db):
+                if _current(db, key) != expected:
+                    return False
+                _upsert(db, key, text, now, expires)
+            self._count_write()
+            return True
+
+        return await self._run(write)
 
     async def get(self, key: RecordKey) -> Json | None:
         def read() -> Json | None:
@@ -281,9 +295,27 @@ def _exists(db: sqlite3.Connection, key: RecordKey) -> bool:
     return row is not None
 
 
+def _upsert(db: sqlite3.Connection, key: RecordKey, text: str, now: float, expires: float) -> None:
+    db.execute(
+        "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+        "body = excluded.body, expires_at = excluded.expires_at",
+        (key.owner, key.kind, key.id, text, now, expires),
+    )
+
+
+def _current(db: sqlite3.Connection, key: RecordKey) -> Json | None:
+    row = db.execute(
+        "SELECT body FROM records WHERE owner = ? AND kind = ? AND id = ? AND expires_at > ?",
+        (*_args(key), time.time()),
+    ).fetchone()
+    return None if row is None else _loads(row[0])
+
+
 def _insert_items(db: sqlite3.Connection, key: RecordKey, items: Sequence[Json]) -> None:
+    """A repeated id keeps its first place (its `seq`), as in the Redis store."""
     db.executemany(
-        "INSERT OR REPLACE INTO items (owner, kind, parent, id, body) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO items (owner, kind, parent, id, body) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (owner, kind, parent, id) DO UPDATE SET body = excluded.body",
         [(*_args(key), item["id"], json.dumps(item, separators=(",", ":"))) for item in items],
     )
 

@@ -2,7 +2,8 @@
 
 A record is a JSON object under (owner, kind, id); `owner` is a hash of the API key (or of
 nothing, without keys), so one key never reads another's records. Items are a record's ordered
-list (a response's input items, a conversation's items), deleted with it. Counters add up a
+list (a response's input items, a conversation's items), deleted with it; an id appears in a
+list once, at the place it was first added. Counters add up a
 key's requests and tokens within a fixed window. Every method is a coroutine that keeps the
 event loop free: SQLite runs on a thread of its own, Redis through its asyncio client.
 """
@@ -63,13 +64,20 @@ class StateStore(Protocol):
     ) -> None:
         """Write (or replace) a record and append `items` to it, in one durable step."""
 
+    async def replace(
+        self, key: RecordKey, body: Json, expected: Json | None, ttl_s: float | None = None
+    ) -> bool:
+        """Write the record only while it still holds `expected` (None: only while there is
+        none); False, writing nothing, when another writer changed it first."""
+
     async def get(self, key: RecordKey) -> Json | None: ...
 
     async def delete(self, key: RecordKey) -> bool:
         """Remove a record and its items; False when there was none."""
 
     async def add_items(self, key: RecordKey, items: Sequence[Json]) -> bool:
-        """Append items (each with an `id`) to an existing record; False when there is none."""
+        """Append items (each with an `id`) to an existing record; False when there is none.
+        An item whose id the record already holds keeps its place; its body is replaced."""
 
     async def list_items(
         self, key: RecordKey, *, limit: int, after: str | None = None, descending: bool = False

@@ -33,7 +33,7 @@ from ...pipeline.prepare import (
 from ...pipeline.run import start
 from .limits import check_request_limits
 from .render import ResponseHeader, chat_completion, text_completion
-from .sessions import Session, delete_session, read_session, reply_of
+from .sessions import Session, SessionLocks, delete_session, read_session, reply_of
 from .stream import ChatShape, TextShape
 from .types import ChatCompletionRequest, CompletionRequest
 
@@ -97,10 +97,28 @@ async def chat_completions(request: Request) -> Response:
     options: ServerOptions = request.app.state.options
     owner = request_owner(request.scope)
     session = await Session.open(
-        request.app.state.store, owner, body, options.session_ttl_s, options.limits.max_messages
+        request.app.state.store,
+        owner,
+        body,
+        options.session_ttl_s,
+        options.limits.max_messages,
+        locks=_session_locks(request),
     )
-    if session is not None:
-        body = session.continued(body)
+    if session is None:
+        return await _chat(request, body)
+    try:
+        response = await _chat(request, session.continued(body), session)
+    except BaseException:
+        session.release()
+        raise
+    if not isinstance(response, GenerationStream):  # a stream lets go when it ends
+        session.release()
+    return response
+
+
+async def _chat(
+    request: Request, body: ChatCompletionRequest, session: Session | None = None
+) -> Response:
     planned = await plan_request(request, body)
     return await _generate(
         request,
@@ -112,6 +130,13 @@ async def chat_completions(request: Request) -> Response:
         vision=planned.vision,
         session=session,
     )
+
+
+def _session_locks(request: Request) -> SessionLocks:
+    locks: SessionLocks | None = getattr(request.app.state, "session_locks", None)
+    if locks is None:
+        locks = request.app.state.session_locks = SessionLocks()
+    return locks
 
 
 async def get_session(request: Request) -> Response:
@@ -187,9 +212,11 @@ async def _generate(
     if body.stream:
         shape = surface.stream_shape(head, body.include_usage, with_logprobs, echoes, summary)
         events = openai_events(run.generation, shape, run.choices, run.n)
+        on_close = None
         if session is not None and isinstance(body, ChatCompletionRequest):
             events = session.saved_after(events, body)
-        response = GenerationStream(run.generation, events, run.shutdown_grace_s)
+            on_close = session.release
+        response = GenerationStream(run.generation, events, run.shutdown_grace_s, on_close=on_close)
     else:
         results, usage = await collect(run.generation, request.receive, run.choices, run.n)
         usage = usage.with_summary(summary)

@@ -2,33 +2,74 @@
 is generated on the session's earlier messages followed by its own, under the context-overflow
 policy like any long conversation; its messages and the reply are then saved. A session is
 forgotten `session_ttl_s` after its last turn, and belongs to the key that made it.
+
+Turns of one session take turns: within an instance a lock per (owner, id) is held from reading
+the history to saving the reply (a stream's: until the stream ends); across instances sharing a
+store, a save writes only over the record it read, and otherwise appends its turn after the one
+saved meanwhile. No turn is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 
 from pydantic import TypeAdapter, ValidationError
 
-from ...errors import InternalError, InvalidRequestError, NotFoundError
+from ...errors import ConflictError, InternalError, InvalidRequestError, NotFoundError
 from ...state.store import Json, RecordKey, StateStore
 from .types import ChatCompletionRequest, ChatMessage
 
 SESSION = "session"
 MESSAGES: TypeAdapter[list[ChatMessage]] = TypeAdapter(list[ChatMessage])
 DONE = "[DONE]"
+SAVE_ATTEMPTS = 8  # each one lost only to another instance's save of the same session
+
+
+class SessionLocks:
+    """One asyncio lock per (owner, session id) while a turn holds or awaits it; none when idle."""
+
+    def __init__(self) -> None:
+        self._locks: dict[RecordKey, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: RecordKey) -> None:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._leave(key)
+            raise
+
+    def release(self, key: RecordKey) -> None:
+        self._locks[key][0].release()
+        self._leave(key)
+
+    def _leave(self, key: RecordKey) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
 
 
 class Session:
     def __init__(
-        self, store: StateStore, key: RecordKey, ttl_s: float, record: Json, max_messages: int
+        self,
+        store: StateStore,
+        key: RecordKey,
+        ttl_s: float,
+        stored: Json | None,
+        max_messages: int,
     ) -> None:
         self.store = store
         self.key = key
         self.ttl_s = ttl_s
-        self.record = record
+        self.stored = stored  # as read: a save writes only over this
+        self.record = stored or _new_record(key.id, int(time.time()))
+        self.locks: SessionLocks | None = None
         # A request's messages are at most --max-messages, its session's included: a long
         # session goes on from its newest turns instead of being refused from then on.
         self.max_messages = max_messages
@@ -42,16 +83,30 @@ class Session:
         body: ChatCompletionRequest,
         ttl_s: float,
         max_messages: int,
+        *,
+        locks: SessionLocks,
     ) -> Session | None:
-        """The request's session (a new one for an id not seen before), or None without one."""
+        """The request's session (a new one for an id not seen before), or None without one;
+        it holds the session's lock until `release`."""
         if body.session_id is None:
             return None
         if body.n != 1:
             raise InvalidRequestError("a session continues one answer: n must be 1", param="n")
         key = RecordKey(owner, SESSION, body.session_id)
-        now = int(time.time())
-        record = await store.get(key) or _new_record(body.session_id, now)
-        return cls(store, key, ttl_s, record, max_messages)
+        await locks.acquire(key)
+        try:
+            session = cls(store, key, ttl_s, await store.get(key), max_messages)
+        except BaseException:
+            locks.release(key)
+            raise
+        session.locks = locks
+        return session
+
+    def release(self) -> None:
+        """Lets the session's next turn in; once only, however often it is called."""
+        if self.locks is not None:
+            self.locks.release(self.key)
+            self.locks = None
 
     @property
     def history(self) -> list[Json]:
@@ -69,11 +124,22 @@ class Session:
 
     async def save(self, body: ChatCompletionRequest, reply: Json) -> None:
         """`body` as `continued` made it: its own messages follow the session's."""
-        own = body.messages[len(self.earlier) :]
-        messages = [*self.earlier, *(_dumped(message) for message in own), reply]
-        messages = newest_messages(messages, self.max_messages)
-        record = {**self.record, "messages": messages, "updated_at": int(time.time())}
-        await self.store.put(self.key, record, ttl_s=self.ttl_s)
+        turn = [*(_dumped(message) for message in body.messages[len(self.earlier) :]), reply]
+        before, expected = self.earlier, self.stored
+        for _ in range(SAVE_ATTEMPTS):
+            messages = newest_messages([*before, *turn], self.max_messages)
+            record = {**(expected or self.record), "messages": messages}
+            record["updated_at"] = int(time.time())
+            if await self.store.replace(self.key, record, expected, ttl_s=self.ttl_s):
+                self.stored = record
+                return
+            # another instance saved a turn of this session meanwhile: this one goes after it
+            expected = await self.store.get(self.key)
+            before = expected["messages"] if expected is not None else []
+        raise ConflictError(
+            "This session is being changed by other requests; send the turn again.",
+            code="session_busy",
+        )
 
     async def saved_after(
         self, events: AsyncIterator[dict[str, str]], body: ChatCompletionRequest
