@@ -16,9 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from mlx_engine_server.chat.prompt import chat_prompt_tokens
 from mlx_engine_server.http.app import ServerOptions, create_app
-from mlx_engine_server.protocols.openai.types import ChatMessage
 
 from ..conftest import TINY_CONTEXT_WINDOW
 from ..protocols.test_api import error_of
@@ -49,12 +47,14 @@ def overflow_client(tiny_app: Starlette) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def prompt_length(tiny_app: Starlette) -> Callable[[Messages], int]:
-    tokenizer = tiny_app.state.engine.tokenizer
+def prompt_length(overflow_client: TestClient) -> Callable[[Messages], int]:
+    """The prompt tokens a chat of these messages gets, as the server renders it."""
 
     def length(messages: Messages) -> int:
-        parsed = [ChatMessage.model_validate(message) for message in messages]
-        return len(chat_prompt_tokens(tokenizer, parsed))
+        response = overflow_client.post("/tokenize", json={"messages": messages})
+        assert response.status_code == 200, response.text
+        count: int = response.json()["count"]
+        return count
 
     return length
 
@@ -173,8 +173,9 @@ def test_truncate_keeps_a_tool_call_with_its_results(
 
     messages = [SYSTEM, {"role": "user", "content": "Weather?"}, call("a", "b"), result("a")]
     messages += [result("b"), call("c"), result("c"), call("d"), result("d")]
-    # Room for all but the oldest call and its first result: its second result must go too.
-    max_tokens = TINY_CONTEXT_WINDOW - prompt_length([*messages[:2], *messages[4:]])
+    # Room for all but the oldest call and both its results: a call and its results go together
+    # (keeping the second result alone would leave it answering nothing).
+    max_tokens = TINY_CONTEXT_WINDOW - prompt_length([*messages[:2], *messages[5:]])
     response, body = completion(overflow_client, messages, max_tokens=max_tokens)
     assert response.headers["x-context-compacted"] == "truncate; dropped=3"
     assert body.usage is not None

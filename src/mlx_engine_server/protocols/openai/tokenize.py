@@ -7,11 +7,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ...chat.prompt import chat_prompt_tokens, check_token_ids
+from ...chat.plan import plan_chat
+from ...chat.prompt import check_token_ids
 from ...errors import InvalidRequestError
 from ...http.body import read_model
 from ...pipeline.front_work import check_text_can_fit, off_loop, rendered_chars
-from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
+from ...pipeline.prepare import chat_formats_of
+from .types import ChatCompletionRequest, ChatMessage, DetokenizeRequest, TokenizeRequest
 
 
 async def tokenize(request: Request) -> Response:
@@ -24,8 +26,11 @@ async def tokenize(request: Request) -> Response:
         messages = list(body.messages)
         _refuse_images(messages)
         check_text_can_fit(tokenizer, rendered_chars(messages), window, "messages")
-        vision = loaded.kind == "vision"
-        tokens = await off_loop(chat_prompt_tokens, tokenizer, messages, multimodal=vision)
+        # The prompt a chat request with these messages gets: the same plan, so a model whose
+        # template renders no tools counts its calls as the generic fallback writes them.
+        chat = ChatCompletionRequest(messages=messages)
+        plan = await off_loop(plan_chat, tokenizer, chat_formats_of(request), chat)
+        tokens = plan.prompt_tokens
     else:
         prompt = body.prompt or ""
         check_text_can_fit(tokenizer, len(prompt), window, "prompt")
