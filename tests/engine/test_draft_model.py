@@ -9,10 +9,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-from mlx_engine_server.engine import EngineClient, EngineOptions
+from mlx_engine_server.engine import EngineClient, EngineOptions, SamplingParams
 from mlx_engine_server.engine.local import local_client
+from mlx_engine_server.engine.sampling import SeededSampler
 from mlx_engine_server.models.draft import load_with_draft
 from mlx_engine_server.models.loader import ModelSource
 
@@ -137,3 +139,25 @@ def test_draft_mode_without_a_draft_model_is_a_settings_error(tiny_model_dir: Pa
     )
     assert result.returncode == 2
     assert "--speculative draft needs --draft-model" in result.stderr
+
+
+def test_draft_model_rejection_rule_keeps_the_sampling_distribution() -> None:
+    """A one-token draft drawn from q, kept with min(1, p/q), else replaced from max(0, p - q):
+    the emitted token is distributed as p, however far q is from it."""
+    p = [0.5, 0.3, 0.15, 0.05]
+    q = [0.1, 0.1, 0.7, 0.1]
+    logprobs = mx.log(mx.array([p, p]))
+    draft_logprobs = mx.log(mx.array([q]))
+    sampler = SeededSampler(SamplingParams(max_tokens=1, temperature=1.0, seed=5))
+    trials = 3000
+    counts = [0] * len(p)
+    kept = 0
+    for _ in range(trials):
+        draft = int(sampler(draft_logprobs)[0].item())
+        accepted, choices = sampler.verify_sampled_drafts(logprobs, draft_logprobs, [draft])
+        token = draft if accepted.item() else int(choices[0].item())
+        kept += bool(accepted.item())
+        counts[token] += 1
+    assert kept / trials == pytest.approx(sum(map(min, p, q)), abs=0.03)
+    for count, share in zip(counts, p, strict=True):
+        assert count / trials == pytest.approx(share, abs=0.03)
