@@ -21,6 +21,7 @@ from mlx_engine_server.models.loader import ModelSource
 from ..cli.test_cli import MLX_SERVER, clean_env
 from ..conftest import LiveServer, run_live_server
 from ..model_factory import build_tiny_llama
+from . import test_speculative
 from .test_speculative import PROMPTS, complete, speculation, texts, together
 
 
@@ -102,6 +103,10 @@ def test_stop_string_cuts_where_it_first_appears(
     for result in cut:
         assert result["choices"][0]["text"] == full[: full.index(stop)]
         assert result["choices"][0]["finish_reason"] == "stop"
+
+
+def test_structured_output_rows_share_the_batch(draft_server: LiveServer) -> None:
+    test_speculative.test_structured_output_rows_share_the_batch(draft_server)
 
 
 def test_a_draft_model_with_another_tokenizer_is_refused_at_start_up(

@@ -33,7 +33,6 @@ class _DraftPlan:
     """The shape of one step's drafting, kept until the draft cache is rewound."""
 
     lengths: list[int]  # tokens row i drafts this step (0: it only feeds padding)
-    fed: list[int]  # real tokens row i fed in the first pass (what it lacked, then pending)
     passes: int  # draft forward passes: the longest draft
 
 
@@ -83,7 +82,7 @@ class DraftModelGenerationBatch(SpeculativeGenerationBatch):
             [*self.tokens[index][self._draft_known[index] :], pending[index]] if length else []
             for index, length in enumerate(lengths)
         ]
-        self._plan = _DraftPlan(lengths, [len(tokens) for tokens in first], passes)
+        self._plan = _DraftPlan(lengths, passes)
         width = int(self._next_logprobs[0].shape[-1])
         tokens = self._first_draft_pass(first, width)
         chosen = [tokens]
