@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlx_engine_server.cli.config import SettingsError, load_settings
 from mlx_engine_server.engine import EngineClient, EngineOptions, SamplingParams
 from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.engine.sampling import SeededSampler
@@ -166,3 +167,9 @@ def test_draft_model_rejection_rule_keeps_the_sampling_distribution() -> None:
     assert kept / trials == pytest.approx(sum(map(min, p, q)), abs=0.03)
     for count, share in zip(counts, p, strict=True):
         assert count / trials == pytest.approx(share, abs=0.03)
+
+
+def test_naming_a_draft_model_turns_draft_mode_on_and_ngram_refuses_it() -> None:
+    assert load_settings({"draft_model": "/models/small"}).speculative == "draft"
+    with pytest.raises(SettingsError, match="--speculative draft only"):
+        load_settings({"draft_model": "/models/small", "speculative": "ngram"})

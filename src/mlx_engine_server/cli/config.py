@@ -237,6 +237,14 @@ class Settings(BaseSettings):
     def _split_commas(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _draft_model_turns_draft_on(cls, data: Any) -> Any:
+        """As mlx-lm's --draft-model: naming a draft model is enough."""
+        if isinstance(data, dict) and data.get("draft_model") and "speculative" not in data:
+            return {**data, "speculative": "draft"}
+        return data
+
     @model_validator(mode="after")
     def _draft_model_with_draft_mode(self) -> Settings:
         if self.speculative == "draft" and self.draft_model is None:

@@ -100,8 +100,8 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option(
     "--draft-model",
     metavar="PATH",
-    help="With --speculative draft: a smaller model with the same tokenizer (directory, "
-    "repo id or .gguf).",
+    help="A smaller model with the same tokenizer that drafts tokens (directory, repo id or "
+    ".gguf); turns on --speculative draft.",
 )
 @click.option(
     "--num-draft-tokens", metavar="INT", help="Most tokens a row drafts per step.  [default: 5]"
