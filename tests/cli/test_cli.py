@@ -161,6 +161,7 @@ ENV_CASES = [
     ("SHUTDOWN_GRACE_S", "2.5", "shutdown_grace_s", 2.5),
     ("MEMORY_BUDGET_BYTES", "1000000000", "memory_budget_bytes", 1_000_000_000),
     ("SPECULATIVE", "ngram", "speculative", "ngram"),
+    ("DRAFT_MODEL", "/models/small", "draft_model", "/models/small"),
     ("NUM_DRAFT_TOKENS", "7", "num_draft_tokens", 7),
     ("NGRAM_SIZE", "2", "ngram_size", 2),
     ("KV_BITS", "8", "kv_bits", 8),

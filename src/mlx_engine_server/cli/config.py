@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -95,9 +95,15 @@ class Settings(BaseSettings):
     prefix_cache_bytes: int = Field(
         default=1 << 30, ge=0, description="Bytes of KV cache kept for reuse; 0 turns it off."
     )
-    speculative: Literal["none", "ngram"] = Field(
+    speculative: Literal["none", "ngram", "draft"] = Field(
         default="none",
-        description="Speculative decoding: ngram drafts by prompt lookup, verified in the batch.",
+        description="Speculative decoding: ngram drafts by prompt lookup, draft with "
+        "--draft-model; drafts are verified in the batch.",
+    )
+    draft_model: str | None = Field(
+        default=None,
+        description="--speculative draft: a smaller model with the same tokenizer (directory, "
+        "repo id in the local cache, or .gguf).",
     )
     num_draft_tokens: int = Field(
         default=5, ge=1, le=64, description="Most tokens a row drafts per step."
@@ -230,6 +236,22 @@ class Settings(BaseSettings):
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _draft_model_turns_draft_on(cls, data: Any) -> Any:
+        """As mlx-lm's --draft-model: naming a draft model is enough."""
+        if isinstance(data, dict) and data.get("draft_model") and "speculative" not in data:
+            return {**data, "speculative": "draft"}
+        return data
+
+    @model_validator(mode="after")
+    def _draft_model_with_draft_mode(self) -> Settings:
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("--speculative draft needs --draft-model")
+        if self.draft_model is not None and self.speculative != "draft":
+            raise ValueError("--draft-model is used with --speculative draft only")
+        return self
 
     @field_validator("kv_bits", mode="after")
     @classmethod

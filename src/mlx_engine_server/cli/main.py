@@ -93,9 +93,15 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 )
 @click.option(
     "--speculative",
-    type=click.Choice(["none", "ngram"]),
-    help="Speculative decoding: ngram drafts tokens by prompt lookup and verifies them in "
-    "the batch's step.  [default: none]",
+    type=click.Choice(["none", "ngram", "draft"]),
+    help="Speculative decoding: ngram drafts tokens by prompt lookup, draft with "
+    "--draft-model; the batch's step verifies them.  [default: none]",
+)
+@click.option(
+    "--draft-model",
+    metavar="PATH",
+    help="A smaller model with the same tokenizer that drafts tokens (directory, repo id or "
+    ".gguf); turns on --speculative draft.",
 )
 @click.option(
     "--num-draft-tokens", metavar="INT", help="Most tokens a row drafts per step.  [default: 5]"

@@ -18,7 +18,7 @@ import numpy as np
 
 FinishReason = Literal["stop", "length"]
 DistributedMode = Literal["tensor", "pipeline"]
-SpeculativeMode = Literal["none", "ngram"]
+SpeculativeMode = Literal["none", "ngram", "draft"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class EngineOptions:
     speculative: SpeculativeMode = "none"
     num_draft_tokens: int = 5  # the most tokens a row drafts in one step
     ngram_size: int = 3  # tokens matched against the context to find a draft
+    draft_model_path: str | None = None  # --speculative draft: the smaller model that drafts
     kv_bits: int | None = None  # running rows' and cached prefixes' KV stored quantized
     kv_group_size: int = 64
     # Run a few requests through the batch before Ready, so that kernels compiled at first use

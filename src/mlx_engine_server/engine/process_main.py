@@ -19,7 +19,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ..errors import StartupError
-from ..models.loader import ModelSource, load_model
+from ..models.draft import load_with_draft
+from ..models.loader import ModelSource
 from .host import EngineHost
 from .messages import EngineFailed, EngineSpec, FromEngine, Ready, Stop, decode, encode
 
@@ -46,7 +47,8 @@ def serve_engine(conn: Connection) -> int:
         trust_remote_code=spec.trust_remote_code,
         gguf_requantize=spec.gguf_requantize,
     )
-    host = EngineHost(lambda: load_model(source), spec.options, send)
+    draft_path = spec.options.draft_model_path
+    host = EngineHost(lambda: load_with_draft(source, draft_path), spec.options, send)
     try:
         info = host.start()
     except StartupError as exc:

@@ -68,6 +68,29 @@ class SeededSampler:
         candidates = mx.concatenate([without_draft, scaled[count:]], axis=0)
         return accepted, mx.random.categorical(candidates, key=sample_key)
 
+    def verify_sampled_drafts(
+        self, logprobs: mx.array, draft_logprobs: mx.array, drafts: list[int]
+    ) -> tuple[mx.array, mx.array]:
+        """Speculative sampling against a draft model's tokens, each drawn (by `__call__`) from
+        q, this row's distribution over `draft_logprobs`: draft token t at position j is accepted
+        with probability min(1, p_j(t) / q_j(t)); where it is rejected, the replacement comes
+        from max(0, p_j - q_j) renormalised (Leviathan et al., 2023). Returns what
+        verify_drafts returns."""
+        scaled = self._scaled(logprobs)
+        count = len(drafts)
+        self._key, accept_key, sample_key = mx.random.split(self._key, 3)
+        draft_ids = mx.array(drafts, dtype=mx.int32)[:, None]
+        p = mx.softmax(scaled[:count], axis=-1)
+        q = mx.softmax(self._scaled(draft_logprobs), axis=-1)
+        p_draft = mx.take_along_axis(p, draft_ids, axis=-1)[:, 0]
+        q_draft = mx.take_along_axis(q, draft_ids, axis=-1)[:, 0]
+        accepted = mx.random.uniform(shape=(count,), key=accept_key) * q_draft < p_draft
+        residual = mx.maximum(p - q, 0.0)
+        # p == q leaves nothing to draw from, but then no draft is ever rejected.
+        residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p)
+        candidates = mx.concatenate([mx.log(residual), scaled[count:]], axis=0)
+        return accepted, mx.random.categorical(candidates, key=sample_key)
+
     def _scaled(self, logprobs: mx.array) -> mx.array:
         """The row's filters (top_p, min_p, top_k) and temperature: what it samples from."""
         params = self._params

@@ -34,6 +34,7 @@ from .ngram import DraftSettings, RowDrafter
 from .sampling import SeededSampler
 
 OnVerified = Callable[[int, int], None]  # (tokens drafted, tokens accepted) in one step
+BatchFactory = Callable[[Any, Any], "SpeculativeGenerationBatch"]
 PROBE_EVERY_STEPS = 32  # plain steps among speculative ones keep the comparison fresh:
 PROBE_STEPS = 3  # this many in a row, since a plain step's time shows in the one after it
 MAX_PAUSE_STEPS = 256
@@ -120,12 +121,13 @@ class SpeculativeGenerationBatch(GenerationBatch):
             return []
         started = time.perf_counter()
         drafters = [self._drafter(index) for index in range(len(self.uids))]
-        allowed = self.pacer.allows_drafts()
-        if not allowed or all(d is None or d.resting for d in drafters):
+        if not self.pacer.allows_drafts():
+            drafters = self._unpaced(drafters)
+        if all(d is None or d.resting for d in drafters):
             return self._plain_step(drafters, started)
         mx.eval(self._next_tokens)
         pending: list[int] = self._next_tokens.tolist()  # type: ignore[assignment]
-        drafts = [self._propose(i, d, pending[i]) for i, d in enumerate(drafters)]
+        drafts = self._drafts(pending, drafters)
         if not any(drafts):
             return self._plain_step([], started)
         self.pacer.step_started(speculative=True)
@@ -137,6 +139,18 @@ class SpeculativeGenerationBatch(GenerationBatch):
         super().filter(keep)
         live = set(self.uids)
         self._drafters = {uid: d for uid, d in self._drafters.items() if uid in live}
+
+    def _unpaced(self, drafters: list[RowDrafter | None]) -> list[RowDrafter | None]:
+        """While the pacer pauses drafting, only seeded rows still draft: whether a step drafts
+        decides which random numbers a seeded row draws, and the pacer's timing must not, or
+        the same seed would not give the same text. Their own rests still apply."""
+        kept: list[RowDrafter | None] = []
+        for index, drafter in enumerate(drafters):
+            seeded = self.samplers and isinstance(self.samplers[index], SeededSampler)
+            if drafter is not None and not seeded and drafter.resting:
+                drafter.skip_step()
+            kept.append(drafter if seeded else None)
+        return kept
 
     def _plain_step(self, drafters: list[RowDrafter | None], started: float) -> list[Any]:
         for drafter in drafters:
@@ -160,14 +174,21 @@ class SpeculativeGenerationBatch(GenerationBatch):
             self._drafters[uid] = RowDrafter(self.drafting) if eligible and self.drafting else None
         return self._drafters[uid]
 
+    def _drafts(self, pending: list[int], drafters: list[RowDrafter | None]) -> list[list[int]]:
+        return [self._propose(i, d, pending[i]) for i, d in enumerate(drafters)]
+
+    def _room(self, index: int) -> int:
+        """Draft tokens row `index` may still take: its pending token and drafts stay within
+        max_tokens."""
+        return self.max_tokens[index] - self._num_tokens[index] - 1
+
     def _propose(self, index: int, drafter: RowDrafter | None, pending: int) -> list[int]:
         if drafter is None:
             return []
         if drafter.resting:
             drafter.skip_step()
             return []
-        room = self.max_tokens[index] - self._num_tokens[index] - 1
-        return drafter.propose([*self.tokens[index], pending], room)
+        return drafter.propose([*self.tokens[index], pending], self._room(index))
 
     def _verify(
         self, pending: list[int], drafts: list[list[int]], drafters: list[RowDrafter | None]
@@ -225,7 +246,9 @@ class SpeculativeGenerationBatch(GenerationBatch):
         for index, draft in enumerate(drafts):
             sampler = self.samplers[index] if self.samplers else None
             if isinstance(sampler, SeededSampler) and draft:
-                sampled[index] = sampler.verify_drafts(logprobs[index, : len(draft) + 1], draft)
+                sampled[index] = self._verify_sampled(
+                    index, sampler, logprobs[index, : len(draft) + 1], draft
+                )
             elif sampler is not None and sampler is not self.fallback_sampler:
                 sampled[index] = (mx.array([], mx.bool_), sampler(logprobs[index, :1]))
         mx.eval(greedy, logprobs, sampled)
@@ -253,6 +276,12 @@ class SpeculativeGenerationBatch(GenerationBatch):
                 )
             )
         return outcomes
+
+    def _verify_sampled(
+        self, index: int, sampler: SeededSampler, logprobs: mx.array, draft: list[int]
+    ) -> tuple[mx.array, mx.array]:
+        """A prompt-lookup draft is a point mass: the one-token rejection rule."""
+        return sampler.verify_drafts(logprobs, draft)
 
     def _advance(self, outcomes: list[_RowOutcome], drafts: list[list[int]]) -> None:
         """The batch's state after the step: what the caches hold, and each pending token."""
@@ -306,13 +335,20 @@ class SpeculativeGenerationBatch(GenerationBatch):
 
 
 class SpeculativeBatchGenerator(BatchGenerator):
-    """BatchGenerator whose running batch drafts and verifies (prefill is mlx-lm's own)."""
+    """BatchGenerator whose running batch drafts and verifies (prefill is mlx-lm's own);
+    `make_batch` (model, sampler) -> the running batch, which says where drafts come from."""
 
     def __init__(
-        self, model: Any, *, drafting: DraftSettings, on_verified: OnVerified, **kwargs: Any
+        self,
+        model: Any,
+        *,
+        drafting: DraftSettings,
+        on_verified: OnVerified,
+        make_batch: BatchFactory | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        batch = SpeculativeGenerationBatch.empty(model, self.sampler)
+        batch = (make_batch or SpeculativeGenerationBatch.empty)(model, self.sampler)
         batch.drafting = drafting
         batch.on_verified = on_verified
         self._generation_batch = batch

@@ -23,11 +23,13 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..errors import StartupError
 from ..models.loader import LoadedModel
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
 from .distributed.group import GroupError
+from .draft_model import draft_batch_factory
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .messages import (
@@ -142,6 +144,8 @@ class Worker:
         )
         if options.speculative != "none" or options.kv_bits is not None:
             check_plain_kv_cache(loaded.model)
+        if loaded.draft_model is not None:
+            check_plain_kv_cache(loaded.draft_model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -177,12 +181,25 @@ class Worker:
             "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
             "prefill_step_size": self.options.prefill_step_size,
         }
+        drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
         if self.options.speculative == "ngram":
-            drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
             return SpeculativeBatchGenerator(
                 self.loaded.model, drafting=drafting, on_verified=self._count_drafts, **settings
             )
+        if self.options.speculative == "draft":
+            return SpeculativeBatchGenerator(
+                self.loaded.model,
+                drafting=drafting,
+                on_verified=self._count_drafts,
+                make_batch=draft_batch_factory(self._draft_model(), self.options.prefill_step_size),
+                **settings,
+            )
         return BatchGenerator(self.loaded.model, **settings)
+
+    def _draft_model(self) -> Any:
+        if self.loaded.draft_model is None:
+            raise StartupError("--speculative draft needs --draft-model")
+        return self.loaded.draft_model
 
     def _count_drafts(self, drafted: int, accepted: int) -> None:
         self.counters.record_drafts(drafted, accepted)

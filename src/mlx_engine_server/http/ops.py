@@ -70,6 +70,7 @@ def status_body(engine: EngineClient, report: EngineReport | None) -> dict[str, 
         "prefix_cache": _prefix_cache_body(report),
         "speculative": {
             "mode": engine.options.speculative,
+            "draft_model": engine.options.draft_model_path,
             "draft_tokens_total": stats.draft_tokens_total,
             "accepted_tokens_total": stats.accepted_tokens_total,
             "acceptance_rate": round(stats.acceptance_rate, 4),

@@ -67,6 +67,7 @@ class LoadedModel:
     quantization: str | None
     created: int
     vision: VisionParts | None = None  # the vision-language model and its processor
+    draft_model: Module | None = None  # --speculative draft: a smaller model, same tokenizer
 
 
 def bundled_model_path() -> Path:
