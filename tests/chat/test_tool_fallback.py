@@ -111,6 +111,21 @@ def test_the_fallback_writes_tools_and_earlier_calls_into_the_prompt(tiny_model_
     assert not chat_formats(tokenizer, "none", "auto").tool_fallback
 
 
+def test_the_log_says_how_tool_calls_are_read(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with caplog.at_level("INFO", logger="mlx_engine_server.chat.plan"):
+        chat_formats(tokenizer, "auto", "auto")
+        chat_formats(tokenizer, "none", "auto")
+        chat_formats(tokenizer, "hermes", "auto")
+    assert caplog.messages == [
+        "tool calls: the generic fallback (the chat template renders no tools)",
+        "tool calls: not parsed (--tool-call-parser none)",
+        "tool calls: parsed as hermes (--tool-call-parser hermes)",
+    ]
+
+
 @pytest.mark.parametrize(
     "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
 )

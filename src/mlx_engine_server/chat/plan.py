@@ -4,6 +4,7 @@ offered) a call or that other answer."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,6 +25,8 @@ from .tools import (
     template_tools,
     tool_policy,
 )
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_THINKING = ReasoningMarkers("<think>", "</think>")
 ReasoningParser = Literal["auto", "none"]
@@ -59,6 +62,7 @@ def chat_formats(
     )
     if fallback:
         tools = generic_format.FORMAT
+    _log_tool_format(tool_call_parser, tools, fallback=fallback)
     model_thinks = bool(getattr(tokenizer, "has_thinking", False))
     thinking = (
         ReasoningMarkers(tokenizer.think_start, tokenizer.think_end)
@@ -75,6 +79,15 @@ def chat_formats(
         multimodal=multimodal,
         tool_fallback=fallback,
     )
+
+
+def _log_tool_format(setting: str, tools: ToolCallFormat | None, *, fallback: bool) -> None:
+    if fallback:
+        logger.info("tool calls: the generic fallback (the chat template renders no tools)")
+    elif tools is None:
+        logger.info("tool calls: not parsed (--tool-call-parser %s)", setting)
+    else:
+        logger.info("tool calls: parsed as %s (--tool-call-parser %s)", tools.name, setting)
 
 
 def plan_chat(tokenizer: Any, formats: ChatFormats, body: ChatCompletionRequest) -> ChatPlan:

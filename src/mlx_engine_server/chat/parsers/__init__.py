@@ -6,7 +6,6 @@ it cannot parse raises, and the block is then returned to the client as plain co
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from . import gemma, generic, hermes, llama3, mistral
@@ -15,7 +14,6 @@ from .types import ParsedCall, ToolCallFormat
 
 __all__ = ["ParsedCall", "ToolCallFormat", "known_tool_call_parsers", "resolve_tool_call_format"]
 
-logger = logging.getLogger(__name__)
 
 OURS: dict[str, ToolCallFormat] = {
     format_.name: format_
@@ -44,9 +42,7 @@ def resolve_tool_call_format(setting: str, tokenizer: Any) -> ToolCallFormat | N
         return OURS[setting]
     if setting != "auto":
         return mlx_lm_format(setting)
-    detected = _detect(tokenizer)
-    logger.info("tool-call parser: %s", detected.name if detected else "none found")
-    return detected
+    return _detect(tokenizer)
 
 
 def _detect(tokenizer: Any) -> ToolCallFormat | None:
