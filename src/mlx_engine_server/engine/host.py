@@ -44,7 +44,9 @@ from .messages import (
     Submit,
     ToEngine,
 )
-from .worker import STOP, Submission, Worker, run_worker_thread
+from .sequences import Submission
+from .worker import STOP, Worker
+from .worker_thread import run_worker_thread
 
 logger = logging.getLogger(__name__)
 

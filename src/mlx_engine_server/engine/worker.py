@@ -3,64 +3,52 @@
 Requests arrive through a bounded inbox between steps and join the running batch (mlx-lm's
 BatchGenerator does the continuous batching and chunked prefill). Each step's tokens are decoded
 per request and posted back as plain events. A failure ends the requests it touched, never the
-thread. (Over 400 lines: the batch loop and each request's bookkeeping read best side by side.)
+thread. How the batch is built (speculation, quantized KV caches) is `batch_setup.py`; how a
+request leaves it, `sequence_endings.py`; the thread around the worker, `worker_thread.py`.
 """
 
 from __future__ import annotations
 
-import cProfile
 import logging
-import os
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import StopSequences
 
-from ..errors import StartupError
 from ..models.loader import LoadedModel
+from .batch_setup import PREFILL_BATCH, BatchSetup
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
 from .distributed.group import GroupError
-from .draft_model import draft_batch_factory
 from .logprobs import LogprobRequest, gather_logprobs
 from .memory import MemoryLedger, measure_memory
 from .messages import (
     Admitted,
     Drain,
     EngineOptions,
-    Event,
     Failed,
-    Finished,
     FinishReason,
     SamplingParams,
     Stop,
     TextDelta,
     TokenLogprob,
-    Usage,
-    VisionPrompt,
 )
-from .messages import Cancellation as CancellationFlag
-from .ngram import DraftSettings
-from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
-from .quantized_kv import as_row_cache, empty_row_cache
+from .prefix_cache import CacheHit, PrefixCache
 from .sampling import make_request_processors, make_request_sampler
-from .speculative import SpeculativeBatchGenerator, check_plain_kv_cache
+from .sequence_endings import SequenceEndings
+from .sequences import LiveSequence, Submission
+from .speculative import check_plain_kv_cache
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
 logger = logging.getLogger(__name__)
 
-PROFILE_ENV = "MLX_ENGINE_PROFILE"
 IDLE_POLL_S = 0.5
-PREFILL_BATCH = 8  # prompts prefilled together
 # While a batch decodes, requests that arrive one by one wait up to this long to join together:
 # each group that joins costs a merge of every layer's KV cache into the running batch, and rows
 # that start together finish together (one filter, not one per row). Measured on an H200 with 64
@@ -74,42 +62,10 @@ GRAMMAR_INVALID = "the grammar could not be used"
 CONSTRAINED_DECODING_FAILED = "constrained decoding failed"
 
 
-@dataclass(frozen=True)
-class Submission:
-    """One request as the worker receives it."""
-
-    prompt_tokens: tuple[int, ...]
-    params: SamplingParams
-    deadline: float
-    cancellation: CancellationFlag
-    post: Callable[[Event], None]
-    vision: VisionPrompt | None = None  # the prompt's images, processed
-    arrived_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def cache_partition(self) -> str:
-        return self.vision.image_digest if self.vision is not None else TEXT_PARTITION
-
-
-@dataclass
-class LiveSequence:
-    """The worker's state for one request in the batch."""
-
-    submission: Submission
-    detokenizer: Any
-    stop_filter: StopTextFilter
-    cached_tokens: int = 0
-    reserved_bytes: int = 0
-    completion_tokens: int = 0
-    pending_ids: list[int] = field(default_factory=list)
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    grammar: GrammarProcessor | None = None
-
-
 STOP = Stop()
 
 
-class Worker:
+class Worker(BatchSetup, SequenceEndings):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -172,37 +128,6 @@ class Worker:
 
     def _share_plan(self) -> None:
         """Before each step, rank 0 of a group sends its decisions; a process alone has none."""
-
-    def _new_generator(self) -> BatchGenerator:
-        eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
-        settings: dict[str, Any] = {
-            "stop_tokens": [[token] for token in eos_ids],
-            "completion_batch_size": self.options.max_batch_size,
-            "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
-            "prefill_step_size": self.options.prefill_step_size,
-        }
-        drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
-        if self.options.speculative == "ngram":
-            return SpeculativeBatchGenerator(
-                self.loaded.model, drafting=drafting, on_verified=self._count_drafts, **settings
-            )
-        if self.options.speculative == "draft":
-            return SpeculativeBatchGenerator(
-                self.loaded.model,
-                drafting=drafting,
-                on_verified=self._count_drafts,
-                make_batch=draft_batch_factory(self._draft_model(), self.options.prefill_step_size),
-                **settings,
-            )
-        return BatchGenerator(self.loaded.model, **settings)
-
-    def _draft_model(self) -> Any:
-        if self.loaded.draft_model is None:
-            raise StartupError("--speculative draft needs --draft-model")
-        return self.loaded.draft_model
-
-    def _count_drafts(self, drafted: int, accepted: int) -> None:
-        self.counters.record_drafts(drafted, accepted)
 
     def _admit(self, *, block: bool) -> None:
         while True:
@@ -341,27 +266,6 @@ class Worker:
         submission.post(Admitted(cached_tokens=live.cached_tokens))
         return int(uid)
 
-    def _empty_cache(self, model: Any) -> list[Any]:
-        """A new row's cache: mlx-lm's own, or quantized layers under --kv-bits."""
-        bits = self.options.kv_bits
-        if bits is None:
-            return make_prompt_cache(model)
-        group_size = self.options.kv_group_size
-        return empty_row_cache(len(make_prompt_cache(model)), group_size, bits)
-
-    def _row_caches(self, hit: CacheHit) -> list[list[Any]] | None:
-        bits = self.options.kv_bits
-        if bits is None:
-            return [hit.cache] if hit.cache else None
-        if hit.cache:
-            return [as_row_cache(hit.cache, self.options.kv_group_size, bits)]
-        return [self._empty_cache(self.loaded.model)]
-
-    def _end_unstarted(self, submission: Submission, need_bytes: int, event: Failed | str) -> None:
-        """A request that ended before joining the batch gives back its memory."""
-        self.memory.release(need_bytes)
-        self._end(submission, Failed(event) if isinstance(event, str) else event)
-
     def _processors(self, params: SamplingParams) -> tuple[list[Any], GrammarProcessor | None]:
         processors = make_request_processors(params)
         if params.grammar is None:
@@ -455,63 +359,6 @@ class Worker:
         logprobs, sequence.pending_logprobs = tuple(sequence.pending_logprobs), []
         sequence.submission.post(TextDelta(text=text, token_ids=ids, logprobs=logprobs))
 
-    def _finish(self, uid: int, reason: FinishReason, stop_sequence: str | None = None) -> None:
-        sequence = self._retire(uid)
-        submission = sequence.submission
-        usage = Usage(
-            prompt_tokens=len(submission.prompt_tokens),
-            completion_tokens=sequence.completion_tokens,
-            cached_tokens=sequence.cached_tokens,
-        )
-        self.counters.completion_tokens_total += sequence.completion_tokens
-        self._end(submission, Finished(reason, usage, stop_sequence))
-
-    def _retire(self, uid: int) -> LiveSequence:
-        sequence = self._live.pop(uid)
-        self.memory.release(sequence.reserved_bytes)
-        return sequence
-
-    def _end(self, submission: Submission, event: Event) -> None:
-        if isinstance(event, Failed) and event.kind == "cancelled":
-            self.counters.cancelled_total += 1
-        elif isinstance(event, Failed):
-            self.counters.failures_total += 1
-        submission.post(event)
-        self.counters.active = len(self._live)
-
-    def _drop_abandoned(self) -> None:
-        """Requests whose client left or whose deadline passed leave the batch before the step."""
-        now = time.monotonic()
-        for uid, sequence in list(self._live.items()):
-            reason = self._abandon_reason(sequence.submission, now)
-            if reason is not None:
-                self._remove(uid, reason)
-        for submission in list(self._waiting):
-            reason = self._abandon_reason(submission, now)
-            if reason is not None:
-                self._waiting.remove(submission)
-                self._end(submission, reason)
-        for prefill in list(self._prefilling):
-            reason = self._abandon_reason(prefill.submission, now)
-            if reason is not None:
-                self._prefilling.remove(prefill)
-                self._end_unstarted(prefill.submission, prefill.reserved_bytes, reason)
-
-    def _abandon_reason(self, submission: Submission, now: float) -> Failed | None:
-        if submission.cancellation.cancelled:
-            return Failed("cancelled", kind="cancelled")
-        if now > submission.deadline:
-            return Failed("the request passed its deadline", kind="timeout")
-        if self._drain_deadline is not None and now > self._drain_deadline:
-            return Failed("the server is shutting down", kind="shutdown")
-        return None
-
-    def _remove(self, uid: int, event: Failed) -> None:
-        self._generator.remove([uid])
-        sequence = self._retire(uid)
-        self.counters.completion_tokens_total += sequence.completion_tokens
-        self._end(sequence.submission, event)
-
     def _fail_one(self, uid: int, message: str) -> None:
         if uid not in self._live:
             return
@@ -521,20 +368,6 @@ class Worker:
             logger.exception("could not remove a failed request from the batch")
         sequence = self._retire(uid)
         self._end(sequence.submission, Failed(message))
-
-    def _cancel_all(self) -> None:
-        for uid in list(self._live):
-            self._remove(uid, Failed("the server is shutting down", kind="shutdown"))
-        while self._waiting:
-            self._end(
-                self._waiting.popleft(), Failed("the server is shutting down", kind="shutdown")
-            )
-        self._end_prefills(Failed("the server is shutting down", kind="shutdown"))
-
-    def _end_prefills(self, event: Failed) -> None:
-        while self._prefilling:
-            prefill = self._prefilling.popleft()
-            self._end_unstarted(prefill.submission, prefill.reserved_bytes, event)
 
     def _fail_all(self, message: str) -> None:
         for uid in list(self._live):
@@ -551,38 +384,3 @@ def _too_big(need_bytes: int, memory: MemoryLedger) -> str:
         f"more than the {memory.model.room_bytes / 2**20:.0f} MiB the memory budget leaves "
         "beside the model; lower max_tokens or shorten the prompt"
     )
-
-
-def _run_profiled(worker: Worker) -> None:
-    """$MLX_ENGINE_PROFILE=FILE: the worker thread's cProfile, written when it ends (benchmarks
-    use it to see where the engine's time goes; it slows the engine down)."""
-    profile = cProfile.Profile()
-    try:
-        profile.runcall(worker.run)
-    finally:
-        profile.dump_stats(os.environ[PROFILE_ENV])
-
-
-def run_worker_thread(
-    load: Callable[[], LoadedModel],
-    make_worker: Callable[[LoadedModel], Worker],
-    ready: Callable[[Worker | BaseException], None],
-) -> threading.Thread:
-    """Start the MLX thread: it loads the model, reports through `ready`, then serves the inbox."""
-
-    def main() -> None:
-        try:
-            worker = make_worker(load())
-        except BaseException as exc:  # reported to the starting thread
-            mx.clear_streams()
-            ready(exc)
-            return
-        ready(worker)
-        try:
-            _run_profiled(worker) if os.environ.get(PROFILE_ENV) else worker.run()
-        finally:
-            mx.clear_streams()
-
-    thread = threading.Thread(target=main, name="mlx-worker", daemon=True)
-    thread.start()
-    return thread

@@ -20,7 +20,8 @@ from typing import Any
 from ...models.loader import LoadedModel
 from ..messages import Cancellation, EngineOptions, Event, Failed
 from ..sampling import with_fixed_seed
-from ..worker import Submission, Worker
+from ..sequences import Submission
+from ..worker import Worker
 from .group import Group, GroupError, StepChannel, Watchdog
 from .step_plan import InsertOp, Op, RemoveOp, ShrinkOp, StepPlan, decode_plan, encode_plan
 
