@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from mlx_engine_server.chat.overflow import SUMMARY_INSTRUCTION
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..conftest import TINY_CONTEXT_WINDOW
@@ -286,6 +287,42 @@ def test_summarize_a_history_longer_than_the_window(overflow_client: TestClient)
     assert int(header.rsplit("=", 1)[1]) > 60
     summary = response.json()["usage"]["summary_usage"]
     assert summary["prompt_tokens"] <= TINY_CONTEXT_WINDOW - SUMMARY_MAX_TOKENS
+
+
+WEATHER_CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+        }
+    ],
+}
+WEATHER_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 degrees"}
+
+
+def test_a_summary_reads_tool_calls_as_generation_on_the_fallback_writes_them(
+    overflow_client: TestClient, prompt_length: Callable[[Messages], int]
+) -> None:
+    """The tiny model's template renders no tools (the generic fallback): the summary's prompt
+    holds each call and result in the fallback's JSON, rendered by the chat plan as /tokenize
+    renders it; before, the calls were left out of the transcript."""
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    messages = [SYSTEM, ask, WEATHER_CALL, WEATHER_RESULT, *conversation(4)[1:]]
+    response, _ = completion(overflow_client, messages, **LONG_ANSWER, context_overflow=SUM)
+    assert response.headers["x-context-compacted"] == "summarize; summarized=9"
+    calls = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
+    result = '{"tool_response": {"name": "get_weather", "content": "sunny, 21 degrees"}}'
+    lines = ["user: Weather in Paris?", f"assistant: {calls}", f"tool: {result}"]
+    lines += [f"{message['role']}: {message['content']}" for message in messages[4:10]]
+    transcript = [
+        {"role": "system", "content": SUMMARY_INSTRUCTION},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+    summary = response.json()["usage"]["summary_usage"]
+    assert summary["prompt_tokens"] == prompt_length(transcript)
 
 
 def test_summarize_refuses_when_the_kept_messages_alone_are_too_long(

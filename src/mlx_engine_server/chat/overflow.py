@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from ..errors import ContextLengthExceededError
 from ..protocols.openai.types import ChatMessage, OverflowPolicy
+from .tool_fallback import transcript_lines
 
 PINNED_ROLES = frozenset({"system", "developer"})
 SUMMARY_LABEL = "Summary of the earlier conversation:"
@@ -272,7 +273,7 @@ def summary_request(
     A history longer than the window loses its oldest text: the prompt keeps the longest tail of
     the transcript that fits (a binary search over where the text starts).
     """
-    lines = [f"{message.role}: {message.text()}" for message in summarized]
+    lines = transcript_lines(list(summarized))
     transcript = "\n".join(lines)
 
     def prompt_from(start: int) -> list[int]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..protocols.openai.types import ChatCompletionRequest
+from ..protocols.openai.types import ChatCompletionRequest, ChatMessage
+from .tools import template_messages
 
 TEXT_ANSWER = r"/[^{ \t\r\n](?s:.*)/"  # plain text: anything that does not open a JSON object
 
@@ -57,6 +58,21 @@ def tool_instructions(body: ChatCompletionRequest) -> str:
     ]
     listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
     return INSTRUCTIONS.format(tools=listing)
+
+
+def transcript_lines(messages: list[ChatMessage]) -> list[str]:
+    """Each message as `role: text` for a summary's transcript, its tool calls and results
+    written in the JSON this fallback writes them in: the summary keeps what was called."""
+    lines = []
+    for message, entry in zip(messages, template_messages(messages), strict=True):
+        if entry.get("tool_calls"):
+            text = _text(_assistant_calls(entry))
+        elif message.role == "tool":
+            text = _tool_response(entry)
+        else:
+            text = message.text()
+        lines.append(f"{message.role}: {text}")
+    return lines
 
 
 def _with_instructions(

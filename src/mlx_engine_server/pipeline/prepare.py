@@ -26,7 +26,7 @@ from ..chat.overflow import (
     summarize,
 )
 from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
-from ..chat.prompt import chat_prompt_tokens, resolve_max_tokens
+from ..chat.prompt import resolve_max_tokens
 from ..engine import EngineClient, SamplingParams, Usage, VisionPrompt
 from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from ..http.access_log import request_record
@@ -189,9 +189,9 @@ class EngineSummarizer:
         self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        engine = self.engine
-        vision = engine.model.kind == "vision"
-        return chat_prompt_tokens(engine.tokenizer, messages, multimodal=vision)
+        """Rendered by the chat plan, as generation and /tokenize render the same messages."""
+        body = ChatCompletionRequest(messages=messages)
+        return plan_chat(self.engine.tokenizer, chat_formats_of(self.request), body).prompt_tokens
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         """On the request's loop, whichever loop awaits this (compaction runs in a thread)."""
