@@ -190,7 +190,8 @@ def test_summarize_replaces_all_but_the_last_messages_with_one_system_message() 
 
 def test_summarize_keeps_a_tool_result_with_its_call() -> None:
     roles = ["system", "user", "assistant", "tool", "assistant", "tool", "assistant", "tool"]
-    messages = [message(role, 15, f"{role}{i}") for i, role in enumerate(roles)]
+    # 13 words each: the transcript writes each tool result in the fallback's JSON (longer).
+    messages = [message(role, 13, f"{role}{i}") for i, role in enumerate(roles)]
     kept, header, _ = fit(messages, "summarize", keep=1)
     # keep=1 would cut between assistant6 and tool7: the pair stays together.
     assert tags(kept) == ["system0", "user1", SUMMARY_LABEL.split()[0], "assistant6", "tool7"]
