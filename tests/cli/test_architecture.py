@@ -119,8 +119,6 @@ RULES = [
             *("protocols/openai/routes.py", "protocols/anthropic/routes.py"),
             "protocols/responses/routes.py",
             "protocols/conversations/routes.py",
-            "pipeline/prepare.py",  # the request's state, host policy and log record: M6
-            "pipeline/run.py",
         ),
     ),
     (("llguidance",), ("engine/constraints.py", "chat/structured.py")),
@@ -177,11 +175,6 @@ ARROWS = {
     "engine": {"models", "errors"},
     "models": {"engine", "errors"},
 }
-# Files that still cross an arrow, each with the step that removes it.
-KNOWN_CROSSINGS = {
-    ("pipeline/prepare.py", "http"),  # host policy, body limits, the log record: M6
-    ("pipeline/run.py", "http"),  # the log record: M6
-}
 
 
 def part_imports() -> list[tuple[str, str, str]]:
@@ -199,15 +192,9 @@ def test_each_part_imports_only_what_its_arrows_allow() -> None:
     strays = sorted(
         f"{relative} ({here}) imports {there}"
         for relative, here, there in part_imports()
-        if here != "cli" and there not in ARROWS[here] and (relative, there) not in KNOWN_CROSSINGS
+        if here != "cli" and there not in ARROWS[here]
     )
     assert not strays, "\n".join(strays)
-
-
-def test_known_crossings_still_exist() -> None:
-    """An exception that no longer happens is removed from the list, so it cannot come back."""
-    crossings = {(relative, there) for relative, _, there in part_imports()}
-    assert crossings >= KNOWN_CROSSINGS, sorted(KNOWN_CROSSINGS - crossings)
 
 
 # Outside the engine, only its public faces: the package and its messages.

@@ -5,7 +5,7 @@ EngineClient (engine/client.py) and the messages of engine/messages.py.
 Importing this package imports no MLX: the front's view of the engine is the client and messages.
 """
 
-from .client import EngineClient, FrontModel, Generation
+from .client import EngineClient, FrontModel, Generation, TimingObserver
 from .messages import (
     Admitted,
     EngineOptions,
@@ -37,6 +37,7 @@ __all__ = [
     "ModelInfo",
     "SamplingParams",
     "TextDelta",
+    "TimingObserver",
     "TokenLogprob",
     "TopLogprob",
     "Usage",

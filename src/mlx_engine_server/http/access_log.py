@@ -50,6 +50,16 @@ class RequestRecord:
     generation: GenerationFacts | None = None
     prompt: str | None = None
 
+    def note_prompt(self, text: str) -> None:
+        self.prompt = text
+
+    def note_generation(
+        self, prompt_tokens: int, cached_tokens: int, generation: GenerationFacts
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.generation = generation
+
     def fields(self) -> dict[str, Any]:
         generation = self.generation
         fields: dict[str, Any] = {

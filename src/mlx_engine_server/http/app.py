@@ -11,7 +11,6 @@ from starlette.routing import Route
 
 from ..chat.overflow import CompactionCounters
 from ..engine import EngineClient
-from ..pipeline.prepare import ServerOptions
 from ..pipeline.run import CACHED_TOKENS_HEADER, COMPACTION_HEADER
 from ..protocols.anthropic import routes as anthropic_routes
 from ..protocols.conversations import routes as conversations_routes
@@ -21,6 +20,7 @@ from ..protocols.responses import routes as openai_responses_routes
 from ..state.sqlite import SqliteStore
 from ..state.store import StateStore
 from .access_log import REQUEST_ID_HEADER, RequestLog
+from .context import ServerOptions
 from .errors import EXCEPTION_HANDLERS, Dialects
 from .guards import ApiKeyGuard, Cors, HeaderLimit, HostGuard, OriginGuard, OriginPolicy
 from .metrics import RequestCounter, ServerMetrics

@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-from starlette.requests import Request
+from dataclasses import dataclass
 
 from ..chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
-from ..chat.media import LoadedImage, MediaPolicy
+from ..chat.media import LoadedImage
 from ..chat.overflow import (
     Compaction,
-    CompactionCounters,
     Fitted,
     Limits,
     Render,
@@ -25,14 +22,11 @@ from ..chat.overflow import (
     fit_without_model,
     summarize,
 )
-from ..chat.plan import ChatFormats, ChatPlan, chat_formats, plan_chat
+from ..chat.plan import ChatFormats, ChatPlan, plan_chat
 from ..chat.prompt import resolve_max_tokens
 from ..engine import EngineClient, SamplingParams, Usage, VisionPrompt
 from ..errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
-from ..http.access_log import request_record
-from ..http.body import request_limits
-from ..http.guards import HostPolicy
-from ..protocols.openai.limits import RequestLimits, check_request_limits
+from ..protocols.openai.limits import check_request_limits
 from ..protocols.openai.types import (
     ChatCompletionRequest,
     ChatMessage,
@@ -40,37 +34,12 @@ from ..protocols.openai.types import (
     OverflowPolicy,
     SamplingFields,
 )
-from ..state.limits import RatePolicy
 from .admission import collect
+from .context import GenerationOptions, RequestContext
 from .front_work import check_text_can_fit, off_loop, rendered_chars, tokens_at_least
 
 # Ten digits hold every vocabulary size; longer keys are refused before int() reads them.
 TOKEN_ID_KEY = re.compile("[0-9]{1,10}")
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """The part of Settings the HTTP layer needs, built once in serve()."""
-
-    strict_model_name: bool = False
-    max_tokens_default: int | None = None
-    context_overflow: OverflowPolicy = "error"
-    allow_request_overflow_policy: bool = False
-    summary_keep_messages: int = 6
-    summary_max_tokens: int = 512
-    tool_call_parser: str = "auto"
-    reasoning_parser: str = "auto"
-    max_n: int = 8
-    max_prompts: int = 16
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    api_keys: tuple[str, ...] = ()
-    host_policy: HostPolicy | None = None  # None: any Host header (not bound to loopback)
-    cors_origins: tuple[str, ...] = ()
-    log_prompts: bool = False
-    max_header_bytes: int = 32 * 1024
-    media: MediaPolicy = field(default_factory=MediaPolicy)
-    rate_limits: RatePolicy = field(default_factory=RatePolicy)
-    session_ttl_s: float = 24 * 3600.0
 
 
 class ChatPlanner:
@@ -99,37 +68,21 @@ class ChatPlanner:
         return plan
 
 
-def chat_formats_of(request: Request) -> ChatFormats:
-    state = request.app.state
-    if state.chat_formats is None:
-        options: ServerOptions = state.options
-        engine: EngineClient = state.engine
-        state.chat_formats = chat_formats(
-            engine.tokenizer,
-            options.tool_call_parser,
-            options.reasoning_parser,
-            multimodal=engine.model.kind == "vision",
-        )
-    formats: ChatFormats = state.chat_formats
-    return formats
-
-
 async def fit_conversation_for(
-    request: Request,
-    engine: EngineClient,
-    options: ServerOptions,
+    ctx: RequestContext,
     body: ChatCompletionRequest,
     render: Callable[[list[ChatMessage]], list[int]],
 ) -> Fitted:
     """Apply the context-overflow policy to the messages, and count what it did."""
+    engine, options = ctx.engine, ctx.options
     policy = _overflow_policy(options, body)
     window = engine.model.context_window
     requested = body.requested_max_tokens
     limits = Limits(window, requested or _answer_reserve(options, window), requested is not None)
     summary = SummaryOptions(
-        options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(request)
+        options.summary_keep_messages, options.summary_max_tokens, EngineSummarizer(ctx)
     )
-    counters: CompactionCounters = request.app.state.compactions
+    counters = ctx.compactions
     messages = list(body.messages)
     if policy == "error":  # refused at once when the text alone surely overflows
         check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
@@ -153,7 +106,7 @@ def _summarized(
     return asyncio.run(summarize(messages, render, limits, summary))
 
 
-def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> OverflowPolicy:
+def _overflow_policy(options: GenerationOptions, body: ChatCompletionRequest) -> OverflowPolicy:
     if body.context_overflow is None:
         return options.context_overflow
     if not options.allow_request_overflow_policy:
@@ -166,7 +119,7 @@ def _overflow_policy(options: ServerOptions, body: ChatCompletionRequest) -> Ove
     return body.context_overflow
 
 
-def _answer_reserve(options: ServerOptions, context_window: int) -> int:
+def _answer_reserve(options: GenerationOptions, context_window: int) -> int:
     """Room compaction keeps for an answer when max_tokens is absent: not the last few tokens."""
     quarter = max(1, context_window // 4)
     default = options.max_tokens_default
@@ -183,15 +136,15 @@ def summary_usage(compaction: Compaction | None) -> Usage | None:
 class EngineSummarizer:
     """Summaries of old turns written by the served model: one more request to the same engine."""
 
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.engine: EngineClient = request.app.state.engine
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.engine = ctx.engine
         self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
         """Rendered by the chat plan, as generation and /tokenize render the same messages."""
         body = ChatCompletionRequest(messages=messages)
-        return plan_chat(self.engine.tokenizer, chat_formats_of(self.request), body).prompt_tokens
+        return plan_chat(self.engine.tokenizer, self.ctx.chat_formats(), body).prompt_tokens
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         """On the request's loop, whichever loop awaits this (compaction runs in a thread)."""
@@ -201,13 +154,15 @@ class EngineSummarizer:
     async def _summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         generation = self.engine.generate([(prompt_tokens, params)])
-        (result,), usage = await collect(generation, self.request.receive, 1, 1)
+        (result,), usage = await collect(generation, self.ctx.receive, 1, 1)
         return Summary(
             result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
         )
 
 
-def check_choice_count(engine: EngineClient, options: ServerOptions, n: int, prompts: int) -> None:
+def check_choice_count(
+    engine: EngineClient, options: GenerationOptions, n: int, prompts: int
+) -> None:
     if n > options.max_n:
         raise InvalidRequestError(f"n may be at most {options.max_n} on this server", param="n")
     if n * prompts > engine.capacity:
@@ -218,10 +173,11 @@ def check_choice_count(engine: EngineClient, options: ServerOptions, n: int, pro
         )
 
 
-def check_model(request: Request, requested: str | None) -> tuple[EngineClient, ServerOptions]:
+def check_model(
+    ctx: RequestContext, requested: str | None
+) -> tuple[EngineClient, GenerationOptions]:
     """Any model name is accepted unless --strict-model-name: clients always send one."""
-    engine: EngineClient = request.app.state.engine
-    options: ServerOptions = request.app.state.options
+    engine, options = ctx.engine, ctx.options
     served = engine.model.model_id
     if options.strict_model_name and requested is not None and requested != served:
         raise model_not_found(requested, served)
@@ -236,7 +192,7 @@ def model_not_found(requested: str, served: str) -> ModelNotFoundError:
 
 def sampling_params(
     engine: EngineClient,
-    options: ServerOptions,
+    options: GenerationOptions,
     body: ChatCompletionRequest | CompletionRequest,
     prompt: list[int],
     grammar: str | None,
@@ -275,12 +231,10 @@ def _top_k(requested: int | None, vocab_size: int) -> int:
     return requested
 
 
-def note_prompt(request: Request, prompt_text: Callable[[], str]) -> None:
+def note_prompt(ctx: RequestContext, prompt_text: Callable[[], str]) -> None:
     """The prompt's text reaches the log only with --log-prompts."""
-    options: ServerOptions = request.app.state.options
-    record = request_record(request)
-    if record is not None and options.log_prompts:
-        record.prompt = prompt_text()
+    if ctx.notes is not None and ctx.options.log_prompts:
+        ctx.notes.note_prompt(prompt_text())
 
 
 def _token_bias(engine: EngineClient, body: SamplingFields) -> tuple[tuple[int, float], ...]:
@@ -321,17 +275,18 @@ class PlannedChat:
         return list(self.vision.token_ids) if self.vision else self.plan.prompt_tokens
 
 
-async def plan_request(request: Request, body: ChatCompletionRequest) -> PlannedChat:
+async def plan_request(ctx: RequestContext, body: ChatCompletionRequest) -> PlannedChat:
     """The prompt as the engine will see it, after the overflow policy had its say."""
-    check_request_limits(body, request_limits(request))
-    engine, options = check_model(request, body.model)
-    note_prompt(request, lambda: "\n".join(message.text() for message in body.messages))
+    engine, options = ctx.engine, ctx.options
+    check_request_limits(body, options.limits)
+    check_model(ctx, body.model)
+    note_prompt(ctx, lambda: "\n".join(message.text() for message in body.messages))
     messages = list(body.messages)
     refs = image_refs(messages)
     check_image_refs(refs, messages, engine.model.kind == "vision", options.media)
     images = await load_images(refs, options.media)
-    planner = ChatPlanner(engine, chat_formats_of(request), body)
-    fitted = await fit_conversation_for(request, engine, options, body, planner.prompt_tokens)
+    planner = ChatPlanner(engine, ctx.chat_formats(), body)
+    fitted = await fit_conversation_for(ctx, body, planner.prompt_tokens)
     plan = await off_loop(planner.plan, fitted.messages)
     vision = await _vision_prompt(engine, plan, images_of(fitted.messages, images))
     return PlannedChat(plan, fitted.compaction, vision)
@@ -349,11 +304,12 @@ async def _vision_prompt(
     )
 
 
-async def count_chat_tokens(request: Request, body: ChatCompletionRequest) -> int:
+async def count_chat_tokens(ctx: RequestContext, body: ChatCompletionRequest) -> int:
     """The prompt tokens of a conversation as given (tools and template included), uncompacted."""
-    engine, _ = check_model(request, body.model)
+    check_model(ctx, body.model)
+    engine = ctx.engine
     messages = list(body.messages)
     window = engine.model.context_window
     check_text_can_fit(engine.tokenizer, rendered_chars(messages), window, "messages")
-    planner = ChatPlanner(engine, chat_formats_of(request), body)
+    planner = ChatPlanner(engine, ctx.chat_formats(), body)
     return len(await off_loop(planner.prompt_tokens, messages))

@@ -6,20 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from starlette.requests import Request
-
 from ..chat.output import OutputRules
 from ..chat.overflow import Compaction
-from ..engine import EngineClient, Generation, VisionPrompt
-from ..http.access_log import request_record
+from ..engine import Generation, VisionPrompt
 from ..protocols.openai.types import ChatCompletionRequest, CompletionRequest
 from .admission import admit
-from .prepare import (
-    ServerOptions,
-    check_choice_count,
-    plan_request,
-    sampling_params,
-)
+from .context import RequestContext
+from .prepare import check_choice_count, plan_request, sampling_params
 
 COMPACTION_HEADER = "x-context-compacted"
 CACHED_TOKENS_HEADER = "x-mlx-cached-tokens"
@@ -54,7 +47,7 @@ class ChatRun(Run):
 
 
 async def start(
-    request: Request,
+    ctx: RequestContext,
     body: ChatCompletionRequest | CompletionRequest,
     prompts: list[list[int]],
     *,
@@ -66,8 +59,7 @@ async def start(
 
     `grammar`: the constraint on every choice (a chat plan's, or a completion's response_format).
     """
-    engine: EngineClient = request.app.state.engine
-    options: ServerOptions = request.app.state.options
+    engine, options = ctx.engine, ctx.options
     check_choice_count(engine, options, body.n, len(prompts))
     choices = [
         (prompt, replace(params, seed=choice_seed(params.seed, index)))
@@ -75,20 +67,21 @@ async def start(
         for params in [sampling_params(engine, options, body, prompt, grammar)]
         for index in range(body.n)
     ]
-    generation = engine.generate(choices, request.app.state.metrics, vision)
-    cached = _cached_tokens(await admit(generation, request.receive), body.n)
+    generation = engine.generate(choices, ctx.timing, vision)
+    cached = _cached_tokens(await admit(generation, ctx.receive), body.n)
     prompt_tokens = sum(len(prompt) for prompt in prompts)
-    note_generation(request, prompt_tokens, cached, generation)
+    if ctx.notes is not None:  # the request's log line reports its tokens and time to first token
+        ctx.notes.note_generation(prompt_tokens, cached, generation)
     model = engine.model.model_id
     grace_s = engine.options.shutdown_grace_s
     return Run(generation, prompt_tokens, cached, model, grace_s, compaction, len(choices), body.n)
 
 
-async def start_chat(request: Request, body: ChatCompletionRequest) -> ChatRun:
+async def start_chat(ctx: RequestContext, body: ChatCompletionRequest) -> ChatRun:
     """Plan one chat request (template, tools, overflow policy, images), then start it."""
-    planned = await plan_request(request, body)
+    planned = await plan_request(ctx, body)
     run = await start(
-        request,
+        ctx,
         body,
         [planned.prompt_tokens],
         grammar=planned.plan.grammar,
@@ -106,14 +99,3 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 def _cached_tokens(admitted: dict[int, int], n: int) -> int:
     """As usage counts them: each prompt once (its first choice), not once per choice."""
     return sum(cached for index, cached in admitted.items() if index % n == 0)
-
-
-def note_generation(
-    request: Request, prompt_tokens: int, cached_tokens: int, generation: Generation
-) -> None:
-    """The request's log line reports its tokens and time to first token."""
-    record = request_record(request)
-    if record is not None:
-        record.prompt_tokens = prompt_tokens
-        record.cached_tokens = cached_tokens
-        record.generation = generation

@@ -18,6 +18,7 @@ from ...chat.output import OutputSplitter
 from ...engine import Finished
 from ...engine.messages import FinishReason
 from ...http.body import read_model, validate_model
+from ...http.context import request_context
 from ...http.sse import GenerationStream
 from ...pipeline.admission import collect
 from ...pipeline.events import named_events
@@ -42,7 +43,7 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 async def messages(request: Request) -> Response:
     body = await read_model(request, MessagesRequest)
     chat = validate_model(ChatCompletionRequest, generation_fields(body))
-    run = await start_chat(request, chat)
+    run = await start_chat(request_context(request), chat)
     omit_thinking = body.thinking is not None and body.thinking.display == "omitted"
     response = (
         _stream(run, omit_thinking=omit_thinking)
@@ -86,7 +87,7 @@ async def _whole(request: Request, run: ChatRun, *, omit_thinking: bool) -> Resp
 async def count_tokens(request: Request) -> Response:
     body = await read_model(request, CountTokensRequest)
     chat = validate_model(ChatCompletionRequest, chat_fields(body))
-    return JSONResponse({"input_tokens": await count_chat_tokens(request, chat)})
+    return JSONResponse({"input_tokens": await count_chat_tokens(request_context(request), chat)})
 
 
 # Errors on these paths leave in Anthropic's dialect: http/app.py gives the table to the renderer.

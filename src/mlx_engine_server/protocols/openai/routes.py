@@ -17,13 +17,13 @@ from ...chat.structured import response_format_grammar
 from ...engine import EngineClient, Usage, VisionPrompt
 from ...errors import InvalidRequestError
 from ...http.body import read_model, request_limits
+from ...http.context import ServerOptions, request_context
 from ...http.guards import request_owner
 from ...http.sse import GenerationStream
 from ...pipeline.admission import ChoiceResult, collect
 from ...pipeline.events import ChunkShape, openai_events
 from ...pipeline.front_work import check_text_can_fit, off_loop
 from ...pipeline.prepare import (
-    ServerOptions,
     check_model,
     model_not_found,
     note_prompt,
@@ -119,7 +119,7 @@ async def chat_completions(request: Request) -> Response:
 async def _chat(
     request: Request, body: ChatCompletionRequest, session: Session | None = None
 ) -> Response:
-    planned = await plan_request(request, body)
+    planned = await plan_request(request_context(request), body)
     return await _generate(
         request,
         body,
@@ -161,9 +161,10 @@ def _prompt_tokens(tokenizer: Any, given: list[str | list[int]]) -> list[list[in
 async def completions(request: Request) -> Response:
     body = await read_model(request, CompletionRequest)
     check_request_limits(body, request_limits(request))
-    engine, options = check_model(request, body.model)
+    ctx = request_context(request)
+    engine, options = check_model(ctx, body.model)
     given = body.prompts()
-    note_prompt(request, lambda: "\n".join(str(prompt) for prompt in given))
+    note_prompt(ctx, lambda: "\n".join(str(prompt) for prompt in given))
     if len(given) > options.max_prompts:
         raise InvalidRequestError(
             f"at most {options.max_prompts} prompts per request (got {len(given)})",
@@ -201,8 +202,9 @@ async def _generate(
 ) -> Response:
     """Admit every choice of the request, then stream the answers or wait for all of them;
     a session's reply is saved before the answer ends."""
+    ctx = request_context(request)
     run = await start(
-        request, body, prompts.tokens, grammar=grammar, vision=vision, compaction=compaction
+        ctx, body, prompts.tokens, grammar=grammar, vision=vision, compaction=compaction
     )
     head = ResponseHeader.new(surface.id_prefix, run.model_id)
     with_logprobs = body.top_logprobs_count is not None

@@ -11,8 +11,8 @@ from ...chat.plan import plan_chat
 from ...chat.prompt import check_token_ids
 from ...errors import InvalidRequestError
 from ...http.body import read_model
+from ...http.context import chat_formats_of
 from ...pipeline.front_work import check_text_can_fit, off_loop, rendered_chars
-from ...pipeline.prepare import chat_formats_of
 from .types import ChatCompletionRequest, ChatMessage, DetokenizeRequest, TokenizeRequest
 
 

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from ...chat.output import OutputSplitter
 from ...errors import APIError, InvalidRequestError, NotFoundError
 from ...http.body import read_model, validate_model
+from ...http.context import request_context
 from ...http.guards import request_owner
 from ...http.sse import GenerationStream
 from ...pipeline.admission import collect
@@ -47,7 +48,7 @@ async def responses(request: Request) -> Response:
     history = await memory.history(body)
     try:
         chat = validate_model(ChatCompletionRequest, chat_fields(with_history(body, history)))
-        run = await start_chat(request, chat)
+        run = await start_chat(request_context(request), chat)
     except APIError as error:
         raise responses_param(error, body) from None
     head = ResponseHead.new(run.model_id, _echo(body))
