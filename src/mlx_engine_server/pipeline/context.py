@@ -49,6 +49,8 @@ class RequestNotes(Protocol):
 
 @dataclass(frozen=True)
 class RequestContext:
+    """One request's view of the app, as plain values and callables."""
+
     engine: EngineClient
     options: GenerationOptions
     chat_formats: Callable[[], ChatFormats]  # worked out on first use, then the same
