@@ -5,7 +5,8 @@ EngineClient (engine/client.py) and the messages of engine/messages.py.
 Importing this package imports no MLX: the front's view of the engine is the client and messages.
 """
 
-from .client import EngineClient, FrontModel, Generation, TimingObserver
+from .client import EngineClient, FrontModel
+from .generation import Generation, TimingObserver
 from .messages import (
     Admitted,
     EngineOptions,
