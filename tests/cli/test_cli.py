@@ -20,8 +20,10 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
-from mlx_engine_server.cli.config import DEFAULT_CACHE_DIR, SettingsError, api_keys, load_settings
+from mlx_engine_server.cli.config import DEFAULT_CACHE_DIR, load_settings
 from mlx_engine_server.cli.main import EXIT_BAD_SETTINGS, cli
+from mlx_engine_server.cli.options import api_keys
+from mlx_engine_server.cli.settings_errors import SettingsError
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..conftest import TINY_CONTEXT_WINDOW, start_engine

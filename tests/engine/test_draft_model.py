@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlx_engine_server.cli.config import SettingsError, load_settings
+from mlx_engine_server.cli.config import load_settings
+from mlx_engine_server.cli.settings_errors import SettingsError
 from mlx_engine_server.engine import EngineClient, EngineOptions, SamplingParams
 from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.engine.sampling import SeededSampler

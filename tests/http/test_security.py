@@ -16,9 +16,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from mlx_engine_server.chat.prompt import chat_prompt_tokens
-from mlx_engine_server.cli.config import SettingsError, load_settings
+from mlx_engine_server.cli.config import load_settings
 from mlx_engine_server.cli.options import server_options
 from mlx_engine_server.cli.serve import warn_if_exposed
+from mlx_engine_server.cli.settings_errors import SettingsError
 from mlx_engine_server.engine import EngineClient
 from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.http.guards import HostPolicy

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -28,6 +27,7 @@ from ..chat.media import (
 )
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
+from .settings_errors import SettingsError, describe_problems
 
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
@@ -37,13 +37,8 @@ GGUFRequantize = Literal["auto", "4", "8", "none"]
 # Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
-SECRET_FIELDS = frozenset({"api_keys"})
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
-
-
-class SettingsError(Exception):
-    """A setting is invalid; the message is one readable line per problem."""
 
 
 class Settings(BaseSettings):
@@ -365,21 +360,6 @@ class Settings(BaseSettings):
         return value.lower() if isinstance(value, str) else value
 
 
-def effective_log_level(settings: Settings) -> LogLevel:
-    """The level both processes log at: `quiet` raises info and debug to warning."""
-    if settings.quiet and settings.log_level in ("info", "debug"):
-        return "warning"
-    return settings.log_level
-
-
-def api_keys(settings: Settings) -> tuple[str, ...]:
-    """Every accepted key: the ones given directly and the ones in the key file."""
-    keys = [key.get_secret_value() for key in settings.api_keys]
-    if settings.api_key_file is not None:
-        keys += read_api_key_file(settings.api_key_file)
-    return tuple(dict.fromkeys(keys))
-
-
 def _split_list(value: Any) -> Any:
     """A list setting given as text (environment, flag): a JSON list or comma-separated items."""
     if not isinstance(value, str):
@@ -402,7 +382,7 @@ def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        raise SettingsError(describe_problems(exc)) from None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -415,28 +395,3 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise SettingsError(f"config file {path}: must hold a JSON object")
     return JsonConfigSettingsSource(Settings, json_file=path)()
-
-
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "settings"
-        if error["type"] == "extra_forbidden":
-            problems.append(f"{name}: unknown setting")
-        elif error["loc"] and error["loc"][0] in SECRET_FIELDS:
-            problems.append(f"{name}: {error['msg']}")  # never echo a key
-        else:
-            problems.append(f"{name}: {_problem(error)}")
-    return "invalid settings: " + "; ".join(problems)
-
-
-def _problem(error: ErrorDetails) -> str:
-    """pydantic's message without its "Value error, " prefix, and the value as it was typed:
-    a repeated flag arrives as a tuple, which the user never wrote."""
-    message = error["msg"].removeprefix("Value error, ")
-    value = error.get("input")
-    items = value if isinstance(value, list | tuple) else [value]
-    typed = [str(item) for item in items]
-    if error["type"] == "value_error" and any(item in message for item in typed):
-        return message  # our own validators name the value they refuse
-    return f"{message} (got {', '.join(repr(item) for item in typed)})"

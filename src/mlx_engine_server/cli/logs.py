@@ -11,7 +11,10 @@ import logging
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import LogLevel, Settings
 
 FIELDS_ATTRIBUTE = "fields"  # logger.info(..., extra={"fields": {...}})
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
@@ -78,3 +81,10 @@ def configure_logging(level: str, log_format: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def effective_log_level(settings: Settings) -> LogLevel:
+    """The level both processes log at: `quiet` raises info and debug to warning."""
+    if settings.quiet and settings.log_level in ("info", "debug"):
+        return "warning"
+    return settings.log_level

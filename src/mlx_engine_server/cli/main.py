@@ -14,8 +14,9 @@ import click
 from click.core import ParameterSource
 
 from ..errors import StartupError
-from .config import SettingsError, effective_log_level, load_settings
-from .logs import configure_logging
+from .config import load_settings
+from .logs import configure_logging, effective_log_level
+from .settings_errors import SettingsError
 
 EXIT_BAD_SETTINGS = 2
 

@@ -11,7 +11,8 @@ from ..http.app import ServerOptions
 from ..http.connections import ConnectionLimits
 from ..http.guards import HostPolicy, is_loopback_host
 from ..protocols.openai.limits import RequestLimits
-from .config import Settings, api_keys
+from .config import Settings
+from .keys import read_api_key_file
 from .state import rate_policy
 
 
@@ -97,3 +98,11 @@ def engine_options(settings: Settings) -> EngineOptions:
         kv_bits=settings.kv_bits,
         kv_group_size=settings.kv_group_size,
     )
+
+
+def api_keys(settings: Settings) -> tuple[str, ...]:
+    """Every accepted key: the ones given directly and the ones in the key file."""
+    keys = [key.get_secret_value() for key in settings.api_keys]
+    if settings.api_key_file is not None:
+        keys += read_api_key_file(settings.api_key_file)
+    return tuple(dict.fromkeys(keys))

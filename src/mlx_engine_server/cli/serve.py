@@ -40,7 +40,8 @@ from ..http.connections import fit_open_file_limit, guarded_h11
 from ..http.guards import is_loopback_host
 from ..http.sse import SHUTDOWN_MARGIN_S
 from ..models.loader import ModelSource, Sharding, load_model
-from .config import Settings, effective_log_level
+from .config import Settings
+from .logs import effective_log_level
 from .options import connection_limits, engine_options, engine_spec, server_options
 from .state import state_store
 
