@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,3 +294,49 @@ def test_resolving_relative_imports() -> None:
     node = ast.parse("from .types import X").body[0]
     assert isinstance(node, ast.ImportFrom)
     assert resolve_from(f"{PACKAGE}.engine", True, node)[0] == f"{PACKAGE}.engine.types"
+
+
+# STYLE.md habit 9: a module longer than this is split by responsibility (see git log for
+# engine/worker.py, cli/serve.py, engine/client.py): whole functions and classes move to a
+# sibling module named after what they do.
+MAX_MODULE_LINES = 400
+# Modules allowed past the budget, each with the reason it cannot be split. Ideally none.
+LONG_MODULES: dict[str, str] = {}
+
+
+def line_budget_problems(package_dir: Path, allowed_long: Mapping[str, str]) -> list[str]:
+    """Modules past the budget but not allowed by name, and allowances no longer needed."""
+    lines = {
+        path.relative_to(package_dir).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in sorted(package_dir.rglob("*.py"))
+    }
+    too_long = [
+        f"{relative}: {count} lines"
+        for relative, count in lines.items()
+        if count > MAX_MODULE_LINES and relative not in allowed_long
+    ]
+    unneeded = [
+        f"{relative}: allowed long, has {lines.get(relative, 0)} lines"
+        for relative in sorted(allowed_long)
+        if lines.get(relative, 0) <= MAX_MODULE_LINES
+    ]
+    return too_long + unneeded
+
+
+def test_every_module_stays_within_the_line_budget() -> None:
+    problems = line_budget_problems(PACKAGE_DIR, LONG_MODULES)
+    assert not problems, (
+        f"modules over {MAX_MODULE_LINES} lines: move whole functions or classes to a sibling "
+        f"module named after what they do, or list one in LONG_MODULES with why: {problems}"
+    )
+
+
+def test_the_line_budget_finds_a_long_module_and_a_stale_allowance(tmp_path: Path) -> None:
+    (tmp_path / "part").mkdir()
+    (tmp_path / "part" / "short.py").write_text("x = 1\n" * MAX_MODULE_LINES, encoding="utf-8")
+    (tmp_path / "part" / "long.py").write_text("x = 1\n" * 401, encoding="utf-8")
+    assert line_budget_problems(tmp_path, {}) == ["part/long.py: 401 lines"]
+    assert line_budget_problems(tmp_path, {"part/long.py": "a reason"}) == []
+    assert line_budget_problems(tmp_path, {"part/long.py": "why", "part/short.py": "why"}) == [
+        "part/short.py: allowed long, has 400 lines"
+    ]
