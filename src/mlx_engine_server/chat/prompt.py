@@ -13,9 +13,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from ..errors import ContextLengthExceededError, InvalidRequestError
-from ..protocols.openai.types import ChatMessage
 from .shield import DataShield, encode_segments, special_text
-from .tools import template_messages
 
 
 @dataclass(frozen=True)
@@ -51,13 +49,6 @@ def chat_prompt(
         return ChatPrompt(encode_segments(tokenizer, segments), rendered)
     tokens: list[int] = tokenizer.encode(text, add_special_tokens=False)
     return ChatPrompt(tokens, text)
-
-
-def chat_prompt_tokens(
-    tokenizer: Any, messages: list[ChatMessage], *, multimodal: bool = False
-) -> list[int]:
-    """The prompt of a conversation without tools (the tokenizer endpoints count with it)."""
-    return chat_prompt(tokenizer, template_messages(messages, multimodal=multimodal)).tokens
 
 
 def special_tokens(tokenizer: Any) -> list[str]:
