@@ -7,7 +7,8 @@ proves which messages the model saw.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,8 @@ from starlette.testclient import TestClient
 from mlx_engine_server.chat.overflow import SUMMARY_INSTRUCTION
 from mlx_engine_server.http.app import ServerOptions, create_app
 
-from ..conftest import TINY_CONTEXT_WINDOW
+from ..conftest import TINY_CONTEXT_WINDOW, start_engine
+from ..model_factory import build_tiny_llama, use_chat_template
 from ..protocols.test_api import error_of
 
 Messages = list[dict[str, Any]]
@@ -287,6 +289,39 @@ def test_summarize_a_history_longer_than_the_window(overflow_client: TestClient)
     assert int(header.rsplit("=", 1)[1]) > 60
     summary = response.json()["usage"]["summary_usage"]
     assert summary["prompt_tokens"] <= TINY_CONTEXT_WINDOW - SUMMARY_MAX_TOKENS
+
+
+@pytest.fixture(scope="module")
+def thinking_template_client(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Iterator[TestClient]:
+    """The tiny model behind a template that opens <think> when enable_thinking is set."""
+    dest = tmp_path_factory.mktemp("thinking-overflow") / "tiny-hermes"
+    model = build_tiny_llama(dest, smollm_dir, context_window=TINY_CONTEXT_WINDOW)
+    engine = start_engine(use_chat_template(model, "hermes_tools.jinja"))
+    options = ServerOptions(
+        context_overflow="summarize", summary_keep_messages=2, summary_max_tokens=SUMMARY_MAX_TOKENS
+    )
+    with TestClient(create_app(engine, options)) as client:
+        yield client
+    engine.stop()
+
+
+def test_the_summary_prompt_leaves_out_the_requests_template_arguments(
+    thinking_template_client: TestClient,
+) -> None:
+    """enable_thinking opens <think> in the request's own prompt, never in its summary's
+    (docs/long-conversations.md: a summary that thinks spends its tokens on reasoning)."""
+    messages = conversation(5)
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    plain, _ = completion(thinking_template_client, messages)
+    thought, _ = completion(thinking_template_client, messages, **thinking)
+    for response in (plain, thought):
+        assert response.headers["x-context-compacted"].startswith("summarize; summarized=")
+    plain_usage, thought_usage = plain.json()["usage"], thought.json()["usage"]
+    summary_prompt = plain_usage["summary_usage"]["prompt_tokens"]
+    assert thought_usage["summary_usage"]["prompt_tokens"] == summary_prompt
+    assert thought_usage["prompt_tokens"] > plain_usage["prompt_tokens"]
 
 
 WEATHER_CALL = {

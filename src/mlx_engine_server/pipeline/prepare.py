@@ -142,7 +142,9 @@ class EngineSummarizer:
         self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
-        """Rendered by the chat plan, as generation and /tokenize render the same messages."""
+        """Rendered by the chat plan, as generation and /tokenize render the same messages, but
+        with the template's defaults: the request's chat_template_kwargs and reasoning_effort
+        are for its answer, and would let a summary think (docs/long-conversations.md)."""
         body = ChatCompletionRequest(messages=messages)
         return plan_chat(self.engine.tokenizer, self.ctx.chat_formats(), body).prompt_tokens
 
