@@ -48,11 +48,12 @@ from .messages import (
     VisionPrompt,
 )
 from .messages import Cancellation as CancellationFlag
+from .model_fit import check_options_fit, first_quantized_pass, layer_cache_kinds
 from .ngram import DraftSettings
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
 from .quantized_kv import as_row_cache, empty_row_cache
 from .sampling import make_request_processors, make_request_sampler
-from .speculative import SpeculativeBatchGenerator, check_plain_kv_cache
+from .speculative import SpeculativeBatchGenerator
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
@@ -127,12 +128,20 @@ class Worker:
         self._stopping = False
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
+        check_options_fit(loaded.model, options, loaded.draft_model)
+        # Where a finished row's cache cannot be cut back to a shorter prefix (a recurrent state,
+        # a wrapped window), its state at the end of the prompt is kept too: the exact boundary
+        # every later turn of the conversation starts with.
+        self._keeps_prompt_states = layer_cache_kinds(loaded.model) != {"KVCache"}
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
-        self.memory = MemoryLedger(
-            measure_memory(
+        measured = first_quantized_pass(
+            loaded.model,
+            options,
+            lambda: measure_memory(
                 loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
-            )
+            ),
         )
+        self.memory = MemoryLedger(measured)
         if options.fold_quantized_decode and should_fold():
             logger.info(
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
@@ -142,10 +151,6 @@ class Worker:
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
-        if options.speculative != "none" or options.kv_bits is not None:
-            check_plain_kv_cache(loaded.model)
-        if loaded.draft_model is not None:
-            check_plain_kv_cache(loaded.draft_model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -374,12 +379,14 @@ class Worker:
 
     def _step(self) -> None:
         try:
-            _, responses = self._generator.next()
+            prompts_done, responses = self._generator.next()
         except Exception as exc:
             # One bad step (an allocation failure, a kernel error) ends the requests in it.
             logger.exception("a generation step failed")
             self._fail_all(f"generation failed: {type(exc).__name__}")
             return
+        if self._keeps_prompt_states:
+            self._keep_prompt_states(prompts_done)
         self.counters.record_step(len(responses))
         logprobs = self._logprobs(responses)
         for response, logprob in zip(responses, logprobs, strict=True):
@@ -446,6 +453,14 @@ class Worker:
         """A finished request's cache serves the next turn of its conversation."""
         if cache and tokens:
             self.prefix_cache.store(list(tokens), cache, sequence.submission.cache_partition)
+
+    def _keep_prompt_states(self, prompt_responses: list[Any]) -> None:
+        """Rows whose whole prompt has just been fed: their cache, exactly that prompt's."""
+        ended = [r.uid for r in prompt_responses if r.end_of_prompt and r.uid in self._live]
+        if not ended:
+            return
+        for uid, (cache, tokens) in self._generator.extract_cache(ended).items():
+            self._keep_cache(self._live[uid], cache, tokens)
 
     def _post_text(self, sequence: LiveSequence, text: str, *, last: bool = False) -> None:
         """Text with the tokens that made it; at the end, also tokens that made no text."""
