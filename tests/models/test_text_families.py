@@ -36,14 +36,15 @@ from .test_families import MAX_TOKENS, answer_tokens, chat, greedy, post_all, us
 class Family:
     name: str
     caches: frozenset[str]  # the cache kinds of its layers: what decides the options it takes
+    reads_quantized_kv: bool = True  # its attention goes through mlx-lm's quantized helper
 
     @property
     def plain(self) -> bool:
         return self.caches == {"KVCache"}
 
 
-def family(name: str, *caches: str) -> Family:
-    return Family(name, frozenset(caches))
+def family(name: str, *caches: str, reads_quantized_kv: bool = True) -> Family:
+    return Family(name, frozenset(caches), reads_quantized_kv)
 
 
 FAMILIES = [
@@ -51,7 +52,8 @@ FAMILIES = [
     family("phi3", "KVCache"),  # partial rotary, fused projections
     family("glm4", "KVCache"),
     family("qwen3_moe", "KVCache"),  # experts
-    family("deepseek_v3", "KVCache"),  # latent attention (MLA) and experts
+    # latent attention (MLA) over the cached latents; experts
+    family("deepseek_v3", "KVCache", reads_quantized_kv=False),
     family("gemma3_text", "KVCache", "RotatingKVCache"),  # sliding-window layers
     family("ministral3", "KVCache", "RotatingKVCache"),
     family("gpt_oss", "KVCache", "RotatingKVCache"),  # and attention sinks, experts
@@ -268,6 +270,11 @@ def test_quantized_kv_rows_equal_each_row_alone_or_are_refused(served: Served) -
     if not served.family.plain:
         with pytest.raises(StartupError, match=rf"--kv-bits 8 .*'{served.family.name}'"):
             check_plain_kv_cache(served.reference.model, "--kv-bits 8")
+        return
+    if not served.family.reads_quantized_kv:
+        refusal = rf"^--kv-bits 8 .* '{served.family.name}' model: its first pass over a quantized"
+        with pytest.raises(StartupError, match=refusal):
+            start_engine(served.model_dir, KV_BITS)
         return
     prompts = [served.reference.tokenizer.encode(f"The {word} is") for word in WORDS]
     live = serve_with(served, KV_BITS)
