@@ -214,6 +214,37 @@ def _nemotron_h() -> dict[str, Any]:
     }
 
 
+def _jamba() -> dict[str, Any]:
+    """Mamba (1) layers beside attention, experts every other layer."""
+    return {
+        **SMALL,
+        "num_hidden_layers": 2,
+        "attn_layer_offset": 1,
+        "attn_layer_period": 2,
+        "expert_layer_offset": 1,
+        "expert_layer_period": 2,
+        "mamba_d_conv": 4,
+        "mamba_d_state": 16,
+        "mamba_expand": 2,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+
+
+def _mamba() -> dict[str, Any]:
+    return {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "state_size": 16,
+        "num_hidden_layers": 2,
+        "conv_kernel": 4,
+        "use_bias": False,
+        "use_conv_bias": True,
+        "time_step_rank": 8,
+        "tie_word_embeddings": False,
+    }
+
+
 def _falcon_h1() -> dict[str, Any]:
     """Each layer is attention and Mamba 2 side by side: a CacheList of both caches."""
     return {
@@ -244,6 +275,8 @@ CONFIGS = {
     "lfm2": _lfm2,
     "mamba2": _mamba2,
     "nemotron_h": _nemotron_h,
+    "jamba": _jamba,
+    "mamba": _mamba,
     "falcon_h1": _falcon_h1,
 }
 

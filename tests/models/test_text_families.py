@@ -60,6 +60,7 @@ FAMILIES = [
     family("lfm2", "KVCache", "ArraysCache"),  # short convolutions
     family("mamba2", "ArraysCache"),  # recurrent state only
     family("nemotron_h", "KVCache", "ArraysCache"),  # Mamba 2 beside attention
+    family("jamba", "KVCache", "ArraysCache"),  # Mamba beside attention; prefilled alone
     family("falcon_h1", "CacheList"),  # attention and Mamba 2 in one layer
 ]
 
@@ -326,3 +327,22 @@ def test_the_nemotron_h_workaround_follows_the_probe() -> None:
     assert fix_batched_layers(model) == (1 if broken else 0)
     mixers = [layer.mixer for layer in model.layers if layer.block_type == "M"]
     assert all(type(mixer) is fix.fixed for mixer in mixers) == broken
+
+
+def test_recurrent_families_whose_batched_prefill_is_wrong_prefill_alone() -> None:
+    """The start-up probe runs mlx-lm's batch against each row alone: Mamba (1) ignores the
+    row lengths in mlx-lm 0.32.2, Mamba 2 uses them; attention-only models are not probed."""
+    import mlx_lm
+    from mlx_lm.models import mamba, mamba2, qwen3
+
+    from mlx_engine_server.engine.model_fit import batched_prefill_matches_rows, prefills_alone
+
+    def tiny(module: Any, name: str) -> Any:
+        config = {"model_type": name, **CONFIGS[name](), "vocab_size": 32}
+        return module.Model(module.ModelArgs.from_dict(config))
+
+    broken = not batched_prefill_matches_rows(tiny(mamba, "mamba"))
+    assert broken or mlx_lm.__version__ != "0.32.2"  # the fault is there: the probe sees it
+    assert prefills_alone(tiny(mamba, "mamba")) == broken
+    assert not prefills_alone(tiny(mamba2, "mamba2"))
+    assert not prefills_alone(tiny(qwen3, "qwen3"))

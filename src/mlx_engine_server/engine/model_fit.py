@@ -6,18 +6,25 @@ or a recurrent state (ArraysCache, and CacheList holding one) cannot, so those o
 refused by name for such a model. An attention that reads keys and values itself instead of
 through mlx-lm's attention helper (DeepSeek's latent attention) cannot read a quantized cache:
 its failure on the first quantized pass is turned into the same kind of refusal.
+
+Batching itself is probed for models with recurrent layers: where mlx-lm's layers of a family
+ignore the lengths of right-padded rows, prompts are prefilled one at a time.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mlx_lm.models.cache import make_prompt_cache
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from ..errors import StartupError
 from .messages import EngineOptions
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -66,3 +73,55 @@ def first_quantized_pass(model: Any, options: EngineOptions, run: Callable[[], T
             f"({type(exc).__name__}: {exc}); start without --kv-bits, or with another "
             "--kv-group-size if the message names one"
         ) from None
+
+
+# Rows of 16 and 2 tokens: the short one is right-padded by 14 in a batched prefill.
+PROBE_ROWS = (tuple(range(1, 17)), (5, 9))
+PROBE_TOP_TOKENS = 16
+PROBE_TOLERANCE = {mx.float32: 1e-3}
+PROBE_TOLERANCE_16_BIT = 0.5  # bf16 logits of ~20 are 0.125 apart; a padding fault moves more
+
+
+def has_recurrent_layers(model: Any) -> bool:
+    """Does any layer keep a state (ArraysCache), alone or in a CacheList?"""
+    layers = make_prompt_cache(model)
+    nested = [inner for layer in layers for inner in getattr(layer, "caches", (layer,))]
+    return any(isinstance(layer, ArraysCache) for layer in nested)
+
+
+def batched_prefill_matches_rows(model: Any) -> bool:
+    """Two prompts of different lengths through mlx-lm's BatchGenerator, against each alone:
+    the same next-token distribution? Some recurrent families' layers (Mamba, Jamba in mlx-lm
+    0.32.2) ignore the batch's row lengths, so a right-padded row's state runs on through its
+    padding."""
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=2, prefill_batch_size=2)
+    try:
+        uids = generator.insert([list(row) for row in PROBE_ROWS], max_tokens=[1, 1])
+        batched: dict[int, mx.array] = {}
+        while len(batched) < len(uids):
+            _, responses = generator.next()
+            batched.update((response.uid, response.logprobs) for response in responses)
+    finally:
+        generator.close()
+    for uid, row in zip(uids, PROBE_ROWS, strict=True):
+        logits = model(mx.array([row]), cache=make_prompt_cache(model))[0, -1]
+        alone = logits - mx.logsumexp(logits)
+        top = mx.argsort(-alone)[:PROBE_TOP_TOKENS]
+        tolerance = PROBE_TOLERANCE.get(alone.dtype, PROBE_TOLERANCE_16_BIT)
+        if bool((mx.abs(alone[top] - batched[uid][top]).max() > tolerance).item()):
+            return False
+    return True
+
+
+def prefills_alone(model: Any) -> bool:
+    """Should prompts be prefilled one at a time? For a recurrent model whose batched prefill
+    fails the probe: each prompt then has no padding, and the decode steps (one token per row)
+    batch as usual."""
+    if not has_recurrent_layers(model) or batched_prefill_matches_rows(model):
+        return False
+    logger.warning(
+        "this %r model's layers ignore a batch's row lengths (mlx-lm's fault): prompts are "
+        "prefilled one at a time, decoding stays batched",
+        family_name(model),
+    )
+    return True

@@ -48,7 +48,12 @@ from .messages import (
     VisionPrompt,
 )
 from .messages import Cancellation as CancellationFlag
-from .model_fit import check_options_fit, first_quantized_pass, layer_cache_kinds
+from .model_fit import (
+    check_options_fit,
+    first_quantized_pass,
+    layer_cache_kinds,
+    prefills_alone,
+)
 from .ngram import DraftSettings
 from .prefix_cache import TEXT_PARTITION, CacheHit, PrefixCache
 from .quantized_kv import as_row_cache, empty_row_cache
@@ -133,6 +138,7 @@ class Worker:
         # a wrapped window), its state at the end of the prompt is kept too: the exact boundary
         # every later turn of the conversation starts with.
         self._keeps_prompt_states = layer_cache_kinds(loaded.model) != {"KVCache"}
+        self._prefills_alone = loaded.vision is None and prefills_alone(loaded.model)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
         measured = first_quantized_pass(
             loaded.model,
@@ -183,7 +189,9 @@ class Worker:
         settings: dict[str, Any] = {
             "stop_tokens": [[token] for token in eos_ids],
             "completion_batch_size": self.options.max_batch_size,
-            "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
+            "prefill_batch_size": 1
+            if self._prefills_alone
+            else min(PREFILL_BATCH, self.options.max_batch_size),
             "prefill_step_size": self.options.prefill_step_size,
         }
         drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
