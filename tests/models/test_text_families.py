@@ -206,7 +206,7 @@ def test_a_second_turn_equals_a_cold_run(served: Served) -> None:
 SPECULATIVE = EngineOptions(speculative="ngram", num_draft_tokens=4, ngram_size=1)
 KV_BITS = EngineOptions(kv_bits=8, kv_group_size=32)
 COMPLETION_TOKENS = 16
-CANDIDATES = 512
+CANDIDATES = 256
 WORDS = ("red", "ox", "sea")
 
 
