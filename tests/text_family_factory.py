@@ -260,6 +260,24 @@ def _falcon_h1() -> dict[str, Any]:
     }
 
 
+def _llama4() -> dict[str, Any]:
+    """Chunked attention in three layers of four (ChunkedKVCache), experts."""
+    text = {
+        **SMALL,
+        "model_type": "llama4_text",
+        "num_hidden_layers": 4,
+        "attention_bias": False,
+        "attention_chunk_size": 16,
+        "interleave_moe_layer_step": 2,
+        "intermediate_size_mlp": 128,
+        "num_experts_per_tok": 1,
+        "num_local_experts": 4,
+        "rope_scaling": None,
+        "use_qk_norm": True,
+    }
+    return {"text_config": text}
+
+
 CONFIGS = {
     "qwen3": _qwen3,
     "phi3": _phi3,
@@ -278,12 +296,15 @@ CONFIGS = {
     "jamba": _jamba,
     "mamba": _mamba,
     "falcon_h1": _falcon_h1,
+    "llama4": _llama4,
 }
 
 
 def build_text_family(family: str, dest: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
     """`family`'s tiny model in `dest`: config.json, lively random weights, SmolLM2's tokenizer."""
     config = {"model_type": family, **CONFIGS[family](), "vocab_size": _vocab_size(tokenizer_dir)}
+    if "text_config" in config:
+        config["text_config"]["vocab_size"] = config["vocab_size"]
     module = importlib.import_module(f"mlx_lm.models.{family}")
     dest.mkdir(parents=True, exist_ok=True)
     mx.random.seed(seed)

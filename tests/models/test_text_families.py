@@ -312,6 +312,16 @@ def test_options_a_family_cannot_take_are_refused_at_start_up(
         start_engine(model_dir, options)
 
 
+def test_a_family_whose_cache_mlx_lm_cannot_batch_is_refused_by_name(
+    tmp_path: Path, smollm_dir: Path
+) -> None:
+    """Llama 4's chunked attention (ChunkedKVCache) has no merge: every request would fail."""
+    model_dir = build_text_family("llama4", tmp_path / "llama4", smollm_dir)
+    refusal = r"^this 'llama4' model keeps ChunkedKVCache layers, which mlx-lm's BatchGenerator"
+    with pytest.raises(StartupError, match=refusal):
+        start_engine(model_dir)
+
+
 def test_the_nemotron_h_workaround_follows_the_probe() -> None:
     """Applied where the installed mlx-lm drops the row lengths (0.32.2 does), and the fixed
     mixer passes the probe: an mlx-lm that hands them over is left alone."""

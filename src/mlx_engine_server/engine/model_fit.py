@@ -7,7 +7,8 @@ refused by name for such a model. An attention that reads keys and values itself
 through mlx-lm's attention helper (DeepSeek's latent attention) cannot read a quantized cache:
 its failure on the first quantized pass is turned into the same kind of refusal.
 
-Batching itself is probed for models with recurrent layers: where mlx-lm's layers of a family
+A cache kind mlx-lm cannot batch at all (Llama 4's chunked attention) is refused. Batching
+itself is probed for models with recurrent layers: where mlx-lm's layers of a family
 ignore the lengths of right-padded rows, prompts are prefilled one at a time.
 """
 
@@ -37,6 +38,24 @@ def family_name(model: Any) -> str:
     """mlx-lm's `model_type` of the model (its module's name where it keeps no args)."""
     model_type = getattr(getattr(model, "args", None), "model_type", None)
     return str(model_type or type(model).__module__.rsplit(".", 1)[-1])
+
+
+def _nested_layer_caches(model: Any) -> list[Any]:
+    layers = make_prompt_cache(model)
+    return [inner for layer in layers for inner in getattr(layer, "caches", (layer,))]
+
+
+def check_batchable(model: Any) -> None:
+    """mlx-lm's BatchGenerator merges the rows' caches layer by layer; a cache kind it cannot
+    merge (Llama 4's ChunkedKVCache) would fail every request, so the model is refused."""
+    layers = _nested_layer_caches(model)
+    unbatchable = sorted({type(layer).__name__ for layer in layers if not hasattr(layer, "merge")})
+    if unbatchable:
+        raise StartupError(
+            f"this {family_name(model)!r} model keeps {', '.join(unbatchable)} layers, which "
+            "mlx-lm's BatchGenerator cannot batch (it has no merge for them); this server runs "
+            "every request in that batch, so it cannot serve this model"
+        )
 
 
 def check_plain_kv_cache(model: Any, option: str) -> None:
@@ -84,9 +103,7 @@ PROBE_TOLERANCE_16_BIT = 0.5  # bf16 logits of ~20 are 0.125 apart; a padding fa
 
 def has_recurrent_layers(model: Any) -> bool:
     """Does any layer keep a state (ArraysCache), alone or in a CacheList?"""
-    layers = make_prompt_cache(model)
-    nested = [inner for layer in layers for inner in getattr(layer, "caches", (layer,))]
-    return any(isinstance(layer, ArraysCache) for layer in nested)
+    return any(isinstance(layer, ArraysCache) for layer in _nested_layer_caches(model))
 
 
 def batched_prefill_matches_rows(model: Any) -> bool:

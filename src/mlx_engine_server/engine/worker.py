@@ -49,6 +49,7 @@ from .messages import (
 )
 from .messages import Cancellation as CancellationFlag
 from .model_fit import (
+    check_batchable,
     check_options_fit,
     first_quantized_pass,
     layer_cache_kinds,
@@ -133,6 +134,7 @@ class Worker:
         self._stopping = False
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
+        check_batchable(loaded.model)
         check_options_fit(loaded.model, options, loaded.draft_model)
         # Where a finished row's cache cannot be cut back to a shorter prefix (a recurrent state,
         # a wrapped window), its state at the end of the prompt is kept too: the exact boundary
