@@ -101,6 +101,16 @@ PROBE_TOLERANCE = {mx.float32: 1e-3}
 PROBE_TOLERANCE_16_BIT = 0.5  # bf16 logits of ~20 are 0.125 apart; a padding fault moves more
 
 
+# Caches that can always be cut back to a shorter prefix (RowDeltas: a vision row's M-RoPE shift).
+CUTTABLE_CACHES = {"KVCache", "RowDeltas"}
+
+
+def has_uncuttable_layers(model: Any) -> bool:
+    """Does a layer keep something a prefix cache cannot cut back (a sliding window that may
+    wrap, a recurrent state)?"""
+    return any(type(layer).__name__ not in CUTTABLE_CACHES for layer in _nested_layer_caches(model))
+
+
 def has_recurrent_layers(model: Any) -> bool:
     """Does any layer keep a state (ArraysCache), alone or in a CacheList?"""
     return any(isinstance(layer, ArraysCache) for layer in _nested_layer_caches(model))

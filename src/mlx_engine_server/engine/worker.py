@@ -52,7 +52,7 @@ from .model_fit import (
     check_batchable,
     check_options_fit,
     first_quantized_pass,
-    layer_cache_kinds,
+    has_uncuttable_layers,
     prefills_alone,
 )
 from .ngram import DraftSettings
@@ -139,7 +139,7 @@ class Worker:
         # Where a finished row's cache cannot be cut back to a shorter prefix (a recurrent state,
         # a wrapped window), its state at the end of the prompt is kept too: the exact boundary
         # every later turn of the conversation starts with.
-        self._keeps_prompt_states = layer_cache_kinds(loaded.model) != {"KVCache"}
+        self._keeps_prompt_states = has_uncuttable_layers(loaded.model)
         self._prefills_alone = loaded.vision is None and prefills_alone(loaded.model)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
         measured = first_quantized_pass(
