@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 from starlette.testclient import TestClient
 
 from mlx_engine_server.engine import EngineOptions
@@ -117,6 +117,27 @@ def test_a_hit_shares_arrays_without_changing_the_stored_entry() -> None:
     keys, _ = again.cache[0].keys_and_values()
     assert again.cached_tokens == 4
     assert mx.all(keys == 1.0).item()
+
+
+def recurrent_cache(fill: float) -> list[ArraysCache]:
+    layer = ArraysCache(1)
+    layer[0] = mx.full((1, 4), fill)
+    return [layer]
+
+
+def test_a_recurrent_state_is_reused_only_at_its_own_length() -> None:
+    """A state that cannot be cut back serves prompts that extend it; the very same prompt
+    again (one token must be left to process) falls back to a shorter stored state."""
+    cache = PrefixCache(max_bytes=1 << 20)
+    cache.store([1, 2], recurrent_cache(2.0))
+    cache.store([1, 2, 3, 4], recurrent_cache(4.0))
+    assert cache.lookup([1, 2, 3, 4, 5]).cached_tokens == 4
+    assert cache.lookup([1, 2, 3, 9]).cached_tokens == 2  # branches after [1, 2]
+    again = cache.lookup([1, 2, 3, 4])
+    assert again.cached_tokens == 2
+    assert again.cache is not None
+    assert mx.all(again.cache[0][0] == 2.0).item()
+    assert cache.lookup([1, 9]).cache is None
 
 
 def test_lookup_prefers_the_longest_prefix_and_keeps_one_token_to_process() -> None:

@@ -300,8 +300,8 @@ def test_the_gemma2_workaround_follows_the_probe() -> None:
 
     from mlx_engine_server.models.batch_fixes import (
         FIXES,
-        batch_mask_is_broken,
-        fix_batched_attention,
+        batch_is_broken,
+        fix_batched_layers,
     )
 
     args = {
@@ -316,8 +316,8 @@ def test_the_gemma2_workaround_follows_the_probe() -> None:
         "num_key_value_heads": 2,
     }
     model = gemma2.Model(gemma2.ModelArgs.from_dict(args))
-    broken = batch_mask_is_broken(gemma2.Attention)
-    assert fix_batched_attention(model) == (2 if broken else 0)
-    assert not batch_mask_is_broken(FIXES[gemma2.Attention])
+    broken = batch_is_broken(gemma2.Attention)
+    assert fix_batched_layers(model) == (2 if broken else 0)
+    assert not batch_is_broken(FIXES[gemma2.Attention].fixed)
     fixed = [layer.self_attn for layer in model.model.layers]
-    assert all(type(attention) is FIXES[gemma2.Attention] for attention in fixed) == broken
+    assert all(type(attention) is FIXES[gemma2.Attention].fixed for attention in fixed) == broken

@@ -26,13 +26,16 @@ class BatchSetup:
     loaded: LoadedModel
     options: EngineOptions
     counters: Counters
+    _prefills_alone: bool
 
     def _new_generator(self) -> BatchGenerator:
         eos_ids = sorted(self.loaded.tokenizer.eos_token_ids)
         settings: dict[str, Any] = {
             "stop_tokens": [[token] for token in eos_ids],
             "completion_batch_size": self.options.max_batch_size,
-            "prefill_batch_size": min(PREFILL_BATCH, self.options.max_batch_size),
+            "prefill_batch_size": 1
+            if self._prefills_alone
+            else min(PREFILL_BATCH, self.options.max_batch_size),
             "prefill_step_size": self.options.prefill_step_size,
         }
         drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)

@@ -4,10 +4,11 @@ Multi-turn chats and agents resend the same history; reusing its KV cache skips 
 Entries live in an LRU bounded in bytes, enforced on every insert. A hit shares the stored arrays
 instead of deep-copying them: MLX arrays are values, and each hit gets fresh cache objects whose
 first write allocates new arrays, so a stored entry is never changed by the request that reuses it.
-Caches that cannot be trimmed (recurrent layers) are reused only when a stored prompt is an exact
-prefix of the new one. Prompts with images live in a partition named by the digest of their
-images: equal tokens (image placeholders look alike) with other images never match. Used only from
-the worker thread.
+Caches that cannot be trimmed (recurrent layers, a wrapped sliding window) are reused only when a
+stored prompt is an exact prefix of the new one; the worker stores those at the end of each prompt
+too, the boundary the next turn starts from. Prompts with images live in a partition named by the
+digest of their images: equal tokens (image placeholders look alike) with other images never
+match. Used only from the worker thread.
 
 Lookups walk our own radix trie once, comparing runs of tokens at C speed: mlx-lm's PromptTrie (a
 node per token) searches the whole subtree below a divergence point with list copies, which took
@@ -221,7 +222,8 @@ class PrefixCache:
             return MISS
         walk = trie.walk(tuple(prompt))
         if walk.prefix is not None and len(walk.prefix[1]) == len(prompt):
-            return self._reuse(walk.prefix, len(prompt) - 1)  # the same prompt again
+            hit = self._reuse(walk.prefix, len(prompt) - 1)  # the same prompt again
+            return hit if hit.cached_tokens else self._longest_proper_prefix(trie, prompt)
         shorter = len(walk.prefix[1]) if walk.prefix is not None else 0
         longer = walk.deepest_entry
         if (
@@ -233,6 +235,13 @@ class PrefixCache:
         if walk.prefix is not None:
             return self._reuse(walk.prefix, shorter)
         return MISS
+
+    def _longest_proper_prefix(self, trie: _TokenTrie, prompt: list[int]) -> CacheHit:
+        """For a prompt stored whole whose cache cannot be cut back by its last token: the
+        longest shorter stored prompt it starts with, at its own length (a regenerated answer
+        of a recurrent model starts from the conversation's previous turn)."""
+        shorter = trie.prefixes(tuple(prompt))
+        return self._reuse(shorter[-1], len(shorter[-1][1])) if shorter else MISS
 
     def _reuse(self, key: EntryKey, length: int) -> CacheHit:
         cache, _ = self._entries[key]

@@ -27,7 +27,6 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
-from mlx_lm.models.cache import make_prompt_cache
 
 from .constraints import GrammarProcessor
 from .ngram import DraftSettings, RowDrafter
@@ -377,14 +376,3 @@ def _leading_true(flags: list[bool]) -> int:
         if not flag:
             return index
     return len(flags)
-
-
-def check_plain_kv_cache(model: Any) -> None:
-    """Rewinding rows, and quantizing them, needs plain attention caches (no sliding window,
-    no recurrent state)."""
-    kinds = {type(layer).__name__ for layer in make_prompt_cache(model)}
-    if kinds - {"KVCache"}:
-        raise ValueError(
-            "--speculative and --kv-bits need a model whose every layer has a plain KV cache; "
-            f"this one has {', '.join(sorted(kinds))}: start without them"
-        )

@@ -21,6 +21,7 @@ from mlx_lm.generate import StopSequences
 
 from ..models.loader import LoadedModel
 from .batch_setup import PREFILL_BATCH, BatchSetup
+from .cache_keeping import CacheKeeping
 from .constraints import GrammarProcessor, TokenVocabulary
 from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
@@ -38,11 +39,17 @@ from .messages import (
     TextDelta,
     TokenLogprob,
 )
+from .model_fit import (
+    check_batchable,
+    check_options_fit,
+    first_quantized_pass,
+    has_uncuttable_layers,
+    prefills_alone,
+)
 from .prefix_cache import CacheHit, PrefixCache
 from .sampling import make_request_processors, make_request_sampler
 from .sequence_endings import SequenceEndings
 from .sequences import LiveSequence, Submission
-from .speculative import check_plain_kv_cache
 from .stop_text import StopTextFilter
 from .vision_prefill import VisionPrefill, advance_vision_prefill, begin_vision_prefill
 
@@ -65,7 +72,7 @@ CONSTRAINED_DECODING_FAILED = "constrained decoding failed"
 STOP = Stop()
 
 
-class Worker(BatchSetup, SequenceEndings):
+class Worker(BatchSetup, SequenceEndings, CacheKeeping):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -83,12 +90,22 @@ class Worker(BatchSetup, SequenceEndings):
         self._stopping = False
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
+        check_batchable(loaded.model)
+        check_options_fit(loaded.model, options, loaded.draft_model)
+        # Where a finished row's cache cannot be cut back to a shorter prefix (a recurrent state,
+        # a wrapped window), its state at the end of the prompt is kept too: the exact boundary
+        # every later turn of the conversation starts with.
+        self._keeps_prompt_states = has_uncuttable_layers(loaded.model)
+        self._prefills_alone = loaded.vision is None and prefills_alone(loaded.model)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
-        self.memory = MemoryLedger(
-            measure_memory(
+        measured = first_quantized_pass(
+            loaded.model,
+            options,
+            lambda: measure_memory(
                 loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
-            )
+            ),
         )
+        self.memory = MemoryLedger(measured)
         if options.fold_quantized_decode and should_fold():
             logger.info(
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
@@ -98,10 +115,6 @@ class Worker(BatchSetup, SequenceEndings):
         self.vocabulary = TokenVocabulary(
             loaded.tokenizer._tokenizer, sorted(loaded.tokenizer.eos_token_ids)
         )
-        if options.speculative != "none" or options.kv_bits is not None:
-            check_plain_kv_cache(loaded.model)
-        if loaded.draft_model is not None:
-            check_plain_kv_cache(loaded.draft_model)
         self._generator = self._new_generator()
 
     def run(self) -> None:
@@ -278,12 +291,14 @@ class Worker(BatchSetup, SequenceEndings):
 
     def _step(self) -> None:
         try:
-            _, responses = self._generator.next()
+            prompts_done, responses = self._generator.next()
         except Exception as exc:
             # One bad step (an allocation failure, a kernel error) ends the requests in it.
             logger.exception("a generation step failed")
             self._fail_all(f"generation failed: {type(exc).__name__}")
             return
+        if self._keeps_prompt_states:
+            self._keep_prompt_states(prompts_done)
         self.counters.record_step(len(responses))
         logprobs = self._logprobs(responses)
         for response, logprob in zip(responses, logprobs, strict=True):
@@ -343,13 +358,6 @@ class Worker(BatchSetup, SequenceEndings):
                 finish = "stop"
         if finish is not None:
             self._finish(uid, finish, sequence.stop_filter.matched)
-
-    def _keep_cache(
-        self, sequence: LiveSequence, cache: list[Any] | None, tokens: list[int] | None
-    ) -> None:
-        """A finished request's cache serves the next turn of its conversation."""
-        if cache and tokens:
-            self.prefix_cache.store(list(tokens), cache, sequence.submission.cache_partition)
 
     def _post_text(self, sequence: LiveSequence, text: str, *, last: bool = False) -> None:
         """Text with the tokens that made it; at the end, also tokens that made no text."""

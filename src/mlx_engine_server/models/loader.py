@@ -19,7 +19,7 @@ from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer, sharded_load
 
 from ..errors import StartupError
-from .batch_fixes import fix_batched_attention
+from .batch_fixes import fix_batched_layers
 from .gguf import DEFAULT_REQUANTIZE, convert_gguf, is_gguf_file
 from .gguf_quants import REQUANTIZE_CHOICES, Requantize
 from .progress import describe_bytes
@@ -103,7 +103,7 @@ def load_model(source: ModelSource, sharding: Sharding | None = None) -> LoadedM
         model, tokenizer = _load_weights(path, source)
     else:
         model, tokenizer = _load_sharded(path, source, config, sharding)
-    fix_batched_attention(model)
+    fix_batched_layers(model)
     shown_path = source.model_path or str(bundled_model_path())
     return LoadedModel(
         model=model,
