@@ -12,8 +12,15 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from anthropic import Anthropic, BadRequestError
-from anthropic.types import Message, RawMessageStreamEvent, TextBlock, ThinkingBlock, ToolUseBlock
+from anthropic import Anthropic, BadRequestError, NotFoundError
+from anthropic.types import (
+    Message,
+    ModelInfo,
+    RawMessageStreamEvent,
+    TextBlock,
+    ThinkingBlock,
+    ToolUseBlock,
+)
 from pydantic import TypeAdapter
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
@@ -23,7 +30,13 @@ from mlx_engine_server.http.app import ServerOptions, create_app
 from mlx_engine_server.http.errors import error_response
 from mlx_engine_server.protocols.anthropic.render import ANTHROPIC
 
-from ..conftest import HERMES_ANSWER, LiveServer, chat_on_live, close_after_test
+from ..conftest import (
+    HERMES_ANSWER,
+    TINY_CONTEXT_WINDOW,
+    LiveServer,
+    chat_on_live,
+    close_after_test,
+)
 
 ASK = [{"role": "user", "content": "Look it up"}]
 LOOKUP = {
@@ -360,6 +373,43 @@ def test_the_sdk_raises_its_own_error_types(tiny_server: LiveServer) -> None:
             messages=[{"role": "user", "content": [IMAGE]}],  # type: ignore[list-item]
         )
     assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_the_sdk_reads_the_request_id_of_answers_and_errors(tiny_server: LiveServer) -> None:
+    """Anthropic's SDK reads `request-id` (OpenAI's reads `x-request-id`): the same id in both."""
+    client = sdk(tiny_server)
+    raw = client.messages.with_raw_response.create(model="c", max_tokens=1, messages=ASK)
+    assert raw.request_id is not None
+    assert raw.request_id == raw.headers["x-request-id"]
+    with pytest.raises(BadRequestError) as refused:
+        client.messages.create(model="c", max_tokens=1, messages=[])
+    assert refused.value.request_id is not None
+    assert refused.value.request_id == refused.value.response.headers["x-request-id"]
+
+
+def test_the_sdk_lists_and_retrieves_the_model_in_anthropics_shape(
+    tiny_server: LiveServer,
+) -> None:
+    """/v1/models is both APIs' path: the Anthropic SDK's `anthropic-version` header picks its
+    shape; other clients keep OpenAI's."""
+    client = sdk(tiny_server)
+    page = client.models.with_raw_response.list().http_response.json()
+    (card,) = page["data"]
+    model = ModelInfo.model_validate(card)  # strict, unlike the SDK's parse
+    assert (model.id, model.type, model.max_input_tokens) == (
+        "tiny-llama",
+        "model",
+        TINY_CONTEXT_WINDOW,
+    )
+    assert (page["has_more"], page["first_id"], page["last_id"]) == (False, model.id, model.id)
+    assert [listed.id for listed in client.models.list()] == [model.id]
+    assert client.models.retrieve(model.id) == model
+    with pytest.raises(NotFoundError) as missing:
+        client.models.retrieve("claude-sonnet-5")
+    assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    openai_listing = httpx.get(f"{tiny_server.base_url}/v1/models").json()
+    assert openai_listing["data"][0]["object"] == "model"
+    assert "display_name" not in openai_listing["data"][0]
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,29 @@ def test_no_op_fields_are_accepted(client: TestClient, path: str, field: str, va
     assert with_field.json()["choices"] == plain
 
 
+# Required, or the request's own greedy length and sampling (null: the rest of the context and
+# a temperature of 1, answers not comparable to the greedy two tokens).
+NOT_NULLED = {"messages", "prompt", "max_tokens", "temperature"}
+NULLED_FIELDS = [
+    (path, field)
+    for path, params_module in (
+        ("/v1/chat/completions", chat_params),
+        ("/v1/completions", text_params),
+    )
+    for field in sorted(sdk_fields(params_module) - NOT_NULLED)
+]
+
+
+@pytest.mark.parametrize(("path", "field"), NULLED_FIELDS)
+def test_null_is_the_default_for_every_field(client: TestClient, path: str, field: str) -> None:
+    """OpenAI types every optional field `... or null` (`n`, `stream`, `echo` too): clients that
+    send unset fields as null, rather than leaving them out as the SDK does, get the default."""
+    plain = client.post(path, json=body_for(path)).json()["choices"]
+    nulled = client.post(path, json=body_for(path, **{field: None}))
+    assert nulled.status_code == 200, nulled.text
+    assert nulled.json()["choices"] == plain
+
+
 def completion(client: TestClient, **fields: Any) -> dict[str, Any]:
     response = client.post("/v1/completions", json=body_for("/v1/completions", **fields))
     assert response.status_code == 200, response.text

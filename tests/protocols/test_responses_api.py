@@ -17,6 +17,7 @@ from openai.types.responses import (
     ResponseFunctionToolCall,
     ResponseReasoningItem,
     ResponseStreamEvent,
+    response_create_params,
 )
 from pydantic import BaseModel, TypeAdapter
 from starlette.testclient import TestClient
@@ -331,6 +332,23 @@ def test_bad_requests_are_openai_shaped_400s_naming_the_field(
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
+
+
+# Required, or the request's own length and sampling (null: their defaults, another answer).
+NOT_NULLED = {"input", "max_output_tokens", "temperature"}
+NULLED_FIELDS = sorted(
+    set(response_create_params.ResponseCreateParamsBase.__annotations__) - NOT_NULLED | {"stream"}
+)
+
+
+@pytest.mark.parametrize("field", NULLED_FIELDS)
+def test_null_is_the_default_for_every_field(client: TestClient, field: str) -> None:
+    """OpenAI types every optional field `... or null`: null means the default."""
+    body = {"model": "m", "input": "Hi", "max_output_tokens": 2, "temperature": 0}
+    plain = client.post("/v1/responses", json=body).json()
+    nulled = client.post("/v1/responses", json={**body, field: None})
+    assert nulled.status_code == 200, nulled.text
+    assert nulled.json()["output"][0]["content"] == plain["output"][0]["content"]
 
 
 @pytest.mark.smollm

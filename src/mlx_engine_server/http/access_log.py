@@ -1,4 +1,5 @@
-"""One log line per request, with a request id the client sees in `X-Request-ID`.
+"""One log line per request, with a request id the client sees in `X-Request-ID`, and again in
+`Request-Id`: the header Anthropic's SDK reads (`request_id` of its answers and errors).
 
 A sane incoming `X-Request-ID` (a proxy's) is kept, so one id follows a request through every
 hop; anything else is replaced by a fresh one. Prompt text is logged only with --log-prompts.
@@ -24,6 +25,7 @@ from .connections import TIMED_OUT_KEY
 logger = logging.getLogger("mlx_engine_server.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+ANTHROPIC_REQUEST_ID_HEADER = "request-id"
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 RECORD_KEY = "mlx_engine_server.record"
 HTTP_ERROR_FIRST = 400
@@ -137,7 +139,10 @@ class RequestLog:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = headers[ANTHROPIC_REQUEST_ID_HEADER] = (
+                    record.request_id
+                )
             elif (
                 message["type"] == "http.response.body" and exchange.sent_status >= HTTP_ERROR_FIRST
             ):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..chat.overflow import CompactionCounters
@@ -19,7 +21,7 @@ from ..protocols.openai.tokenize import detokenize, tokenize
 from ..protocols.responses import routes as openai_responses_routes
 from ..state.sqlite import SqliteStore
 from ..state.store import StateStore
-from .access_log import REQUEST_ID_HEADER, RequestLog
+from .access_log import ANTHROPIC_REQUEST_ID_HEADER, REQUEST_ID_HEADER, RequestLog
 from .context import ServerOptions
 from .errors import EXCEPTION_HANDLERS, Dialects
 from .guards import ApiKeyGuard, Cors, HeaderLimit, HostGuard, OriginGuard, OriginPolicy
@@ -32,9 +34,14 @@ from .ratelimit import RATE_LIMIT_HEADERS, RateLimit
 __all__ = ["ServerOptions", "create_app"]
 
 ROUTE_PATHS_ANTHROPIC = tuple(route.path for route in anthropic_routes.ROUTES)
+# Paths both APIs define: Anthropic's SDK always names its API version in a header.
+SHARED_PATHS = ("/v1/models",)
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
+Endpoint = Callable[[Request], Awaitable[Response]]
 # What a browser page may read of a cross-origin response besides the safelisted headers.
 EXPOSED_HEADERS = (
-    *(REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER, "retry-after"),
+    *(REQUEST_ID_HEADER, ANTHROPIC_REQUEST_ID_HEADER, CACHED_TOKENS_HEADER, COMPACTION_HEADER),
+    "retry-after",
     *RATE_LIMIT_HEADERS,
 )
 
@@ -60,12 +67,20 @@ def create_app(
         routes=[
             Route("/v1/chat/completions", openai_routes.chat_completions, methods=["POST"]),
             Route("/v1/completions", openai_routes.completions, methods=["POST"]),
-            Route("/v1/models", openai_routes.list_models, methods=["GET"]),
+            Route(
+                "/v1/models",
+                _by_client(openai_routes.list_models, anthropic_routes.list_models),
+                methods=["GET"],
+            ),
             Route("/v1/sessions/{session_id}", openai_routes.get_session, methods=["GET"]),
             Route("/v1/sessions/{session_id}", openai_routes.remove_session, methods=["DELETE"]),
             Route("/tokenize", tokenize, methods=["POST"]),
             Route("/detokenize", detokenize, methods=["POST"]),
-            Route("/v1/models/{model_id:path}", openai_routes.get_model, methods=["GET"]),
+            Route(
+                "/v1/models/{model_id:path}",
+                _by_client(openai_routes.get_model, anthropic_routes.get_model),
+                methods=["GET"],
+            ),
             Route("/v1/mlx/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics_text, methods=["GET"]),
@@ -83,7 +98,10 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
-    app.state.dialects = Dialects(dict.fromkeys(ROUTE_PATHS_ANTHROPIC, anthropic_routes.DIALECT))
+    app.state.dialects = Dialects(
+        dict.fromkeys(ROUTE_PATHS_ANTHROPIC, anthropic_routes.DIALECT),
+        dict.fromkeys(SHARED_PATHS, (ANTHROPIC_VERSION_HEADER, anthropic_routes.DIALECT)),
+    )
     app.state.engine = engine
     app.state.store = state
     app.state.metrics = metrics
@@ -92,6 +110,17 @@ def create_app(
     app.state.chat_formats = None  # worked out from the model's tokenizer on first use
     app.state.limits = options.limits
     return app
+
+
+def _by_client(openai: Endpoint, anthropic: Endpoint) -> Endpoint:
+    """One of SHARED_PATHS: answered in the shape of the API whose SDK asks."""
+
+    async def endpoint(request: Request) -> Response:
+        if ANTHROPIC_VERSION_HEADER in request.headers:
+            return await anthropic(request)
+        return await openai(request)
+
+    return endpoint
 
 
 def _responses_routes() -> list[Route]:

@@ -32,17 +32,36 @@ OPENAI = ErrorDialect(body=lambda error: error.to_body(), status=lambda error: e
 
 class Dialects:
     """Which dialect each path speaks: a route's path and every path below it (a mistyped
-    `/v1/messages/...` still answers an Anthropic client in its own shape); OpenAI elsewhere."""
+    `/v1/messages/...` still answers an Anthropic client in its own shape); OpenAI elsewhere.
+    `by_header`: paths both protocols define (`/v1/models`), where a request header names the
+    client's dialect (Anthropic's SDK always sends `anthropic-version`)."""
 
-    def __init__(self, by_path: Mapping[str, ErrorDialect] | None = None) -> None:
+    def __init__(
+        self,
+        by_path: Mapping[str, ErrorDialect] | None = None,
+        by_header: Mapping[str, tuple[str, ErrorDialect]] | None = None,
+    ) -> None:
         self._by_path = dict(by_path or {})
+        self._by_header = dict(by_header or {})
 
     def of(self, scope: Scope) -> ErrorDialect:
         path = get_route_path(scope)
         for prefix, dialect in self._by_path.items():
-            if path == prefix or path.startswith(prefix + "/"):
+            if _is_under(path, prefix):
+                return dialect
+        for prefix, (header, dialect) in self._by_header.items():
+            if _is_under(path, prefix) and _has_header(scope, header):
                 return dialect
         return OPENAI
+
+
+def _is_under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _has_header(scope: Scope, name: str) -> bool:
+    wanted = name.lower().encode("latin-1")
+    return any(key == wanted for key, _ in scope["headers"])
 
 
 def error_response(error: APIError, dialect: ErrorDialect = OPENAI) -> JSONResponse:

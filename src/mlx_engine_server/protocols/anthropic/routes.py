@@ -1,13 +1,17 @@
-"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API on the chat pipeline.
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's Messages API on the chat pipeline;
+GET /v1/models (and one model) as Anthropic's Models API lists them.
 
 Errors on these routes leave in Anthropic's shape (`{"type": "error", "error": {"type",
-"message"}}`, its ANTHROPIC dialect); every other route keeps OpenAI's.
+"message"}}`, its ANTHROPIC dialect); every other route keeps OpenAI's. /v1/models is a path of
+both APIs: http/app.py sends a request there when it carries Anthropic's version header.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
 
 from sse_starlette import ServerSentEvent
 from starlette.requests import Request
@@ -15,14 +19,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ...chat.output import OutputSplitter
-from ...engine import Finished
+from ...engine import EngineClient, Finished
 from ...engine.messages import FinishReason
 from ...http.body import read_model, validate_model
 from ...http.context import request_context
 from ...http.sse import GenerationStream
 from ...pipeline.admission import collect
 from ...pipeline.events import named_events
-from ...pipeline.prepare import count_chat_tokens, summary_usage
+from ...pipeline.prepare import count_chat_tokens, model_not_found, summary_usage
 from ...pipeline.run import ChatRun, start_chat
 from ..openai.types import ChatCompletionRequest
 from .render import (
@@ -88,6 +92,35 @@ async def count_tokens(request: Request) -> Response:
     body = await read_model(request, CountTokensRequest)
     chat = validate_model(ChatCompletionRequest, chat_fields(body))
     return JSONResponse({"input_tokens": await count_chat_tokens(request_context(request), chat)})
+
+
+async def list_models(request: Request) -> Response:
+    model = _model_info(request.app.state.engine)
+    page = {"data": [model], "has_more": False, "first_id": model["id"], "last_id": model["id"]}
+    return JSONResponse(page)
+
+
+async def get_model(request: Request) -> Response:
+    engine: EngineClient = request.app.state.engine
+    model_id = request.path_params["model_id"]
+    if model_id != engine.model.model_id:
+        raise model_not_found(model_id, engine.model.model_id)
+    return JSONResponse(_model_info(engine))
+
+
+def _model_info(engine: EngineClient) -> dict[str, Any]:
+    """Anthropic's model object; `created_at` is when the server loaded it (no release date)."""
+    loaded = engine.model
+    created_at = datetime.fromtimestamp(loaded.created, timezone.utc)
+    return {
+        "type": "model",
+        "id": loaded.model_id,
+        "display_name": loaded.model_id,
+        "created_at": created_at.isoformat().replace("+00:00", "Z"),
+        "lifecycle": "active",
+        "max_input_tokens": loaded.context_window,
+        "max_tokens": loaded.context_window,
+    }
 
 
 # Errors on these paths leave in Anthropic's dialect: http/app.py gives the table to the renderer.

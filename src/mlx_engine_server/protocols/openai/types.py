@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -30,6 +31,12 @@ MAX_N = 128  # the setting max_n is the real bound; this only keeps absurd value
 
 class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False, frozen=True)
+
+
+def null_means(default: Any) -> BeforeValidator:
+    """A field OpenAI types `... or null` whose default is not null: null means the default
+    (clients that send unset fields as null, unlike the SDK, which leaves them out)."""
+    return BeforeValidator(lambda value: default if value is None else value)
 
 
 class TextPart(WireModel):
@@ -177,8 +184,8 @@ class SamplingFields(WireModel):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
+    n: Annotated[int, null_means(1)] = Field(default=1, ge=1, le=MAX_N)
+    stream: Annotated[bool, null_means(False)] = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False  # extension (vLLM's name): generate max_tokens, for benchmarks
@@ -293,7 +300,7 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[MaybeEmptyTokenIds], Field(min_length=1)]
     )
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: Annotated[bool, null_means(False)] = False
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     suffix: str | None = None
 

@@ -17,6 +17,7 @@ from ..openai.types import (
     JSONSchemaSpec,
     ReasoningEffort,
     WireModel,
+    null_means,
     refuse_unless,
 )
 
@@ -204,7 +205,7 @@ class ResponsesRequest(Metadata):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     text: TextConfig | None = None
     reasoning: ReasoningConfig | None = None
-    stream: bool = False
+    stream: Annotated[bool, null_means(False)] = False
     stream_options: dict[str, Any] | None = None  # include_obfuscation: nothing to pad here
     include: list[str] | None = None
     # Accepted no-ops: identifiers for abuse tracking and cache routing; one tier. (metadata:
