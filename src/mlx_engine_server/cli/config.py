@@ -109,7 +109,16 @@ class Settings(BaseSettings):
         default=5, ge=1, le=64, description="Most tokens a row drafts per step."
     )
     ngram_size: int = Field(
-        default=3, ge=1, le=32, description="Tokens matched against the context to find a draft."
+        default=3,
+        ge=1,
+        le=32,
+        description="The longest run of tokens matched against the context to find a draft.",
+    )
+    ngram_min_size: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="The shortest run of tokens matched when no longer one is found.",
     )
     kv_bits: int | None = Field(
         default=None, description="Bits per value (4 or 8) of a quantized KV cache; None: not."
@@ -251,6 +260,15 @@ class Settings(BaseSettings):
             raise ValueError("--speculative draft needs --draft-model")
         if self.draft_model is not None and self.speculative != "draft":
             raise ValueError("--draft-model is used with --speculative draft only")
+        return self
+
+    @model_validator(mode="after")
+    def _ngram_sizes_in_order(self) -> Settings:
+        if self.ngram_min_size > self.ngram_size:
+            raise ValueError(
+                f"--ngram-min-size {self.ngram_min_size} is larger than --ngram-size "
+                f"{self.ngram_size}"
+            )
         return self
 
     @field_validator("kv_bits", mode="after")
