@@ -31,7 +31,7 @@ from .decode_fold import fold_quantized_decode, should_fold
 from .distributed.group import GroupError
 from .draft_model import draft_batch_factory
 from .logprobs import LogprobRequest, gather_logprobs
-from .memory import MemoryLedger, measure_memory
+from .memory import MemoryLedger, measure_memory, with_draft_model
 from .messages import (
     Admitted,
     Drain,
@@ -128,11 +128,12 @@ class Worker:
         self._drain_deadline: float | None = None
         self.prefix_cache = PrefixCache(options.prefix_cache_bytes)
         prefill_tokens = min(PREFILL_BATCH, options.max_batch_size) * options.prefill_step_size
-        self.memory = MemoryLedger(
-            measure_memory(
-                loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
-            )
+        memory = measure_memory(
+            loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
         )
+        if loaded.draft_model is not None:
+            memory = with_draft_model(memory, loaded.draft_model)
+        self.memory = MemoryLedger(memory)
         if options.fold_quantized_decode and should_fold():
             logger.info(
                 "folded %d quantized layers for batched decode", fold_quantized_decode(loaded.model)
