@@ -19,6 +19,7 @@ from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from openai import OpenAI
 
+from mlx_engine_server.cli.config import SettingsError, load_settings
 from mlx_engine_server.engine import EngineOptions, SamplingParams, rewind
 from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
 from mlx_engine_server.engine.sampling import SeededSampler
@@ -177,6 +178,16 @@ def test_lookup_tries_the_longest_ngram_first_then_shorter_ones() -> None:
     assert strict.propose([3, 9, 4, 3, 6, 5, 2, 3], limit=4) == []
     # The index grows with the context: what the output adds is found next time.
     assert fallback.propose([3, 9, 4, 3, 6, 5, 2, 3, 6, 5, 1, 6], limit=2) == [5, 1]
+
+
+def test_ngram_min_size_above_ngram_size_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match="--ngram-min-size 3 is larger than --ngram-size 2"):
+        load_settings({"ngram_size": 2, "ngram_min_size": 3})
+    assert load_settings({"ngram_size": 1}).ngram_size == 1  # the default minimum follows
+    assert RowDrafter(DraftSettings(num_draft_tokens=2, ngram_size=1)).propose([4, 5, 4], 2) == [
+        5,
+        4,
+    ]
 
 
 SHORT_PROMPTS = ["A long tale begins", "x y z", "1 2 3 4", "The cat sat", "hello world"]

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         description="The longest run of tokens matched against the context to find a draft.",
     )
     ngram_min_size: int = Field(
-        default=1,
+        default=2,
         ge=1,
         le=32,
         description="The shortest run of tokens matched when no longer one is found.",
@@ -264,7 +264,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _ngram_sizes_in_order(self) -> Settings:
-        if self.ngram_min_size > self.ngram_size:
+        """A minimum left at its default follows a smaller --ngram-size down."""
+        if "ngram_min_size" in self.model_fields_set and self.ngram_min_size > self.ngram_size:
             raise ValueError(
                 f"--ngram-min-size {self.ngram_min_size} is larger than --ngram-size "
                 f"{self.ngram_size}"

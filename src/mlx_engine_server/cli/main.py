@@ -114,7 +114,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 @click.option(
     "--ngram-min-size",
     metavar="INT",
-    help="Shortest run of tokens matched when no longer one is found.  [default: 1]",
+    help="Shortest run of tokens matched when no longer one is found.  [default: 2]",
 )
 @click.option(
     "--kv-bits",

@@ -24,7 +24,7 @@ ACCEPT_EMA = 0.5  # weight of the newest verification in a row's acceptance rate
 class DraftSettings:
     num_draft_tokens: int  # the most tokens one row drafts in one step
     ngram_size: int  # the longest run of tokens matched against the context to find a draft
-    ngram_min_size: int = 1  # the shortest, tried when no longer one matches
+    ngram_min_size: int = 2  # the shortest, tried when no longer one matches
 
     @property
     def sizes(self) -> range:
