@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -375,9 +375,15 @@ class _ScriptedDrafts(SpeculativeGenerationBatch):
         return drafts
 
 
-def _generate(generator: Any, prompts: list[list[int]], max_tokens: int) -> dict[int, list[int]]:
+MakeCaches = Callable[[Any], list[Any]]  # model -> a new row's cache layers
+
+
+def _generate(
+    generator: Any, prompts: list[list[int]], max_tokens: int, make_caches: MakeCaches | None
+) -> dict[int, list[int]]:
     """Each row's tokens; after every step, checks the running batch's cache."""
-    uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts))
+    caches = [make_caches(generator.model) for _ in prompts] if make_caches else None
+    uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts), caches=caches)
     answers: dict[int, list[int]] = {uid: [] for uid in uids}
     while any(len(tokens) < max_tokens for tokens in answers.values()):
         for response in generator.next()[1]:
@@ -395,19 +401,15 @@ def _check_no_common_left_padding(layers: list[Any]) -> None:
         assert length == max(offsets.tolist()), (length, offsets.tolist())
 
 
-@pytest.mark.parametrize("few_rows_share", [0.0, 1.0], ids=["roll-batch", "move-rows"])
-def test_uneven_rejections_keep_the_cache_as_long_as_its_longest_row(
-    tiny_model_dir: Path, few_rows_share: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Rows that reject in turns each gain left padding; the padding every row has is cut, so
-    the cache does not grow by the whole draft width every step. Both ways of shifting a row
-    (mlx-lm's roll of the batch, or moving only the rows that shift) keep the answers."""
-    monkeypatch.setattr(rewind, "FEW_ROWS_SHARE", few_rows_share)
-    model, tokenizer = load(str(tiny_model_dir))
+def check_uneven_rejections(model_dir: Path, make_caches: MakeCaches | None = None) -> None:
+    """Greedy answers with scripted drafts, each step one row accepting its whole draft and the
+    other rejecting all of it, equal those without drafts; the cache stays as long as its
+    longest row after every step."""
+    model, tokenizer = load(str(model_dir))
     prompts = [tokenizer.encode("A long tale begins"), tokenizer.encode("x y z")]
     max_tokens = 40
     plain = BatchGenerator(model, stop_tokens=[])
-    expected = _generate(plain, prompts, max_tokens)
+    expected = _generate(plain, prompts, max_tokens, make_caches)
     plain.close()
     generator = SpeculativeBatchGenerator(
         model,
@@ -421,7 +423,18 @@ def test_uneven_rejections_keep_the_cache_as_long_as_its_longest_row(
     for uid, prompt in enumerate(prompts):
         _ScriptedDrafts.answers[uid] = expected[uid]
         _ScriptedDrafts.prompt_tokens[uid] = len(prompt)
-    answers = _generate(generator, prompts, max_tokens)
+    answers = _generate(generator, prompts, max_tokens, make_caches)
     generator.close()
     assert [answers[uid] for uid in sorted(answers)] == [expected[0], expected[1]]
     assert batch.steps >= 8  # speculative steps happened, each with an uneven rejection
+
+
+@pytest.mark.parametrize("few_rows_share", [0.0, 1.0], ids=["roll-batch", "move-rows"])
+def test_uneven_rejections_keep_the_cache_as_long_as_its_longest_row(
+    tiny_model_dir: Path, few_rows_share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that reject in turns each gain left padding; the padding every row has is cut, so
+    the cache does not grow by the whole draft width every step. Both ways of shifting a row
+    (mlx-lm's roll of the batch, or moving only the rows that shift) keep the answers."""
+    monkeypatch.setattr(rewind, "FEW_ROWS_SHARE", few_rows_share)
+    check_uneven_rejections(tiny_model_dir)
