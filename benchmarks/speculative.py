@@ -3,7 +3,7 @@ the same run.
 
     .venv/bin/python benchmarks/speculative.py [MODEL_PATH] [--passage-tokens 1000]
         [--max-tokens 128] [--clients 32] [--client-tokens 48] [--budget-mib 256]
-        [--draft-model DRAFT_PATH]
+        [--draft-model DRAFT_PATH] [--ngram-min-size N]
 
 1. One stream, the edit set (`edit_prompts.json`: ~1,000-token passages of this repository's own
    docs, built once offline, each returned "with one small change"): decode tokens/s with
@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=int, default=256, help="KV room of the budget")
     parser.add_argument("--parts", default="speculation,kv", help="what to measure")
     parser.add_argument(
+        "--ngram-min-size", type=int, help="passed to the ngram server (default: the server's)"
+    )
+    parser.add_argument(
         "--draft-model",
         help="also measure --speculative draft with this draft model (the model itself: a "
         "measure of the plumbing and its overhead, every greedy draft accepted; no speed-up)",
@@ -199,6 +202,8 @@ def measure_speculation(
 ) -> dict[str, Any]:
     found: dict[str, Any] = {}
     modes: dict[str, tuple[str, ...]] = {"none": (), "ngram": ()}
+    if args.ngram_min_size is not None:
+        modes["ngram"] = ("--ngram-min-size", str(args.ngram_min_size))
     if args.draft_model:
         modes["draft"] = ("--draft-model", str(draft_path(args.draft_model)))
     for mode, flags in modes.items():

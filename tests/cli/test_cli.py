@@ -166,6 +166,7 @@ ENV_CASES = [
     ("DRAFT_MODEL", "/models/small", "draft_model", "/models/small"),
     ("NUM_DRAFT_TOKENS", "7", "num_draft_tokens", 7),
     ("NGRAM_SIZE", "2", "ngram_size", 2),
+    ("NGRAM_MIN_SIZE", "2", "ngram_min_size", 2),
     ("KV_BITS", "8", "kv_bits", 8),
     ("KV_GROUP_SIZE", "32", "kv_group_size", 32),
     ("MAX_TOKENS_DEFAULT", "17", "max_tokens_default", 17),

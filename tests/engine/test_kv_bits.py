@@ -12,10 +12,12 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine import EngineOptions, rewind
+from mlx_engine_server.engine.quantized_kv import empty_row_cache
 
 from ..conftest import LiveServer, run_live_server, start_engine
 from ..model_factory import build_tiny_llama
+from .test_speculative import check_uneven_rejections
 
 # Two heads of 32 dimensions: a group of 32 values shares one scale and bias.
 KV8 = EngineOptions(kv_bits=8, kv_group_size=32)
@@ -108,3 +110,14 @@ def test_speculation_over_a_quantized_cache_keeps_greedy_answers(
     with serve(wide_heads_model, options) as live:
         assert batched_texts(live) == batched_texts(kv8_server)
         assert status(live)["speculative"]["accepted_tokens_total"] > 0
+
+
+@pytest.mark.parametrize("few_rows_share", [0.0, 1.0], ids=["roll-batch", "move-rows"])
+def test_uneven_rejections_over_a_quantized_cache(
+    wide_heads_model: Path, few_rows_share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-row rewind moves quantized triples as it moves plain keys and values."""
+    monkeypatch.setattr(rewind, "FEW_ROWS_SHARE", few_rows_share)
+    check_uneven_rejections(
+        wide_heads_model, lambda model: empty_row_cache(len(model.layers), group_size=32, bits=8)
+    )

@@ -1,4 +1,5 @@
-"""Memory-aware admission: requests start only when their KV cache fits; never an OOM abort."""
+"""Memory-aware admission: requests start only when their KV cache fits (a draft model's too);
+never an OOM abort."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from mlx_engine_server.engine import EngineClient, EngineOptions
+from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.http.app import create_app
+from mlx_engine_server.models.draft import load_with_draft
+from mlx_engine_server.models.loader import ModelSource
 
 from ..conftest import start_engine
 from ..model_factory import build_tiny_llama
@@ -134,3 +138,69 @@ def test_a_second_request_waits_until_the_first_frees_its_memory(
     memory = report.memory_budget if report is not None else None
     assert memory is not None
     assert memory["reserved_bytes"] == 0
+
+
+def start_self_drafting(model_dir: Path, budget_bytes: int | None) -> EngineClient:
+    """The model as its own draft: the draft's weights and KV cache are as large as its own."""
+    options = EngineOptions(
+        speculative="draft",
+        num_draft_tokens=2,
+        draft_model_path=str(model_dir),
+        memory_budget_bytes=budget_bytes,
+        **SMALL_PREFILL,
+    )
+    source = ModelSource(model_path=str(model_dir))
+    engine = local_client(lambda: load_with_draft(source, str(model_dir)), options)
+    engine.start()
+    return engine
+
+
+def budget_of(engine: EngineClient) -> dict[str, int]:
+    report = engine.report_now()
+    assert report is not None
+    assert report.memory_budget is not None
+    return report.memory_budget
+
+
+def main_request_bytes(stats: dict[str, int]) -> int:
+    """One long request's KV in the main model alone."""
+    main_kv = stats["kv_bytes_per_token"] - stats["draft_kv_bytes_per_token"]
+    return (LONG_REQUEST_TOKENS + 1) * main_kv
+
+
+def fits_one_drafting_row_not_two(stats: dict[str, int]) -> bool:
+    room = stats["budget_bytes"] - stats["weights_bytes"] - stats["prefill_workspace_bytes"]
+    with_draft = long_request_bytes(stats)
+    return 2 * main_request_bytes(stats) <= room and with_draft <= room < 2 * with_draft
+
+
+@pytest.fixture
+def one_drafting_row_fits(roomy_model_dir: Path) -> Iterator[tuple[TestClient, EngineClient]]:
+    """Room for two long requests' main KV caches but for one only with their draft caches."""
+    engine = start_self_drafting(roomy_model_dir, None)
+    stats = budget_of(engine)
+    engine.stop()
+    for _ in range(3):
+        room = 3 * main_request_bytes(stats)
+        budget = stats["weights_bytes"] + stats["prefill_workspace_bytes"] + room
+        engine = start_self_drafting(roomy_model_dir, budget)
+        if fits_one_drafting_row_not_two(budget_of(engine)):
+            break
+        stats = budget_of(engine)
+        engine.stop()
+    else:
+        pytest.fail(f"no budget fitted one drafting request and not two: {stats}")
+    with TestClient(create_app(engine)) as client:
+        yield client, engine
+
+
+def test_a_draft_models_weights_and_kv_cache_count_for_admission(
+    one_drafting_row_fits: tuple[TestClient, EngineClient], measured: dict[str, int]
+) -> None:
+    client, engine = one_drafting_row_fits
+    stats = budget_of(engine)
+    assert stats["draft_kv_bytes_per_token"] == TINY_KV_BYTES_PER_TOKEN
+    assert stats["kv_bytes_per_token"] == 2 * TINY_KV_BYTES_PER_TOKEN
+    assert stats["draft_weights_bytes"] > 49152 * 64 * 4  # its embedding alone, float32
+    assert stats["weights_bytes"] > measured["weights_bytes"] + 49152 * 64 * 4
+    test_a_second_request_waits_until_the_first_frees_its_memory((client, engine))

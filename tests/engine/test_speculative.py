@@ -3,22 +3,33 @@ engine gives without it, and the drafted and accepted tokens are counted."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx2 as httpx
 import mlx.core as mx
 import pytest
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator
 from openai import OpenAI
 
-from mlx_engine_server.engine import EngineOptions, SamplingParams
+from mlx_engine_server.cli.config import SettingsError, load_settings
+from mlx_engine_server.engine import EngineOptions, SamplingParams, rewind
 from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
 from mlx_engine_server.engine.sampling import SeededSampler
-from mlx_engine_server.engine.speculative import PROBE_EVERY_STEPS, PROBE_STEPS, StepPacer
+from mlx_engine_server.engine.speculative import (
+    PROBE_EVERY_STEPS,
+    PROBE_STEPS,
+    SpeculativeBatchGenerator,
+    SpeculativeGenerationBatch,
+    StepPacer,
+)
 
 from ..conftest import LiveServer, run_live_server, start_engine
 
@@ -57,6 +68,13 @@ def texts(results: list[dict[str, Any]]) -> list[str]:
 def speculation(server: LiveServer) -> dict[str, Any]:
     body: dict[str, Any] = httpx.get(f"{server.base_url}/v1/mlx/status").json()["speculative"]
     return body
+
+
+@pytest.fixture
+def unpaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pacer pauses drafting by the wall time of steps, which other jobs on the machine
+    decide; tests that count drafts across servers keep every step speculative."""
+    monkeypatch.setattr(StepPacer, "allows_drafts", lambda self: True)
 
 
 def test_greedy_batched_answers_equal_those_without_speculation(
@@ -156,6 +174,99 @@ def test_a_row_whose_drafts_fail_rests_longer_each_time() -> None:
     assert drafter.draft_length == 1
 
 
+def test_lookup_tries_the_longest_ngram_first_then_shorter_ones() -> None:
+    drafter = RowDrafter(DraftSettings(num_draft_tokens=4, ngram_size=3, ngram_min_size=1))
+    # [1, 2, 3] appeared once (followed by 7); [2, 3] later too (followed by 8): longest wins.
+    assert drafter.propose([1, 2, 3, 7, 9, 2, 3, 8, 6, 1, 2, 3], limit=4) == [7, 9, 2, 3]
+    # No earlier [5, 2, 3] and no [2, 3] either: the last token alone, its latest occurrence.
+    fallback = RowDrafter(DraftSettings(num_draft_tokens=4, ngram_size=3, ngram_min_size=1))
+    assert fallback.propose([3, 9, 4, 3, 6, 5, 2, 3], limit=4) == [6, 5, 2, 3]
+    strict = RowDrafter(DraftSettings(num_draft_tokens=4, ngram_size=3, ngram_min_size=2))
+    assert strict.propose([3, 9, 4, 3, 6, 5, 2, 3], limit=4) == []
+    # The index grows with the context: what the output adds is found next time.
+    assert fallback.propose([3, 9, 4, 3, 6, 5, 2, 3, 6, 5, 1, 6], limit=2) == [5, 1]
+
+
+def test_ngram_min_size_above_ngram_size_is_a_settings_error() -> None:
+    with pytest.raises(SettingsError, match="--ngram-min-size 3 is larger than --ngram-size 2"):
+        load_settings({"ngram_size": 2, "ngram_min_size": 3})
+    assert load_settings({"ngram_size": 1}).ngram_size == 1  # the default minimum follows
+    assert RowDrafter(DraftSettings(num_draft_tokens=2, ngram_size=1)).propose([4, 5, 4], 2) == [
+        5,
+        4,
+    ]
+
+
+SHORT_PROMPTS = ["A long tale begins", "x y z", "1 2 3 4", "The cat sat", "hello world"]
+
+
+@pytest.mark.usefixtures("unpaced")
+def test_shorter_ngrams_draft_where_the_longest_finds_nothing(
+    tiny_model_dir: Path, tiny_server: LiveServer
+) -> None:
+    """The random model soon repeats single tokens: a 4-gram recurs late, a 1-gram at once."""
+    without = [complete(tiny_server.base_url, p, max_tokens=12) for p in SHORT_PROMPTS]
+    counts = {}
+    for min_size in (4, 1):
+        options = replace(SPECULATIVE, ngram_size=4, ngram_min_size=min_size)
+        live = run_live_server(start_engine(tiny_model_dir, options))
+        try:
+            answers = [complete(live.base_url, p, max_tokens=12) for p in SHORT_PROMPTS]
+            counts[min_size] = speculation(live)
+        finally:
+            live.stop()
+            live.engine.stop()
+        assert texts(answers) == texts(without)
+    assert counts[1]["draft_tokens_total"] > counts[4]["draft_tokens_total"]
+    assert counts[1]["accepted_tokens_total"] > counts[4]["accepted_tokens_total"]
+
+
+class _TokenBufferOfAnotherRelease:
+    """mlx-lm's TokenBuffer as a later release might write it: the same public methods
+    (update_and_fetch, tokens, state), other private attributes."""
+
+    def __init__(self, tokens: list[int] | None = None) -> None:
+        self._kept = mx.array(tokens or [], dtype=mx.int32)
+
+    def update_and_fetch(self, tokens: mx.array) -> mx.array:
+        self._kept = mx.concatenate([self._kept, tokens.astype(mx.int32)])
+        return self._kept
+
+    @property
+    def tokens(self) -> mx.array:
+        return self._kept
+
+    @property
+    def state(self) -> mx.array:
+        return self._kept
+
+
+@pytest.mark.usefixtures("unpaced")
+@pytest.mark.parametrize("other_release", [False, True], ids=["mlx-lm", "other-release"])
+def test_penalties_see_each_drafted_position_through_the_token_buffers_public_api(
+    spec_server: LiveServer,
+    tiny_server: LiveServer,
+    other_release: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Penalties and logit_bias read each drafted position's context; the rows' token
+    contexts are used only through TokenBuffer's public methods, so a release of mlx-lm with
+    other internals keeps the answers."""
+    if other_release:
+        generate_module = importlib.import_module("mlx_lm.generate")
+        monkeypatch.setattr(generate_module, "TokenBuffer", _TokenBufferOfAnotherRelease)
+    before = speculation(spec_server)
+    fields = {"frequency_penalty": 0.4, "presence_penalty": 0.3, "logit_bias": {"11": 5}}
+    with_drafts = texts(together(spec_server.base_url, PROMPTS, **fields))
+    without = texts(together(tiny_server.base_url, PROMPTS, **fields))
+    assert with_drafts == without
+    after = speculation(spec_server)
+    assert after["accepted_tokens_total"] > before["accepted_tokens_total"]
+    assert after["draft_tokens_total"] - after["accepted_tokens_total"] > (
+        before["draft_tokens_total"] - before["accepted_tokens_total"]
+    )
+
+
 ECHO = (
     "Copy this sentence exactly: The quick brown fox jumps over the lazy dog while "
     "the small cat sleeps on the warm red mat near the door."
@@ -232,3 +343,107 @@ def test_pacer_pauses_drafting_while_it_loses_and_probes_plain_steps() -> None:
         winning.step_started(True)
         winning.step_done(True, 3, started)
     assert allowed == PROBE_EVERY_STEPS  # then a few plain steps refresh the comparison
+
+
+class _NeverRests(RowDrafter):
+    def record(self, drafted: int, accepted: int) -> None:
+        """Scripted drafts: their failures must not make the row rest."""
+
+
+class _AlwaysDrafts(StepPacer):
+    def allows_drafts(self) -> bool:
+        return True
+
+
+class _ScriptedDrafts(SpeculativeGenerationBatch):
+    """Drafts from a known greedy answer: right for one row and wrong for the other, taking
+    turns, so that each step one row accepts its whole draft and the other rejects all of it."""
+
+    answers: ClassVar[dict[int, list[int]]] = {}  # uid -> the greedy answer without drafts
+    prompt_tokens: ClassVar[dict[int, int]] = {}
+    steps = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pacer = _AlwaysDrafts()
+
+    def _drafter(self, index: int) -> RowDrafter | None:
+        uid = self.uids[index]
+        if uid not in self._drafters and self.drafting is not None:
+            self._drafters[uid] = _NeverRests(self.drafting)
+        return self._drafters.get(uid)
+
+    def _drafts(self, pending: list[int], drafters: list[RowDrafter | None]) -> list[list[int]]:
+        self.steps += 1
+        drafts = []
+        for index, uid in enumerate(self.uids):
+            done = len(self.tokens[index]) - self.prompt_tokens[uid]
+            right = self.answers[uid][done + 1 : done + 1 + min(4, self._room(index))]
+            wrong = [(token + 1) % 1000 for token in right]
+            drafts.append(right if (self.steps + index) % 2 else wrong)
+        return drafts
+
+
+MakeCaches = Callable[[Any], list[Any]]  # model -> a new row's cache layers
+
+
+def _generate(
+    generator: Any, prompts: list[list[int]], max_tokens: int, make_caches: MakeCaches | None
+) -> dict[int, list[int]]:
+    """Each row's tokens; after every step, checks the running batch's cache."""
+    caches = [make_caches(generator.model) for _ in prompts] if make_caches else None
+    uids = generator.insert(prompts, max_tokens=[max_tokens] * len(prompts), caches=caches)
+    answers: dict[int, list[int]] = {uid: [] for uid in uids}
+    while any(len(tokens) < max_tokens for tokens in answers.values()):
+        for response in generator.next()[1]:
+            answers[response.uid].append(response.token)
+        _check_no_common_left_padding(generator._generation_batch.prompt_cache)
+    return answers
+
+
+def _check_no_common_left_padding(layers: list[Any]) -> None:
+    """The cache is as long as its longest row: no column is padding in every row."""
+    for layer in layers:
+        if layer.keys is None:
+            continue
+        _, _, offsets, _, length = layer.state
+        assert length == max(offsets.tolist()), (length, offsets.tolist())
+
+
+def check_uneven_rejections(model_dir: Path, make_caches: MakeCaches | None = None) -> None:
+    """Greedy answers with scripted drafts, each step one row accepting its whole draft and the
+    other rejecting all of it, equal those without drafts; the cache stays as long as its
+    longest row after every step."""
+    model, tokenizer = load(str(model_dir))
+    prompts = [tokenizer.encode("A long tale begins"), tokenizer.encode("x y z")]
+    max_tokens = 40
+    plain = BatchGenerator(model, stop_tokens=[])
+    expected = _generate(plain, prompts, max_tokens, make_caches)
+    plain.close()
+    generator = SpeculativeBatchGenerator(
+        model,
+        drafting=DraftSettings(num_draft_tokens=4, ngram_size=3),
+        on_verified=lambda drafted, accepted: None,
+        make_batch=_ScriptedDrafts.empty,
+        stop_tokens=[],
+    )
+    batch = generator._generation_batch
+    assert isinstance(batch, _ScriptedDrafts)
+    for uid, prompt in enumerate(prompts):
+        _ScriptedDrafts.answers[uid] = expected[uid]
+        _ScriptedDrafts.prompt_tokens[uid] = len(prompt)
+    answers = _generate(generator, prompts, max_tokens, make_caches)
+    generator.close()
+    assert [answers[uid] for uid in sorted(answers)] == [expected[0], expected[1]]
+    assert batch.steps >= 8  # speculative steps happened, each with an uneven rejection
+
+
+@pytest.mark.parametrize("few_rows_share", [0.0, 1.0], ids=["roll-batch", "move-rows"])
+def test_uneven_rejections_keep_the_cache_as_long_as_its_longest_row(
+    tiny_model_dir: Path, few_rows_share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that reject in turns each gain left padding; the padding every row has is cut, so
+    the cache does not grow by the whole draft width every step. Both ways of shifting a row
+    (mlx-lm's roll of the batch, or moving only the rows that shift) keep the answers."""
+    monkeypatch.setattr(rewind, "FEW_ROWS_SHARE", few_rows_share)
+    check_uneven_rejections(tiny_model_dir)

@@ -27,6 +27,7 @@ from ..chat.media import (
 )
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
+from .setting_values import existing_dirs, lowercase_items, split_list
 from .settings_errors import SettingsError, describe_problems
 
 KV_BITS = (4, 8)
@@ -104,7 +105,16 @@ class Settings(BaseSettings):
         default=5, ge=1, le=64, description="Most tokens a row drafts per step."
     )
     ngram_size: int = Field(
-        default=3, ge=1, le=32, description="Tokens matched against the context to find a draft."
+        default=3,
+        ge=1,
+        le=32,
+        description="The longest run of tokens matched against the context to find a draft.",
+    )
+    ngram_min_size: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="The shortest run of tokens matched when no longer one is found.",
     )
     kv_bits: int | None = Field(
         default=None, description="Bits per value (4 or 8) of a quantized KV cache; None: not."
@@ -230,7 +240,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
-        return _split_list(value)
+        return split_list(value)
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +256,16 @@ class Settings(BaseSettings):
             raise ValueError("--speculative draft needs --draft-model")
         if self.draft_model is not None and self.speculative != "draft":
             raise ValueError("--draft-model is used with --speculative draft only")
+        return self
+
+    @model_validator(mode="after")
+    def _ngram_sizes_in_order(self) -> Settings:
+        """A minimum left at its default follows a smaller --ngram-size down."""
+        if "ngram_min_size" in self.model_fields_set and self.ngram_min_size > self.ngram_size:
+            raise ValueError(
+                f"--ngram-min-size {self.ngram_min_size} is larger than --ngram-size "
+                f"{self.ngram_size}"
+            )
         return self
 
     @field_validator("kv_bits", mode="after")
@@ -314,23 +334,17 @@ class Settings(BaseSettings):
     @field_validator("allowed_media_dir", mode="before")
     @classmethod
     def _split_dirs(cls, value: Any) -> Any:
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("image_formats", mode="before")
     @classmethod
     def _lowercase_formats(cls, value: Any) -> Any:
-        items = _split_list(value)
-        if isinstance(items, list | tuple):
-            return tuple(item.lower() if isinstance(item, str) else item for item in items)
-        return items
+        return lowercase_items(split_list(value))
 
     @field_validator("allowed_media_dir", mode="after")
     @classmethod
     def _existing_dirs(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
-        for directory in value:
-            if not directory.expanduser().is_dir():
-                raise ValueError(f"{directory} is not a directory")
-        return tuple(directory.expanduser().resolve() for directory in value)
+        return existing_dirs(value)
 
     distributed_mode: Literal["tensor", "pipeline"] = Field(
         default="tensor",
@@ -358,18 +372,6 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase_level(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
-
-
-def _split_list(value: Any) -> Any:
-    """A list setting given as text (environment, flag): a JSON list or comma-separated items."""
-    if not isinstance(value, str):
-        return value
-    if value.lstrip().startswith("["):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:

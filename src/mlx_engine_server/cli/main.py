@@ -108,7 +108,14 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "--num-draft-tokens", metavar="INT", help="Most tokens a row drafts per step.  [default: 5]"
 )
 @click.option(
-    "--ngram-size", metavar="INT", help="Tokens matched to find an ngram draft.  [default: 3]"
+    "--ngram-size",
+    metavar="INT",
+    help="Longest run of tokens matched to find an ngram draft.  [default: 3]",
+)
+@click.option(
+    "--ngram-min-size",
+    metavar="INT",
+    help="Shortest run of tokens matched when no longer one is found.  [default: 2]",
 )
 @click.option(
     "--kv-bits",

@@ -94,6 +94,7 @@ def engine_options(settings: Settings) -> EngineOptions:
         speculative=settings.speculative,
         num_draft_tokens=settings.num_draft_tokens,
         ngram_size=settings.ngram_size,
+        ngram_min_size=settings.ngram_min_size,
         draft_model_path=settings.draft_model,
         kv_bits=settings.kv_bits,
         kv_group_size=settings.kv_group_size,

@@ -38,7 +38,9 @@ class BatchSetup:
             else min(PREFILL_BATCH, self.options.max_batch_size),
             "prefill_step_size": self.options.prefill_step_size,
         }
-        drafting = DraftSettings(self.options.num_draft_tokens, self.options.ngram_size)
+        drafting = DraftSettings(
+            self.options.num_draft_tokens, self.options.ngram_size, self.options.ngram_min_size
+        )
         if self.options.speculative == "ngram":
             return SpeculativeBatchGenerator(
                 self.loaded.model, drafting=drafting, on_verified=self._count_drafts, **settings

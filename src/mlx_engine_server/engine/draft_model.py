@@ -24,8 +24,9 @@ from mlx_lm.generate import PromptProcessingBatch, _extend_cache
 from mlx_lm.models.cache import make_prompt_cache
 
 from .ngram import RowDrafter
+from .rewind import rewind_rows
 from .sampling import SeededSampler
-from .speculative import BatchFactory, SpeculativeGenerationBatch, _RowOutcome, rewind_rows
+from .speculative import BatchFactory, SpeculativeGenerationBatch, _RowOutcome
 
 
 @dataclass
@@ -142,7 +143,7 @@ class DraftModelGenerationBatch(SpeculativeGenerationBatch):
     ) -> tuple[mx.array, mx.array]:
         return sampler.verify_sampled_drafts(logprobs, self._draft_q[index], draft)
 
-    def _advance(self, outcomes: list[_RowOutcome], drafts: list[list[int]]) -> None:
+    def _advance(self, outcomes: list[_RowOutcome]) -> None:
         """The draft cache keeps, of what this step fed it, the pending token and the accepted
         drafts it has seen; a fully accepted draft's last token stays for the next step."""
         plan = self._plan
@@ -157,7 +158,7 @@ class DraftModelGenerationBatch(SpeculativeGenerationBatch):
             if any(forget):
                 rewind_rows(self.draft_cache, forget)
             self._plan = None
-        super()._advance(outcomes, drafts)
+        super()._advance(outcomes)
 
 
 def draft_batch_factory(draft_model: Any, prefill_step_size: int) -> BatchFactory:

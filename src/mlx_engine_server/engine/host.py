@@ -320,4 +320,6 @@ def _memory_budget(worker: Worker | None) -> dict[str, int] | None:
         "kv_bytes_per_token": ledger.model.kv_bytes_per_token,
         "activation_bytes_per_token": ledger.model.activation_bytes_per_token,
         "prefill_workspace_bytes": ledger.model.prefill_workspace_bytes,
+        "draft_weights_bytes": ledger.model.draft_weights_bytes,
+        "draft_kv_bytes_per_token": ledger.model.draft_kv_bytes_per_token,
     }

@@ -3,14 +3,15 @@
 Per-token costs are measured once at start-up on the loaded model (a one-token forward pass),
 so they hold for any architecture and dtype without a table of model families: caches that grow
 (KVCache allocates `step` positions at a time) cost bytes per token, recurrent state a fixed
-amount per request. Used only from the worker thread.
+amount per request. A draft model (--draft-model) is measured the same way and added: its
+weights once, its KV cache to every request's. Used only from the worker thread.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -31,6 +32,8 @@ class MemoryModel:
     fixed_bytes_per_request: int
     activation_bytes_per_token: int
     prefill_workspace_bytes: int
+    draft_weights_bytes: int = 0  # of weights_bytes: a draft model's (--draft-model)
+    draft_kv_bytes_per_token: int = 0  # of kv_bytes_per_token: its cache, row for row
 
     def request_bytes(self, prompt_tokens: int, max_tokens: int) -> int:
         """A running request holds its KV cache (and recurrent state) until it ends."""
@@ -76,6 +79,22 @@ def measure_memory(
         fixed_bytes_per_request=int(sum(layer.nbytes for layer in fixed)),
         activation_bytes_per_token=activation,
         prefill_workspace_bytes=prefill_tokens * activation * PREFILL_SAFETY_FACTOR,
+    )
+
+
+def with_draft_model(memory: MemoryModel, draft_model: Any) -> MemoryModel:
+    """A draft model's weights (and its one-token pass) sit beside the main model's, and each
+    running row keeps a draft KV cache as long as its main one; both measured the same way.
+    The draft's prefill of a joining row is smaller than the main model's, whose workspace is
+    already set aside."""
+    draft = measure_memory(draft_model, memory.budget_bytes, 0)
+    return replace(
+        memory,
+        weights_bytes=memory.weights_bytes + draft.weights_bytes,
+        kv_bytes_per_token=memory.kv_bytes_per_token + draft.kv_bytes_per_token,
+        fixed_bytes_per_request=memory.fixed_bytes_per_request + draft.fixed_bytes_per_request,
+        draft_weights_bytes=draft.weights_bytes,
+        draft_kv_bytes_per_token=draft.kv_bytes_per_token,
     )
 
 

@@ -56,7 +56,8 @@ class EngineOptions:
     fold_quantized_decode: bool = True
     speculative: SpeculativeMode = "none"
     num_draft_tokens: int = 5  # the most tokens a row drafts in one step
-    ngram_size: int = 3  # tokens matched against the context to find a draft
+    ngram_size: int = 3  # the longest run of tokens matched against the context to find a draft
+    ngram_min_size: int = 2  # the shortest, tried when no longer one matches
     draft_model_path: str | None = None  # --speculative draft: the smaller model that drafts
     kv_bits: int | None = None  # running rows' and cached prefixes' KV stored quantized
     kv_group_size: int = 64

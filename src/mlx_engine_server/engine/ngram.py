@@ -1,8 +1,13 @@
 """Prompt-lookup drafting: guess a row's next tokens from where its last n tokens appeared before.
 
-Each row keeps an index from every n-gram of its context (prompt and output so far) to the
-position right after its latest occurrence, filled as tokens arrive, so a lookup is one dict
-probe. How many tokens a row drafts adapts to how many of its drafts were accepted: rows that
+Each row keeps an index from every n-gram of its context (prompt and output so far), for every n
+from `ngram_min_size` to `ngram_size`, to the position right after its latest occurrence. It is
+filled as tokens arrive (one dict write per size per token), and a lookup tries the longest
+n-gram first and falls back to shorter ones: at most one dict probe per size. As vLLM's
+NgramProposer, the longest match wins; unlike it (the earliest occurrence) and llama.cpp's
+ngram cache (the most frequent next token, drafted one token per lookup), the latest occurrence
+gives the draft, since edits and refactors copy what they read last, and one probe gives the whole
+continuation. How many tokens a row drafts adapts to how many of its drafts were accepted: rows that
 copy (edits, refactors, quoting answers) draft long, rows whose drafts keep failing rest for a
 growing number of steps, so that drafting costs them nothing.
 """
@@ -18,7 +23,13 @@ ACCEPT_EMA = 0.5  # weight of the newest verification in a row's acceptance rate
 @dataclass(frozen=True)
 class DraftSettings:
     num_draft_tokens: int  # the most tokens one row drafts in one step
-    ngram_size: int  # tokens matched against the context to find a draft
+    ngram_size: int  # the longest run of tokens matched against the context to find a draft
+    ngram_min_size: int = 2  # the shortest, tried when no longer one matches
+
+    @property
+    def sizes(self) -> range:
+        """The n-gram sizes a lookup tries, longest first."""
+        return range(self.ngram_size, min(self.ngram_min_size, self.ngram_size) - 1, -1)
 
 
 @dataclass
@@ -40,18 +51,26 @@ class RowDrafter:
         self.rest_steps -= 1
 
     def propose(self, context: list[int], limit: int) -> list[int]:
-        """Up to min(limit, the adaptive length) tokens that followed the context's last n-gram
-        the latest time it appeared before; [] when it never did."""
+        """Up to min(limit, the adaptive length) tokens that followed the context's longest
+        final n-gram that appeared before, the latest time it did; [] when none did."""
         self._index_up_to(context)
-        size = self.settings.ngram_size
         wanted = min(limit, self.draft_length)
-        if wanted <= 0 or len(context) <= size:
+        if wanted <= 0:
             return []
-        start = self.index.get(tuple(context[-size:]))
+        start = self._match(context)
         if start is None:
             self._rest()
             return []
         return context[start : start + wanted]
+
+    def _match(self, context: list[int]) -> int | None:
+        """Where the continuation of the longest matching final n-gram starts."""
+        for size in self.settings.sizes:
+            if len(context) > size:
+                start = self.index.get(tuple(context[-size:]))
+                if start is not None:
+                    return start
+        return None
 
     @property
     def draft_length(self) -> int:
@@ -71,9 +90,11 @@ class RowDrafter:
         self.rest_length = min(MAX_REST_STEPS, self.rest_length * 2)
 
     def _index_up_to(self, context: list[int]) -> None:
-        """Map each n-gram to the position after it; the context's own last n-gram is left out
-        (nothing follows it yet), so a lookup finds an earlier occurrence."""
-        size = self.settings.ngram_size
-        for end in range(max(self.indexed, size), len(context)):
-            self.index[tuple(context[end - size : end])] = end
+        """Map each n-gram of every size to the position after it; the context's own final
+        n-grams are left out (nothing follows them yet), so a lookup finds earlier ones."""
+        sizes = self.settings.sizes
+        for end in range(self.indexed, len(context)):
+            for size in sizes:
+                if end >= size:
+                    self.index[tuple(context[end - size : end])] = end
         self.indexed = max(self.indexed, len(context))

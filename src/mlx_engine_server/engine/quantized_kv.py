@@ -163,7 +163,12 @@ class BatchQuantizedKVCache:
 
     @property
     def state(self) -> tuple[Any, ...]:
-        return self.keys, self.values, self.offset, self.left_padding
+        """As BatchKVCache's: keys, values, offset, left padding, write index."""
+        return self.keys, self.values, self.offset, self.left_padding, self._idx
+
+    @state.setter
+    def state(self, value: tuple[Any, ...]) -> None:
+        self.keys, self.values, self.offset, self.left_padding, self._idx = value
 
     def is_trimmable(self) -> bool:
         return True

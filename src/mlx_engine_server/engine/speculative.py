@@ -6,10 +6,7 @@ right-padded to the longest draft (rows without a draft feed only their pending 
 reads the model's choice at every position: a row keeps the longest prefix of its draft the
 model agrees with (greedy: the same argmax; sampled: the rejection rule of SeededSampler), and
 the model's own token after that prefix becomes its next pending token. The KV cache then
-forgets each row's rejected positions: all rows lose the fewest any row rejected (a trim of the
-batch), and a row that rejected more has its cache shifted right by the difference, the
-forgotten positions becoming left padding (BatchKVCache.prepare/finalize do exactly that
-after a right-padded prefill).
+forgets each row's rejected positions (rewind.py).
 
 A step where no row drafts is mlx-lm's own step, pipelined as usual; rows constrained by a
 grammar never draft (their matcher consumes one token per step), and neither do rows whose
@@ -30,6 +27,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch
 
 from .constraints import GrammarProcessor
 from .ngram import DraftSettings, RowDrafter
+from .rewind import rewind_rows
 from .sampling import SeededSampler
 
 OnVerified = Callable[[int, int], None]  # (tokens drafted, tokens accepted) in one step
@@ -202,7 +200,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         outcomes = self._decide(pending, drafts, logprobs)
         rewind_rows(self.prompt_cache, [width - 1 - o.accepted for o in outcomes])
-        self._advance(outcomes, drafts)
+        self._advance(outcomes)
         drafted = accepted = 0
         for drafter, outcome in zip(drafters, outcomes, strict=True):
             if drafter is not None and outcome.drafted:
@@ -215,7 +213,8 @@ class SpeculativeGenerationBatch(GenerationBatch):
 
     def _processed(self, inputs: mx.array, logits: mx.array, drafts: list[list[int]]) -> mx.array:
         """Logits processors (penalties, logit_bias) at every drafted position, each seeing the
-        tokens before it; rows without processors are left as they are."""
+        tokens before it; rows without processors are left as they are. The row's token
+        context (mlx-lm's TokenBuffer) is only read here: _advance appends what was kept."""
         if not self.logits_processors or not any(self.logits_processors):
             return logits
         rows = []
@@ -223,11 +222,11 @@ class SpeculativeGenerationBatch(GenerationBatch):
             if not processors:
                 rows.append(logits[index])
                 continue
+            known = self._token_context[index].tokens
+            fed = inputs[index].astype(known.dtype)
             positions = []
             for position in range(len(drafts[index]) + 1):
-                context = self._token_context[index].update_and_fetch(
-                    inputs[index, position : position + 1]
-                )
+                context = mx.concatenate([known, fed[: position + 1]])
                 row_logits = logits[index, position : position + 1]
                 for processor in processors:
                     row_logits = processor(context, row_logits)
@@ -282,7 +281,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         """A prompt-lookup draft is a point mass: the one-token rejection rule."""
         return sampler.verify_drafts(logprobs, draft)
 
-    def _advance(self, outcomes: list[_RowOutcome], drafts: list[list[int]]) -> None:
+    def _advance(self, outcomes: list[_RowOutcome]) -> None:
         """The batch's state after the step: what the caches hold, and each pending token."""
         self._current_tokens = mx.array(  # type: ignore[assignment]  # mlx-lm's None default
             [o.emitted[0] for o in outcomes], dtype=mx.uint32
@@ -293,7 +292,7 @@ class SpeculativeGenerationBatch(GenerationBatch):
         for index, outcome in enumerate(outcomes):
             self.tokens[index].extend(outcome.emitted)
             if self.logits_processors and self.logits_processors[index]:
-                _forget_tokens(self._token_context[index], len(drafts[index]) - outcome.accepted)
+                self._token_context[index].update_and_fetch(mx.array(outcome.emitted))
 
     def _responses(self, outcomes: list[_RowOutcome]) -> list[Any]:
         """One response per emitted token, in order; a row ends at its first finishing token."""
@@ -351,24 +350,6 @@ class SpeculativeBatchGenerator(BatchGenerator):
         batch.drafting = drafting
         batch.on_verified = on_verified
         self._generation_batch = batch
-
-
-def rewind_rows(layers: list[Any], rejected: list[int]) -> None:
-    """Forget the last `rejected[i]` positions of row i in every layer's batch cache."""
-    least = min(rejected)
-    extra = [count - least for count in rejected]
-    for layer in layers:
-        if least:
-            layer.trim(least)
-        if any(extra):
-            layer.prepare(right_padding=extra)
-            layer.finalize()
-
-
-def _forget_tokens(buffer: Any, count: int) -> None:
-    """Drop the last `count` tokens of an mlx-lm TokenBuffer (it has no trim of its own)."""
-    if count:
-        buffer._size -= count
 
 
 def _leading_true(flags: list[bool]) -> int:

@@ -27,7 +27,7 @@ from .counters import Counters
 from .decode_fold import fold_quantized_decode, should_fold
 from .distributed.group import GroupError
 from .logprobs import LogprobRequest, gather_logprobs
-from .memory import MemoryLedger, measure_memory
+from .memory import MemoryLedger, measure_memory, with_draft_model
 from .messages import (
     Admitted,
     Drain,
@@ -105,6 +105,8 @@ class Worker(BatchSetup, SequenceEndings, CacheKeeping):
                 loaded.model, options.memory_budget_bytes, prefill_tokens, self._empty_cache
             ),
         )
+        if loaded.draft_model is not None:
+            measured = with_draft_model(measured, loaded.draft_model)
         self.memory = MemoryLedger(measured)
         if options.fold_quantized_decode and should_fold():
             logger.info(
