@@ -4,9 +4,13 @@ limits; the client address as the key without --api-key."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2 as httpx
@@ -21,6 +25,7 @@ from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
 from mlx_engine_server.state.store import owner_of
 
+from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
 
 ALICE, BOB, CAROL = "key-of-alice", "key-of-bob", "key-of-carol"
@@ -137,6 +142,59 @@ def test_without_keys_the_client_address_is_counted(tiny_model_dir: Path) -> Non
         assert get_models(live, "any-key").status_code == 429  # a key means nothing here
     finally:
         live.stop()
+
+
+@contextlib.contextmanager
+def limited_process(model: Path, work: Path, *flags: str) -> Iterator[ServerProcess]:
+    """`mlx-server` (uvicorn as serve() configures it): one request a minute per client
+    address, JSON logs."""
+    port = free_port()
+    args = [str(model), "--port", str(port), "--rate-limit-rpm", "1", "--log-format", "json"]
+    args += ["--cache-dir", str(work / "cache"), *flags]
+    log_path = work / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([MLX_SERVER, *args], env=clean_env(), stdout=log, stderr=log)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def models_as(server: ServerProcess, forwarded_for: str) -> int:
+    headers = {"X-Forwarded-For": forwarded_for}
+    return httpx.get(f"{server.base_url}/v1/models", headers=headers, timeout=10).status_code
+
+
+def logged_clients(server: ServerProcess) -> list[Any]:
+    """The client address of each /v1/models line of the access log."""
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    return [entry.get("client") for entry in entries if entry.get("path") == "/v1/models"]
+
+
+def test_a_forged_forwarded_for_neither_resets_the_count_nor_is_logged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """uvicorn's default trusted X-Forwarded-For from 127.0.0.1: a local client got a fresh
+    count (and a made-up logged address) with each address it named. Now nobody is trusted
+    unless --forwarded-allow-ips names the proxy."""
+    with limited_process(tiny_model_dir, tmp_path) as server:
+        fresh_window()
+        assert [models_as(server, f"203.0.113.{n}") for n in (1, 2)] == [200, 429]
+        assert logged_clients(server) == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_forwarded_allow_ips_names_the_proxy_whose_header_is_believed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    flags = ("--forwarded-allow-ips", "127.0.0.1")
+    with limited_process(tiny_model_dir, tmp_path, *flags) as server:
+        fresh_window()
+        statuses = [models_as(server, f"203.0.113.{n}") for n in (1, 2, 1)]
+        assert statuses == [200, 200, 429]
+        assert logged_clients(server) == ["203.0.113.1", "203.0.113.2", "203.0.113.1"]
 
 
 def test_a_key_file_line_may_set_the_keys_own_limits(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from ..chat.media import (
 )
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
+from .proxies import TrustedProxies
 from .settings_errors import SettingsError, describe_problems
 
 KV_BITS = (4, 8)
@@ -213,6 +214,7 @@ class Settings(BaseSettings):
     root_path: str = Field(
         default="", pattern=r"^(/[^/\s]+)*$", description="Prefix a proxy mounts the server under."
     )
+    forwarded_allow_ips: TrustedProxies = None  # cli/proxies.py: None trusts nobody
     # --- embedding in a desktop application ---------------------------------------------------
     ready_file: Path | None = Field(
         default=None, description="Where to write the ready line once requests are accepted."
