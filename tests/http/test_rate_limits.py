@@ -20,6 +20,8 @@ from anthropic import Anthropic
 from openai import OpenAI
 
 from mlx_engine_server.cli.config import load_settings
+from mlx_engine_server.cli.proxies import trusted_proxies
+from mlx_engine_server.cli.settings_errors import SettingsError
 from mlx_engine_server.cli.state import rate_policy
 from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
@@ -195,6 +197,21 @@ def test_forwarded_allow_ips_names_the_proxy_whose_header_is_believed(
         statuses = [models_as(server, f"203.0.113.{n}") for n in (1, 2, 1)]
         assert statuses == [200, 200, 429]
         assert logged_clients(server) == ["203.0.113.1", "203.0.113.2", "203.0.113.1"]
+
+
+def test_uvicorns_forwarded_allow_ips_is_honoured_only_without_the_setting() -> None:
+    uvicorn_env = {"FORWARDED_ALLOW_IPS": "10.0.0.5"}
+    assert trusted_proxies(None, {}) == ""  # nobody
+    assert trusted_proxies(None, uvicorn_env) == "10.0.0.5"
+    assert trusted_proxies("", uvicorn_env) == ""
+    assert trusted_proxies("127.0.0.1", uvicorn_env) == "127.0.0.1"
+
+
+@pytest.mark.parametrize("value", ["localhost", "10.0.0.300", "*,10.0.0.1"])
+def test_a_mistyped_proxy_address_is_a_settings_error(value: str) -> None:
+    """uvicorn would keep it as a name that never matches: the header silently ignored."""
+    with pytest.raises(SettingsError, match="forwarded_allow_ips"):
+        load_settings({"forwarded_allow_ips": value})
 
 
 def test_a_key_file_line_may_set_the_keys_own_limits(tmp_path: Path) -> None:
