@@ -135,6 +135,24 @@ def use_chat_template(model_dir: Path, template_name: str) -> Path:
     return model_dir
 
 
+THINKING_TOKENS = {"<jupyter_start>": "<think>", "<jupyter_text>": "</think>"}
+
+
+def with_thinking_tokens(model_dir: Path) -> Path:
+    """SmolLM2's tokenizer with two unused special tokens renamed <think> and </think>, as a
+    reasoning model's (Qwen3's) vocabulary has them: mlx-lm then renders its template with
+    enable_thinking=True unless a request says otherwise. Ids and vocabulary size are unchanged."""
+    path = model_dir / "tokenizer.json"
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    for token in tokenizer["added_tokens"]:
+        token["content"] = THINKING_TOKENS.get(token["content"], token["content"])
+    vocab = tokenizer["model"]["vocab"]
+    for old, new in THINKING_TOKENS.items():
+        vocab[new] = vocab.pop(old)
+    path.write_text(json.dumps(tokenizer), encoding="utf-8")
+    return model_dir
+
+
 def build_scripted_llama(
     dest: Path, tokenizer_dir: Path, script: list[int], start_after: list[int], end: int
 ) -> Path:

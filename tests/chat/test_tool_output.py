@@ -21,6 +21,7 @@ from mlx_engine_server.chat.output import (
     ParsedOutput,
     ReasoningMarkers,
     split_whole,
+    without_reasoning,
 )
 from mlx_engine_server.chat.parsers import OURS, known_tool_call_parsers, resolve_tool_call_format
 from mlx_engine_server.chat.structured import json_schema_rule
@@ -126,6 +127,20 @@ def test_generation_starting_inside_thinking_and_splitting_off() -> None:
     assert (opened.reasoning, opened.content) == ("hmm, Paris", "Hi")
     kept = split_whole(rules("hermes", reasoning=None), "<think>hmm</think>Hi")
     assert (kept.reasoning, kept.content) == ("", "<think>hmm</think>Hi")
+
+
+@pytest.mark.parametrize(
+    ("text", "opened", "answer"),
+    [
+        ("hmm</think>\n\nThe summary.", True, "The summary."),  # the prompt opened <think>
+        ("hmm, still thinking", True, ""),  # out of tokens before the reasoning ended
+        ("<think>hmm</think>The summary.", False, "The summary."),
+        ("hmm</think>The summary.", False, "The summary."),  # reasoned though thinking was off
+        ("The summary.", False, "The summary."),
+    ],
+)
+def test_a_summary_keeps_what_follows_the_reasoning(text: str, opened: bool, answer: str) -> None:
+    assert without_reasoning(text, THINK, starts_in_reasoning=opened).strip() == answer
 
 
 def test_without_tools_offered_markup_stays_content() -> None:

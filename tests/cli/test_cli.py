@@ -201,6 +201,7 @@ ENV_CASES = [
     ("LOG_FORMAT", "json", "log_format", "json"),
     ("LOG_PROMPTS", "true", "log_prompts", True),
     ("ROOT_PATH", "/llm/v2", "root_path", "/llm/v2"),
+    ("FORWARDED_ALLOW_IPS", "10.0.0.1, 10.1.0.0/16", "forwarded_allow_ips", "10.0.0.1,10.1.0.0/16"),
     ("READY_FILE", "/run/app/ready.json", "ready_file", Path("/run/app/ready.json")),
     ("UDS", "/run/app/mlx.sock", "uds", Path("/run/app/mlx.sock")),
     ("PARENT_PID", "4242", "parent_pid", 4242),

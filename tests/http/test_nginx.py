@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -20,6 +22,7 @@ from mlx_engine_server.http.guards import HostPolicy
 
 from ..cli.test_cli import REPO_ROOT, free_port
 from ..conftest import LiveServer, run_live_server, start_engine
+from .test_operations import ACCESS_LOGGER, access_records, fields_of
 
 EXAMPLE = REPO_ROOT / "examples" / "nginx" / "nginx.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -71,8 +74,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
 def proxy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     assert NGINX is not None
     # As serve() runs them on loopback: the Host check is on, so nginx must send a loopback Host.
+    # And as the example's comment starts them: nginx's X-Forwarded-For is believed.
     options = ServerOptions(host_policy=HostPolicy())
-    instances = [run_live_server(start_engine(tiny_model_dir), options) for _ in range(2)]
+    instances = [
+        run_live_server(start_engine(tiny_model_dir), options, forwarded_allow_ips="127.0.0.1")
+        for _ in range(2)
+    ]
     work = tmp_path_factory.mktemp("nginx")
     os.chmod(work, 0o755)  # noqa: S103 - worker processes (another user under root) read it
     listen_port = free_port()
@@ -112,6 +119,34 @@ def test_a_completion_through_nginx_keeps_the_request_id(proxy: Proxy) -> None:
     assert response.headers["x-request-id"] == "through-nginx-1"
     assert response.headers["x-mlx-cached-tokens"].isdigit()
     assert httpx.get(f"{proxy.base_url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_the_instances_see_the_clients_address_not_nginxs_nor_a_forged_one(
+    proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client connects from 127.0.0.2 (any 127/8 address is loopback), nginx from 127.0.0.1.
+    nginx appends the client's address to the X-Forwarded-For the client sent; the instance
+    believes only what its trusted proxy added, so a forged first entry is skipped."""
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with (
+        caplog.at_level(logging.INFO, logger=ACCESS_LOGGER),
+        httpx.Client(transport=transport, timeout=60) as client,
+    ):
+        forged = {"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "nginx-client-address"}
+        response = client.get(f"{proxy.base_url}/v1/models", headers=forged)
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + 10  # the access line is written after the answer has gone
+    while not (records := _records_with_id(caplog, "nginx-client-address")):
+        assert time.monotonic() < deadline, "no access-log line for the request"
+        time.sleep(0.05)
+    (record,) = records
+    assert fields_of(record)["client"] == "127.0.0.2"
+
+
+def _records_with_id(caplog: pytest.LogCaptureFixture, request_id: str) -> list[Any]:
+    return [
+        record for record in access_records(caplog) if fields_of(record)["request_id"] == request_id
+    ]
 
 
 def test_the_status_pages_own_posts_pass_the_origin_check_through_nginx(proxy: Proxy) -> None:

@@ -17,11 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from mlx_engine_server.chat.overflow import SUMMARY_INSTRUCTION
+from mlx_engine_server.chat.overflow import SUMMARY_INSTRUCTION, SUMMARY_LABEL
 from mlx_engine_server.http.app import ServerOptions, create_app
 
 from ..conftest import TINY_CONTEXT_WINDOW, start_engine
-from ..model_factory import build_tiny_llama, use_chat_template
+from ..model_factory import (
+    build_tiny_llama,
+    scripted_model,
+    use_chat_template,
+    with_thinking_tokens,
+)
 from ..protocols.test_api import error_of
 
 Messages = list[dict[str, Any]]
@@ -322,6 +327,68 @@ def test_the_summary_prompt_leaves_out_the_requests_template_arguments(
     summary_prompt = plain_usage["summary_usage"]["prompt_tokens"]
     assert thought_usage["summary_usage"]["prompt_tokens"] == summary_prompt
     assert thought_usage["prompt_tokens"] > plain_usage["prompt_tokens"]
+
+
+REASONED_SUMMARY = "secret plan</think>The summary."  # the scripted model's every answer
+
+
+@pytest.fixture(scope="module")
+def thinking_summarizer(
+    tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path
+) -> Iterator[TestClient]:
+    """A scripted model that answers REASONED_SUMMARY (reasoning, </think>, a summary) behind a
+    template that thinks by default (Qwen3's way: <think> tokens in the vocabulary, a prompt that
+    opens <think> unless enable_thinking is false)."""
+    root = tmp_path_factory.mktemp("thinks-by-default") / "scripted"
+    model = scripted_model(root, smollm_dir, REASONED_SUMMARY, "thinks_by_default.jinja")
+    with_thinking_tokens(model)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config["max_position_embeddings"] = TINY_CONTEXT_WINDOW
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    engine = start_engine(model)
+    options = ServerOptions(
+        context_overflow="summarize", summary_keep_messages=2, summary_max_tokens=SUMMARY_MAX_TOKENS
+    )
+    with TestClient(create_app(engine, options)) as client:
+        yield client
+    engine.stop()
+
+
+def test_a_summary_is_written_without_thinking_and_keeps_no_reasoning(
+    thinking_summarizer: TestClient,
+) -> None:
+    """Before, the summary prompt opened <think> (the template's default) and the summary
+    message held the reasoning and </think>. Now the prompt closes the thinking block
+    (enable_thinking=False), and what the model still reasons is cut from the summary."""
+    client = thinking_summarizer
+
+    def count(messages: Messages, **fields: Any) -> int:
+        response = client.post("/tokenize", json={"messages": messages, **fields})
+        assert response.status_code == 200, response.text
+        tokens: int = response.json()["count"]
+        return tokens
+
+    messages = conversation(5)
+    response, _ = completion(client, messages)
+    assert response.headers["x-context-compacted"] == "summarize; summarized=8"
+    summarized = 8
+    usage = response.json()["usage"]
+    lines = [f"{message['role']}: {message['content']}" for message in messages[1 : 1 + summarized]]
+    transcript = [
+        {"role": "system", "content": SUMMARY_INSTRUCTION},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+    thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert usage["summary_usage"]["prompt_tokens"] == count(transcript, **thinking_off)
+    assert count(transcript, **thinking_off) != count(transcript)
+
+    def compacted(summary: str) -> Messages:
+        note = {"role": "system", "content": f"{SUMMARY_LABEL}\n{summary}"}
+        return [messages[0], note, *messages[1 + summarized :]]
+
+    answer_prompt = usage["prompt_tokens"] - usage["summary_usage"]["prompt_tokens"]
+    assert answer_prompt == count(compacted("The summary."))
+    assert answer_prompt != count(compacted(REASONED_SUMMARY))
 
 
 WEATHER_CALL = {

@@ -4,9 +4,13 @@ limits; the client address as the key without --api-key."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx2 as httpx
@@ -16,11 +20,14 @@ from anthropic import Anthropic
 from openai import OpenAI
 
 from mlx_engine_server.cli.config import load_settings
+from mlx_engine_server.cli.proxies import trusted_proxies
+from mlx_engine_server.cli.settings_errors import SettingsError
 from mlx_engine_server.cli.state import rate_policy
 from mlx_engine_server.http.app import ServerOptions
 from mlx_engine_server.state.limits import WINDOW_S, RateLimits, RatePolicy
 from mlx_engine_server.state.store import owner_of
 
+from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
 from ..conftest import LiveServer, close_after_test, run_live_server, start_engine
 
 ALICE, BOB, CAROL = "key-of-alice", "key-of-bob", "key-of-carol"
@@ -137,6 +144,80 @@ def test_without_keys_the_client_address_is_counted(tiny_model_dir: Path) -> Non
         assert get_models(live, "any-key").status_code == 429  # a key means nothing here
     finally:
         live.stop()
+
+
+@contextlib.contextmanager
+def limited_process(model: Path, work: Path, *flags: str) -> Iterator[ServerProcess]:
+    """`mlx-server` (uvicorn as serve() configures it): one request a minute per client
+    address, JSON logs."""
+    port = free_port()
+    args = [str(model), "--port", str(port), "--rate-limit-rpm", "1", "--log-format", "json"]
+    args += ["--cache-dir", str(work / "cache"), *flags]
+    log_path = work / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([MLX_SERVER, *args], env=clean_env(), stdout=log, stderr=log)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def models_as(server: ServerProcess, forwarded_for: str) -> int:
+    headers = {"X-Forwarded-For": forwarded_for}
+    return httpx.get(f"{server.base_url}/v1/models", headers=headers, timeout=10).status_code
+
+
+def logged_clients(server: ServerProcess, count: int) -> list[Any]:
+    """The client address of each /v1/models line of the access log, once `count` are written
+    (a line is written after its answer has gone, so the last one may lag the client)."""
+    deadline = time.monotonic() + 10
+    while True:
+        entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        clients = [entry.get("client") for entry in entries if entry.get("path") == "/v1/models"]
+        if len(clients) >= count or time.monotonic() > deadline:
+            return clients
+        time.sleep(0.05)
+
+
+def test_a_forged_forwarded_for_neither_resets_the_count_nor_is_logged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """uvicorn's default trusted X-Forwarded-For from 127.0.0.1: a local client got a fresh
+    count (and a made-up logged address) with each address it named. Now nobody is trusted
+    unless --forwarded-allow-ips names the proxy."""
+    with limited_process(tiny_model_dir, tmp_path) as server:
+        fresh_window()
+        assert [models_as(server, f"203.0.113.{n}") for n in (1, 2)] == [200, 429]
+        assert logged_clients(server, 2) == ["127.0.0.1", "127.0.0.1"]
+
+
+def test_forwarded_allow_ips_names_the_proxy_whose_header_is_believed(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    flags = ("--forwarded-allow-ips", "127.0.0.1")
+    with limited_process(tiny_model_dir, tmp_path, *flags) as server:
+        fresh_window()
+        statuses = [models_as(server, f"203.0.113.{n}") for n in (1, 2, 1)]
+        assert statuses == [200, 200, 429]
+        assert logged_clients(server, 3) == ["203.0.113.1", "203.0.113.2", "203.0.113.1"]
+
+
+def test_uvicorns_forwarded_allow_ips_is_honoured_only_without_the_setting() -> None:
+    uvicorn_env = {"FORWARDED_ALLOW_IPS": "10.0.0.5"}
+    assert trusted_proxies(None, {}) == ""  # nobody
+    assert trusted_proxies(None, uvicorn_env) == "10.0.0.5"
+    assert trusted_proxies("", uvicorn_env) == ""
+    assert trusted_proxies("127.0.0.1", uvicorn_env) == "127.0.0.1"
+
+
+@pytest.mark.parametrize("value", ["localhost", "10.0.0.300", "*,10.0.0.1"])
+def test_a_mistyped_proxy_address_is_a_settings_error(value: str) -> None:
+    """uvicorn would keep it as a name that never matches: the header silently ignored."""
+    with pytest.raises(SettingsError, match="forwarded_allow_ips"):
+        load_settings({"forwarded_allow_ips": value})
 
 
 def test_a_key_file_line_may_set_the_keys_own_limits(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import mlx.core as mx
 import pytest
 from mlx_lm import load
@@ -14,6 +15,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from starlette.testclient import TestClient
 
+from ..conftest import LiveServer
 from .test_api import HELLO, error_of, sse_payloads
 
 
@@ -207,9 +209,49 @@ def test_tokenize_counts_what_a_chat_request_is_charged(client: TestClient) -> N
     assert back == {"prompt": "Hello world"}
 
 
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"chat_template_kwargs": {"enable_thinking": True}},
+        {"tools": [LOOKUP]},
+        {"tools": [LOOKUP], "tool_choice": "none"},
+    ],
+)
+def test_tokenize_renders_the_chat_fields_a_chat_request_renders(
+    hermes_agent_server: LiveServer, fields: dict[str, Any]
+) -> None:
+    """A template that opens <think> for enable_thinking and lists tools: /tokenize counted
+    neither (it read only the messages), so its count was not what the chat request is charged."""
+    base = hermes_agent_server.base_url
+
+    def count(**more: Any) -> int:
+        answer = httpx.post(f"{base}/tokenize", json={"messages": HELLO, **more}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        result: int = answer.json()["count"]
+        return result
+
+    chat = {"messages": HELLO, "max_tokens": 1, **fields}
+    charged = httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=60)
+    assert charged.status_code == 200, charged.text
+    assert count(**fields) == charged.json()["usage"]["prompt_tokens"]
+    if fields.get("tool_choice") == "none":  # the model is not shown the tools at all
+        assert count(**fields) == count()
+    else:
+        assert count(**fields) > count()
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
+        ("/tokenize", {"messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+        (
+            "/tokenize",
+            {"messages": HELLO, "chat_template_kwargs": {"tools": 1}},
+            "chat_template_kwargs.tools",
+        ),
         ("/detokenize", {"tokens": [1, 10**9]}, "tokens[1]"),
         ("/detokenize", {"tokens": [-1]}, "tokens[0]"),
         ("/detokenize", {"tokens": "12"}, "tokens"),

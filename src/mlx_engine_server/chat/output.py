@@ -81,6 +81,14 @@ def split_whole(rules: OutputRules, text: str, *, cut_off: bool = False) -> Pars
     return output
 
 
+def without_reasoning(text: str, markers: ReasoningMarkers, *, starts_in_reasoning: bool) -> str:
+    """The answer in a text the model wrote for the server itself (a summary): split as a
+    client's answer is, and cut after an end marker still left, which a model writes when it
+    reasons though its prompt closed the thinking block."""
+    rules = OutputRules(reasoning=markers, starts_in_reasoning=starts_in_reasoning)
+    return split_whole(rules, text).content.rpartition(markers.end)[2]
+
+
 class OutputSplitter:
     def __init__(self, rules: OutputRules) -> None:
         self._rules = rules

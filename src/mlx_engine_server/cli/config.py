@@ -27,6 +27,7 @@ from ..chat.media import (
 )
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
+from .proxies import TrustedProxies
 from .setting_values import existing_dirs, lowercase_items, split_list
 from .settings_errors import SettingsError, describe_problems
 
@@ -223,6 +224,7 @@ class Settings(BaseSettings):
     root_path: str = Field(
         default="", pattern=r"^(/[^/\s]+)*$", description="Prefix a proxy mounts the server under."
     )
+    forwarded_allow_ips: TrustedProxies = None  # cli/proxies.py: None trusts nobody
     # --- embedding in a desktop application ---------------------------------------------------
     ready_file: Path | None = Field(
         default=None, description="Where to write the ready line once requests are accepted."
@@ -358,14 +360,9 @@ class Settings(BaseSettings):
         "stuck; the group then ends.",
     )
 
-    @field_validator("cache_dir", mode="after")
+    @field_validator("cache_dir", "state_dir", mode="after")
     @classmethod
-    def _expand_home(cls, value: Path) -> Path:
-        return value.expanduser()
-
-    @field_validator("state_dir", mode="after")
-    @classmethod
-    def _expand_state_home(cls, value: Path | None) -> Path | None:
+    def _expand_home(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
 
     @field_validator("log_level", mode="before")

@@ -243,6 +243,11 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "--log-prompts/--no-log-prompts", default=None, help="Log prompt text.  [default: off]"
 )
 @click.option("--root-path", metavar="PREFIX", help="Path prefix a proxy mounts the server under.")
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="ADDRESSES",
+    help="Proxies (IPs, networks, or *) whose X-Forwarded-For names the client.  [default: none]",
+)
 @click.option("--ready-file", metavar="FILE", help="Write the ready line (JSON) here once serving.")
 @click.option("--uds", metavar="PATH", help="Serve on this Unix socket instead of TCP.")
 @click.option("--parent-pid", metavar="PID", help="Exit when the process PID has ended.")

@@ -43,6 +43,7 @@ from ..models.loader import ModelSource, Sharding, load_model
 from .config import Settings
 from .logs import effective_log_level
 from .options import connection_limits, engine_options, engine_spec, server_options
+from .proxies import trusted_proxies
 from .state import state_store
 
 logger = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         root_path=settings.root_path,
+        forwarded_allow_ips=trusted_proxies(settings.forwarded_allow_ips, os.environ),
         log_level=effective_log_level(settings),
         log_config=None,  # our handler on the root logger (logs.py) formats uvicorn's lines too
         access_log=False,  # request_log.py writes one line per request instead

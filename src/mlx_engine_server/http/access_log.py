@@ -163,12 +163,19 @@ class RequestLog:
             "request_id": record.request_id,
             "method": scope["method"],
             "path": scope["path"],
+            "client": _client_host(scope),
             "status": status,
             **record.fields(),
             **_error_fields(error_body),
             "duration_s": _rounded(time.monotonic() - started),
         }
         logger.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+
+
+def _client_host(scope: Scope) -> str | None:
+    """The peer's address, or the one a trusted proxy named (--forwarded-allow-ips)."""
+    client = scope.get("client")
+    return str(client[0]) if client else None
 
 
 def _error_fields(body: bytes) -> dict[str, str | None]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..chat.images import check_image_refs, image_refs, images_digest, images_of, load_images
 from ..chat.media import LoadedImage
+from ..chat.output import without_reasoning
 from ..chat.overflow import (
     Compaction,
     Fitted,
@@ -38,6 +39,9 @@ from .admission import collect
 from .context import GenerationOptions, RequestContext
 from .front_work import check_text_can_fit, off_loop, rendered_chars, tokens_at_least
 
+# Thinking off, for templates with Qwen3's and DeepSeek's switch (mlx-lm renames it for
+# templates that call it `thinking`); other templates ignore it.
+SUMMARY_TEMPLATE_KWARGS = {"enable_thinking": False}
 # Ten digits hold every vocabulary size; longer keys are refused before int() reads them.
 TOKEN_ID_KEY = re.compile("[0-9]{1,10}")
 
@@ -140,13 +144,18 @@ class EngineSummarizer:
         self.ctx = ctx
         self.engine = ctx.engine
         self.loop = asyncio.get_running_loop()  # the request's: its receive channel lives there
+        self._last_plan: ChatPlan | None = None
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
         """Rendered by the chat plan, as generation and /tokenize render the same messages, but
-        with the template's defaults: the request's chat_template_kwargs and reasoning_effort
-        are for its answer, and would let a summary think (docs/long-conversations.md)."""
-        body = ChatCompletionRequest(messages=messages)
-        return plan_chat(self.engine.tokenizer, self.ctx.chat_formats(), body).prompt_tokens
+        with thinking off and without the request's chat_template_kwargs and reasoning_effort:
+        those are for its answer, and reasoning would spend the summary's tokens and stand in
+        its text (docs/long-conversations.md)."""
+        body = ChatCompletionRequest(
+            messages=messages, chat_template_kwargs=dict(SUMMARY_TEMPLATE_KWARGS)
+        )
+        self._last_plan = plan_chat(self.engine.tokenizer, self.ctx.chat_formats(), body)
+        return self._last_plan.prompt_tokens
 
     async def summarize(self, prompt_tokens: list[int], max_tokens: int) -> Summary:
         """On the request's loop, whichever loop awaits this (compaction runs in a thread)."""
@@ -157,8 +166,21 @@ class EngineSummarizer:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
         generation = self.engine.generate([(prompt_tokens, params)])
         (result,), usage = await collect(generation, self.ctx.receive, 1, 1)
-        return Summary(
-            result.text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        text = without_reasoning(
+            result.text,
+            self.ctx.chat_formats().thinking,
+            starts_in_reasoning=self._starts_in_reasoning(prompt_tokens),
+        )
+        return Summary(text, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+
+    def _starts_in_reasoning(self, prompt_tokens: list[int]) -> bool:
+        """Whether the template left the summary's prompt inside a thinking block (one that has
+        no switch, as DeepSeek-R1's): summary_request's last render is the prompt it returns."""
+        plan = self._last_plan
+        return (
+            plan is not None
+            and plan.prompt_tokens == prompt_tokens
+            and plan.rules.starts_in_reasoning
         )
 
 

@@ -13,7 +13,7 @@ from ...errors import InvalidRequestError
 from ...http.body import read_model
 from ...http.context import chat_formats_of
 from ...pipeline.front_work import check_text_can_fit, off_loop, rendered_chars
-from .types import ChatCompletionRequest, ChatMessage, DetokenizeRequest, TokenizeRequest
+from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
 
 
 async def tokenize(request: Request) -> Response:
@@ -26,9 +26,10 @@ async def tokenize(request: Request) -> Response:
         messages = list(body.messages)
         _refuse_images(messages)
         check_text_can_fit(tokenizer, rendered_chars(messages), window, "messages")
-        # The prompt a chat request with these messages gets: the same plan, so a model whose
-        # template renders no tools counts its calls as the generic fallback writes them.
-        chat = ChatCompletionRequest(messages=messages)
+        # The prompt a chat request with these messages (tools, template arguments) gets: the
+        # same plan, so a model whose template renders no tools counts its calls as the generic
+        # fallback writes them.
+        chat = body.chat_request()
         plan = await off_loop(plan_chat, tokenizer, chat_formats_of(request), chat)
         tokens = plan.prompt_tokens
     else:
