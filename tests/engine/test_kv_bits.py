@@ -13,6 +13,8 @@ import httpx2 as httpx
 import pytest
 
 from mlx_engine_server.engine import EngineOptions
+from mlx_engine_server.engine.local import local_client
+from mlx_engine_server.models.loader import ModelSource, load_model
 
 from ..conftest import LiveServer, run_live_server, start_engine
 from ..model_factory import build_tiny_llama
@@ -21,6 +23,7 @@ from ..model_factory import build_tiny_llama
 KV8 = EngineOptions(kv_bits=8, kv_group_size=32)
 PROMPTS = ["red one two red one two red", "A long tale begins", "x y z", "1 2 3 4"]
 FLOAT32_BYTES = 4
+BFLOAT16_BYTES = 2
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,14 @@ def wide_heads_model(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path)
 
 
 @contextmanager
-def serve(model: Path, options: EngineOptions) -> Iterator[LiveServer]:
-    live = run_live_server(start_engine(model, options))
+def serve(model: Path, options: EngineOptions, dtype: str = "auto") -> Iterator[LiveServer]:
+    if dtype == "auto":
+        engine = start_engine(model, options)
+    else:
+        source = ModelSource(model_path=str(model), dtype=dtype)
+        engine = local_client(lambda: load_model(source), options)
+        engine.start()
+    live = run_live_server(engine)
     try:
         yield live
     finally:
@@ -108,3 +117,21 @@ def test_speculation_over_a_quantized_cache_keeps_greedy_answers(
     with serve(wide_heads_model, options) as live:
         assert batched_texts(live) == batched_texts(kv8_server)
         assert status(live)["speculative"]["accepted_tokens_total"] > 0
+
+
+def test_a_16_bit_model_and_its_quantized_cache_are_counted_at_their_own_sizes(
+    wide_heads_model: Path, plain_server: LiveServer
+) -> None:
+    """--dtype bfloat16 on the CPU: admission measures 2-byte keys and values, and the quantized
+    cache's scales and biases in bfloat16 too (not float32 as beside a float32 model)."""
+    float32 = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
+    with serve(wide_heads_model, EngineOptions(), dtype="bfloat16") as live:
+        bf16 = status(live)["memory_budget"]["kv_bytes_per_token"]
+        answer = complete(live, PROMPTS[0])["choices"][0]["text"]
+    with serve(wide_heads_model, KV8, dtype="bfloat16") as live:
+        quantized = status(live)["memory_budget"]["kv_bytes_per_token"]
+    assert bf16 / float32 == pytest.approx(BFLOAT16_BYTES / FLOAT32_BYTES, rel=0.02)
+    # 8 bits a value plus a bfloat16 scale and bias per 32 values, against bfloat16 values.
+    expected = (1 + 2 * BFLOAT16_BYTES / 32) / BFLOAT16_BYTES
+    assert quantized / bf16 == pytest.approx(expected, rel=0.02)
+    assert len(answer) > 0

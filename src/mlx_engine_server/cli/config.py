@@ -34,6 +34,7 @@ KV_GROUP_SIZES = (32, 64, 128)
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 GGUFRequantize = Literal["auto", "4", "8", "none"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
 # Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -79,6 +80,12 @@ class Settings(BaseSettings):
         "Q5_1, IQ types; Q4_0, Q4_1, Q8_0 and Q4_K are repacked exactly): re-quantize to MLX "
         "affine 4 or 8 bits, 'auto' (4 below 5 bits a weight, else 8), or keep as floats "
         "('none').",
+    )
+    dtype: ModelDtype = Field(
+        default="auto",
+        description="The dtype the model computes in, and so its KV cache's: 'auto' is float32 "
+        "on the CPU (MLX's CPU kernels are far slower in 16 bits) and the model's own dtype on "
+        "a GPU.",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queue: int = Field(default=64, ge=0, le=100_000)

@@ -69,6 +69,7 @@ def serve(settings: Settings) -> int:
         cache_dir=settings.cache_dir,
         trust_remote_code=settings.trust_remote_code,
         gguf_requantize=settings.gguf_requantize,
+        dtype=settings.dtype,
     )
     if settings.tool_call_parser not in known_tool_call_parsers():
         raise StartupError(
@@ -452,6 +453,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         cache_dir=str(settings.cache_dir),
         trust_remote_code=settings.trust_remote_code,
         gguf_requantize=settings.gguf_requantize,
+        dtype=settings.dtype,
         options=engine_options(settings),
     )
 
