@@ -37,7 +37,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 from mlx_lm import convert
@@ -139,12 +138,12 @@ def agreement(run: Run, baseline: Run) -> Agreement:
             top = mine.alternatives[at]
             if theirs.tokens[at] in top:
                 gaps.append(top[mine.tokens[at]] - top[theirs.tokens[at]])
+    pairs = list(zip(run.answers, baseline.answers, strict=True))
     parted = sum(
-        common_prefix(a.tokens, b.tokens) < min(len(a.tokens), len(b.tokens))
-        for a, b in zip(run.answers, baseline.answers, strict=True)
+        common_prefix(a.tokens, b.tokens) < min(len(a.tokens), len(b.tokens)) for a, b in pairs
     )
     return Agreement(
-        identical=sum(a.tokens == b.tokens for a, b in zip(run.answers, baseline.answers)),
+        identical=sum(a.tokens == b.tokens for a, b in pairs),
         answers=len(run.answers),
         mean_prefix=statistics.mean(prefixes),
         mean_length=statistics.mean(len(a.tokens) for a in baseline.answers),
