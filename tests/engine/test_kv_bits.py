@@ -3,6 +3,7 @@ alone and under speculative decoding, and admission that counts the smaller byte
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from mlx_engine_server.engine import EngineOptions
 from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.models.loader import ModelSource, load_model
 
+from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
 from ..conftest import LiveServer, run_live_server, start_engine
 from ..model_factory import build_tiny_llama
 
@@ -135,3 +137,28 @@ def test_a_16_bit_model_and_its_quantized_cache_are_counted_at_their_own_sizes(
     expected = (1 + 2 * BFLOAT16_BYTES / 32) / BFLOAT16_BYTES
     assert quantized / bf16 == pytest.approx(expected, rel=0.02)
     assert len(answer) > 0
+
+
+def test_the_dtype_flag_reaches_the_engine_process(
+    wide_heads_model: Path, plain_server: LiveServer, tmp_path: Path
+) -> None:
+    """`mlx-server --dtype bfloat16 --kv-bits 8`: the engine process computes in bfloat16, so its
+    quantized cache has bfloat16 scales and biases, against the float32 default's cache."""
+    port = free_port()
+    args = [str(wide_heads_model), "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--dtype", "bfloat16", "--kv-bits", "8", "--kv-group-size", "32"]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([MLX_SERVER, *args], env=clean_env(), stdout=log, stderr=log)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server)
+        reply = httpx.get(f"{server.base_url}/v1/mlx/status", timeout=10).json()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    float32 = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
+    expected = (1 + 2 * BFLOAT16_BYTES / 32) / FLOAT32_BYTES
+    assert reply["memory_budget"]["kv_bytes_per_token"] / float32 == pytest.approx(
+        expected, rel=0.02
+    )
