@@ -1,9 +1,8 @@
-"""Speculative decoding (prompt lookup) and the quantized KV cache, each against its baseline in
-the same run.
+"""Speculative decoding (prompt lookup, a draft model), against no speculation in the same run.
 
     .venv/bin/python benchmarks/speculative.py [MODEL_PATH] [--passage-tokens 1000]
-        [--max-tokens 128] [--clients 32] [--client-tokens 48] [--budget-mib 256]
-        [--draft-model DRAFT_PATH] [--ngram-min-size N]
+        [--max-tokens 128] [--clients 32] [--client-tokens 48] [--draft-model DRAFT_PATH]
+        [--ngram-min-size N]
 
 1. One stream, the edit set (`edit_prompts.json`: ~1,000-token passages of this repository's own
    docs, built once offline, each returned "with one small change"): decode tokens/s with
@@ -13,10 +12,7 @@ the same run.
    forward passes, not a speed-up; a real one needs a draft several times faster).
 2. `--clients` concurrent ordinary chat requests (no copying to find): throughput with ngram
    (and the draft model) against none. Target: no more than 5 % lost.
-3. `--kv-bits 8` against the model's own KV dtype: how many requests of one shape (an edit
-   prompt plus --max-tokens) admission fits in --budget-mib of KV room (from the engine's own
-   measured bytes per token), the throughput of (2) with it, and how many of (2)'s greedy
-   texts are the same. Targets: >= 1.8x rows, throughput within 10 %.
+`--kv-bits` (rows in a budget, greedy agreement, speed against a 16-bit cache): `kv_bits.py`.
 
 Each server is a real `mlx-server` process on a free loopback port. MODEL_PATH defaults to the
 bundled SmolLM2-135M; on CPU pass smaller --passage-tokens, --max-tokens and --clients to keep
@@ -46,7 +42,6 @@ from mlx_engine_server.models.loader import bundled_model_path
 
 EDITS = Path(__file__).with_name("edit_prompts.json")
 STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -159,15 +154,6 @@ def many_clients(base_url: str, clients: int, max_tokens: int) -> tuple[float, l
     return rate, [run.text for run in runs]
 
 
-def rows_in_budget(base_url: str, room_bytes: int, request_tokens: int) -> tuple[int, int]:
-    """Requests of `request_tokens` (prompt and max_tokens) that admission lets run at once in
-    `room_bytes` beside the weights and prefill workspace (MemoryModel.request_bytes, with the
-    engine's own measured figures), and its KV bytes a token."""
-    budget = status(base_url)["memory_budget"]
-    per_token = budget["kv_bytes_per_token"]
-    return room_bytes // (request_tokens * per_token), per_token
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model_path", nargs="?")
@@ -176,8 +162,6 @@ def main() -> None:
     parser.add_argument("--edits", type=int, default=4, help="edit prompts used, of the set")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--client-tokens", type=int, default=48)
-    parser.add_argument("--budget-mib", type=int, default=256, help="KV room of the budget")
-    parser.add_argument("--parts", default="speculation,kv", help="what to measure")
     parser.add_argument(
         "--ngram-min-size", type=int, help="passed to the ngram server (default: the server's)"
     )
@@ -191,10 +175,7 @@ def main() -> None:
     if is_gguf_file(model):
         model = convert_gguf(model, Path(tempfile.gettempdir()) / "mlx-bench-cache")
     edits = json.loads(EDITS.read_text(encoding="utf-8"))[: args.edits]
-    if "speculation" in args.parts:
-        report_speculation(measure_speculation(model, edits, args))
-    if "kv" in args.parts:
-        report_kv_bits(measure_kv_bits(model, args))
+    report_speculation(measure_speculation(model, edits, args))
 
 
 def measure_speculation(
@@ -210,16 +191,6 @@ def measure_speculation(
         with server(model, "--speculative", mode, *flags) as base_url:
             found[mode] = one_stream(base_url, edits, args)
             found[f"{mode}-clients"] = many_clients(base_url, args.clients, args.client_tokens)
-    return found
-
-
-def measure_kv_bits(model: Path, args: argparse.Namespace) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    request_tokens = args.passage_tokens + 60 + args.max_tokens
-    for name, flags in (("dtype", ()), ("kv8", ("--kv-bits", "8"))):
-        with server(model, *flags) as base_url:
-            found[name] = rows_in_budget(base_url, args.budget_mib * MIB, request_tokens)
-            found[f"{name}-clients"] = many_clients(base_url, args.clients, args.client_tokens)
     return found
 
 
@@ -255,21 +226,6 @@ def report_mode(speculation: dict[str, Any], mode: str) -> None:
     print(
         f"concurrent clients, tokens/s: none {off:8.2f}   {mode} {on:8.2f}   "
         f"change {100 * (on / off - 1):+.1f} % (target >= -5 %)"
-    )
-
-
-def report_kv_bits(kv: dict[str, Any]) -> None:
-    (rows_dtype, bytes_dtype), (rows8, bytes8) = kv["dtype"], kv["kv8"]
-    print(
-        f"--kv-bits 8: KV bytes/token {bytes_dtype} -> {bytes8}; rows in the budget "
-        f"{rows_dtype} -> {rows8}: {rows8 / max(rows_dtype, 1):.2f}x (target >= 1.8x vs 16-bit)"
-    )
-    (dtype_rate, dtype_texts), (kv8_rate, kv8_texts) = kv["dtype-clients"], kv["kv8-clients"]
-    agree = sum(a == b for a, b in zip(dtype_texts, kv8_texts, strict=True))
-    print(f"  greedy texts equal to the model-dtype cache's: {agree}/{len(dtype_texts)}")
-    print(
-        f"  concurrent clients, tokens/s: model dtype {dtype_rate:8.2f}   kv8 {kv8_rate:8.2f}   "
-        f"change {100 * (kv8_rate / dtype_rate - 1):+.1f} % (target >= -10 %)"
     )
 
 

@@ -128,7 +128,7 @@ RULES = [
     (("click",), ("cli/main.py",)),
     (("redis",), ("state/redis.py",)),
     (("sqlite3",), ("state/sqlite.py",)),
-    (("pydantic_settings",), ("cli/config.py",)),
+    (("pydantic_settings",), ("cli/config.py", "cli/media_settings.py")),
 ]
 
 

@@ -155,6 +155,7 @@ ENV_CASES = [
     ("TRUST_REMOTE_CODE", "1", "trust_remote_code", True),
     ("CACHE_DIR", "/var/cache/mlx-x", "cache_dir", Path("/var/cache/mlx-x")),
     ("GGUF_REQUANTIZE", "8", "gguf_requantize", "8"),
+    ("DTYPE", "bfloat16", "dtype", "bfloat16"),
     ("MAX_BATCH_SIZE", "3", "max_batch_size", 3),
     ("MAX_QUEUE", "0", "max_queue", 0),
     ("PREFILL_STEP_SIZE", "64", "prefill_step_size", 64),

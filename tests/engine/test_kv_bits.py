@@ -3,6 +3,7 @@ alone and under speculative decoding, and admission that counts the smaller byte
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -13,8 +14,11 @@ import httpx2 as httpx
 import pytest
 
 from mlx_engine_server.engine import EngineOptions, rewind
+from mlx_engine_server.engine.local import local_client
 from mlx_engine_server.engine.quantized_kv import empty_row_cache
+from mlx_engine_server.models.loader import ModelSource, load_model
 
+from ..cli.test_cli import MLX_SERVER, ServerProcess, clean_env, free_port, wait_until_healthy
 from ..conftest import LiveServer, run_live_server, start_engine
 from ..model_factory import build_tiny_llama
 from .test_speculative import check_uneven_rejections
@@ -23,6 +27,7 @@ from .test_speculative import check_uneven_rejections
 KV8 = EngineOptions(kv_bits=8, kv_group_size=32)
 PROMPTS = ["red one two red one two red", "A long tale begins", "x y z", "1 2 3 4"]
 FLOAT32_BYTES = 4
+BFLOAT16_BYTES = 2
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +37,14 @@ def wide_heads_model(tmp_path_factory: pytest.TempPathFactory, smollm_dir: Path)
 
 
 @contextmanager
-def serve(model: Path, options: EngineOptions) -> Iterator[LiveServer]:
-    live = run_live_server(start_engine(model, options))
+def serve(model: Path, options: EngineOptions, dtype: str = "auto") -> Iterator[LiveServer]:
+    if dtype == "auto":
+        engine = start_engine(model, options)
+    else:
+        source = ModelSource(model_path=str(model), dtype=dtype)
+        engine = local_client(lambda: load_model(source), options)
+        engine.start()
+    live = run_live_server(engine)
     try:
         yield live
     finally:
@@ -120,4 +131,47 @@ def test_uneven_rejections_over_a_quantized_cache(
     monkeypatch.setattr(rewind, "FEW_ROWS_SHARE", few_rows_share)
     check_uneven_rejections(
         wide_heads_model, lambda model: empty_row_cache(len(model.layers), group_size=32, bits=8)
+    )
+
+
+def test_a_16_bit_model_and_its_quantized_cache_are_counted_at_their_own_sizes(
+    wide_heads_model: Path, plain_server: LiveServer
+) -> None:
+    """--dtype bfloat16 on the CPU: admission measures 2-byte keys and values, and the quantized
+    cache's scales and biases in bfloat16 too (not float32 as beside a float32 model)."""
+    float32 = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
+    with serve(wide_heads_model, EngineOptions(), dtype="bfloat16") as live:
+        bf16 = status(live)["memory_budget"]["kv_bytes_per_token"]
+        answer = complete(live, PROMPTS[0])["choices"][0]["text"]
+    with serve(wide_heads_model, KV8, dtype="bfloat16") as live:
+        quantized = status(live)["memory_budget"]["kv_bytes_per_token"]
+    assert bf16 / float32 == pytest.approx(BFLOAT16_BYTES / FLOAT32_BYTES, rel=0.02)
+    # 8 bits a value plus a bfloat16 scale and bias per 32 values, against bfloat16 values.
+    expected = (1 + 2 * BFLOAT16_BYTES / 32) / BFLOAT16_BYTES
+    assert quantized / bf16 == pytest.approx(expected, rel=0.02)
+    assert len(answer) > 0
+
+
+def test_the_dtype_flag_reaches_the_engine_process(
+    wide_heads_model: Path, plain_server: LiveServer, tmp_path: Path
+) -> None:
+    """`mlx-server --dtype bfloat16 --kv-bits 8`: the engine process computes in bfloat16, so its
+    quantized cache has bfloat16 scales and biases, against the float32 default's cache."""
+    port = free_port()
+    args = [str(wide_heads_model), "--port", str(port), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--dtype", "bfloat16", "--kv-bits", "8", "--kv-group-size", "32"]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([MLX_SERVER, *args], env=clean_env(), stdout=log, stderr=log)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    try:
+        wait_until_healthy(server)
+        reply = httpx.get(f"{server.base_url}/v1/mlx/status", timeout=10).json()
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    float32 = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
+    expected = (1 + 2 * BFLOAT16_BYTES / 32) / FLOAT32_BYTES
+    assert reply["memory_budget"]["kv_bytes_per_token"] / float32 == pytest.approx(
+        expected, rel=0.02
     )

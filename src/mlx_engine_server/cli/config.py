@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -19,16 +26,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from ..chat.media import (
-    DEFAULT_MAX_IMAGE_BYTES,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    IMAGE_FORMATS,
-    ImageFormat,
-)
 from ..protocols.openai.types import OverflowPolicy
 from .keys import check_api_key, read_api_key_file
+from .media_settings import MediaSettings
 from .proxies import TrustedProxies
-from .setting_values import existing_dirs, lowercase_items, split_list
+from .setting_values import split_list
 from .settings_errors import SettingsError, describe_problems
 
 KV_BITS = (4, 8)
@@ -36,6 +38,8 @@ KV_GROUP_SIZES = (32, 64, 128)
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LogFormat = Literal["text", "json"]
 GGUFRequantize = Literal["auto", "4", "8", "none"]
+ModelDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
 # Several values: a repeated flag, a JSON list, or one comma-separated environment variable.
 StrList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -43,7 +47,7 @@ SecretList = Annotated[list[SecretStr], NoDecode]
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "mlx-engine-server"
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, MediaSettings):
     model_config = SettingsConfigDict(
         env_prefix="MLX_SERVER_",
         extra="forbid",
@@ -76,6 +80,12 @@ class Settings(BaseSettings):
         "Q5_1, IQ types; Q4_0, Q4_1, Q8_0 and Q4_K are repacked exactly): re-quantize to MLX "
         "affine 4 or 8 bits, 'auto' (4 below 5 bits a weight, else 8), or keep as floats "
         "('none').",
+    )
+    dtype: ModelDtype = Field(
+        default="auto",
+        description="The dtype the model computes in, and so its KV cache's: 'auto' is float32 "
+        "on the CPU (MLX's CPU kernels are far slower in 16 bits) and the model's own dtype on "
+        "a GPU.",
     )
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_queue: int = Field(default=64, ge=0, le=100_000)
@@ -270,18 +280,12 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("kv_bits", mode="after")
+    @field_validator("kv_bits", "kv_group_size", mode="after")
     @classmethod
-    def _known_kv_bits(cls, value: int | None) -> int | None:
-        if value is not None and value not in KV_BITS:
-            raise ValueError(f"must be one of {', '.join(map(str, KV_BITS))}")
-        return value
-
-    @field_validator("kv_group_size", mode="after")
-    @classmethod
-    def _known_kv_group_size(cls, value: int) -> int:
-        if value not in KV_GROUP_SIZES:
-            raise ValueError(f"must be one of {', '.join(map(str, KV_GROUP_SIZES))}")
+    def _known_kv_sizes(cls, value: int | None, info: ValidationInfo) -> int | None:
+        known = KV_BITS if info.field_name == "kv_bits" else KV_GROUP_SIZES
+        if value is not None and value not in known:
+            raise ValueError(f"must be one of {', '.join(map(str, known))}")
         return value
 
     @field_validator("api_keys", mode="after")
@@ -305,48 +309,6 @@ class Settings(BaseSettings):
     max_prompts: int = Field(
         default=16, ge=1, le=1024, description="Most prompts one /v1/completions request may hold."
     )
-
-    allowed_media_dir: Annotated[tuple[Path, ...], NoDecode] = Field(
-        default=(),
-        description="Directories image files may be read from (file:// URLs or paths); "
-        "none: local files are refused.",
-    )
-    allow_remote_media: bool = Field(
-        default=False,
-        description="Fetch http(s) image URLs (public addresses only, no redirects).",
-    )
-    max_image_bytes: int = Field(
-        default=DEFAULT_MAX_IMAGE_BYTES, ge=1, description="Largest image accepted, in bytes."
-    )
-    max_image_pixels: int = Field(
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        ge=1,
-        description="Most pixels (width x height) of one image, checked before decoding.",
-    )
-    max_images_per_request: int = Field(
-        default=8, ge=1, le=1024, description="Most images one request may hold."
-    )
-    image_formats: Annotated[tuple[ImageFormat, ...], NoDecode] = Field(
-        default=IMAGE_FORMATS, min_length=1, description="Image formats accepted."
-    )
-    remote_media_timeout_s: float = Field(
-        default=10.0, gt=0, le=300, description="Time limit of fetching one image URL."
-    )
-
-    @field_validator("allowed_media_dir", mode="before")
-    @classmethod
-    def _split_dirs(cls, value: Any) -> Any:
-        return split_list(value)
-
-    @field_validator("image_formats", mode="before")
-    @classmethod
-    def _lowercase_formats(cls, value: Any) -> Any:
-        return lowercase_items(split_list(value))
-
-    @field_validator("allowed_media_dir", mode="after")
-    @classmethod
-    def _existing_dirs(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
-        return existing_dirs(value)
 
     distributed_mode: Literal["tensor", "pipeline"] = Field(
         default="tensor",

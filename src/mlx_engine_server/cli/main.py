@@ -62,6 +62,12 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
     "[default: auto]",
 )
 @click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="The dtype the model computes in (and its KV cache is stored in): auto is float32 on "
+    "the CPU, the model's own dtype on a GPU.  [default: auto]",
+)
+@click.option(
     "--max-batch-size", metavar="INT", help="Sequences generated together.  [default: 32]"
 )
 @click.option(

@@ -78,6 +78,7 @@ def engine_spec(settings: Settings) -> EngineSpec:
         cache_dir=str(settings.cache_dir),
         trust_remote_code=settings.trust_remote_code,
         gguf_requantize=settings.gguf_requantize,
+        dtype=settings.dtype,
         options=engine_options(settings),
     )
 

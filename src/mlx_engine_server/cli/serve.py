@@ -70,6 +70,7 @@ def serve(settings: Settings) -> int:
         cache_dir=settings.cache_dir,
         trust_remote_code=settings.trust_remote_code,
         gguf_requantize=settings.gguf_requantize,
+        dtype=settings.dtype,
     )
     if settings.tool_call_parser not in known_tool_call_parsers():
         raise StartupError(

@@ -309,6 +309,7 @@ class EngineSpec:
     trust_remote_code: bool
     options: EngineOptions
     gguf_requantize: str = "auto"
+    dtype: str = "auto"
 
 
 ToEngine = Submit | Cancel | Drain | Stop | ReadReport

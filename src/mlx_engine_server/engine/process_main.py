@@ -46,6 +46,7 @@ def serve_engine(conn: Connection) -> int:
         cache_dir=Path(spec.cache_dir),
         trust_remote_code=spec.trust_remote_code,
         gguf_requantize=spec.gguf_requantize,
+        dtype=spec.dtype,
     )
     draft_path = spec.options.draft_model_path
     host = EngineHost(lambda: load_with_draft(source, draft_path), spec.options, send)

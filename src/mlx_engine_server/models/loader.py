@@ -32,6 +32,7 @@ BUNDLED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT_WINDOW_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "n_ctx")
 FALLBACK_CONTEXT_WINDOW = 4096
 HEAD_COUNT_KEYS = ("num_attention_heads", "num_key_value_heads")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ModelSource:
     cache_dir: Path = Path.home() / ".cache" / "mlx-engine-server"
     trust_remote_code: bool = False
     gguf_requantize: str = DEFAULT_REQUANTIZE  # see gguf_quants.REQUANTIZE_CHOICES
+    dtype: str = "auto"  # one of DTYPE_CHOICES; see set_compute_dtype
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ def _load_weights(path: Path, source: ModelSource) -> tuple[Module, TokenizerWra
         what = f"adapter {adapter} for {path}" if adapter else f"model {path}"
         raise StartupError(f"could not load {what}: {exc}") from None
     model, tokenizer = loaded[0], loaded[1]
-    prefer_float32_on_cpu(model)
+    set_compute_dtype(model, source.dtype)
     return model, tokenizer
 
 
@@ -223,7 +225,7 @@ def _load_vision_weights(
     vision, tokenizer = load_vision_model(
         path, config, source.adapter_path, source.trust_remote_code
     )
-    prefer_float32_on_cpu(vision.model)
+    set_compute_dtype(vision.model, source.dtype)
     return vision, tokenizer
 
 
@@ -253,7 +255,7 @@ def _load_sharded(
         raise StartupError(
             f"cannot load {path} {sharding.mode}-parallel over {size} processes: {exc}"
         ) from None
-    prefer_float32_on_cpu(model)
+    set_compute_dtype(model, source.dtype)
     return model, tokenizer
 
 
@@ -270,12 +272,19 @@ def check_heads_divide(config: dict[str, Any], size: int) -> None:
             )
 
 
-def prefer_float32_on_cpu(model: Module) -> None:
-    """MLX's CPU kernels are far slower in float16 (a 4-bit matmul measured 40x slower here);
-    Metal and CUDA keep the model's own dtype."""
-    if mx.default_device().type == mx.DeviceType.cpu:
-        model.set_dtype(mx.float32)
-        mx.eval(model.parameters())  # type: ignore[no-untyped-call]
+def set_compute_dtype(model: Module, setting: str) -> None:
+    """The floating-point weights (quantized weights' scales and biases included) in the dtype
+    `--dtype` names; activations and the KV cache follow them. `auto`: float32 on the CPU, whose
+    MLX kernels are far slower in 16 bits (a 4-bit matmul measured 40x slower here), and the
+    model's own dtype on Metal and CUDA."""
+    if setting == "auto":
+        if mx.default_device().type != mx.DeviceType.cpu:
+            return
+        setting = "float32"
+    if setting not in DTYPE_CHOICES:
+        raise StartupError(f"--dtype {setting!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    model.set_dtype(getattr(mx, setting))
+    mx.eval(model.parameters())  # type: ignore[no-untyped-call]
 
 
 def check_adapter_dir(adapter: Path) -> None:
