@@ -349,6 +349,59 @@ def test_a_cut_off_call_is_no_text_in_responses_or_anthropic_answers(
     assert not [block for block in message.content if block.type in ("text", "tool_use")]
 
 
+# SmolLM2, made to call `ping`, calls it again and again: at 24 tokens the first call is complete
+# (18 tokens) and the second is cut off.
+PINGS = {"tools": [PING], "tool_choice": "required", "max_tokens": 24, "temperature": 0.0}
+PING_ASK = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+
+
+@pytest.mark.smollm
+def test_calls_complete_before_the_cut_are_kept_in_chat_answers_and_streams(
+    smollm_server: LiveServer,
+) -> None:
+    sdk = openai_sdk(smollm_server)
+    choice = sdk.chat.completions.create(model="m", messages=PING_ASK, **PINGS).choices[0]  # type: ignore[call-overload]
+    assert choice.finish_reason == "length"  # as OpenAI: a cut answer is "length", calls or not
+    assert choice.message.content is None
+    assert [
+        (call.function.name, call.function.arguments) for call in choice.message.tool_calls
+    ] == [("ping", "{}")]
+    stream = sdk.chat.completions.create(model="m", messages=PING_ASK, stream=True, **PINGS)  # type: ignore[call-overload]
+    chunks = [chunk for chunk in stream if chunk.choices]
+    deltas = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or ()]
+    assert {delta.index for delta in deltas} == {0}
+    assert [delta.function.name for delta in deltas if delta.function.name] == ["ping"]  # type: ignore[union-attr]
+    assert "".join(delta.function.arguments or "" for delta in deltas) == "{}"  # type: ignore[union-attr]
+    assert not "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.smollm
+def test_calls_complete_before_the_cut_are_kept_in_responses(smollm_server: LiveServer) -> None:
+    request: dict[str, Any] = {
+        "model": "m",
+        "input": PING_ASK[0]["content"],
+        "tools": [{"type": "function", "name": "ping", "parameters": NO_ARGUMENTS}],
+        "tool_choice": "required",
+        "max_output_tokens": PINGS["max_tokens"],
+        "temperature": 0.0,
+    }
+    sdk = openai_sdk(smollm_server)
+    response = sdk.responses.create(**request)
+    events = list(sdk.responses.create(stream=True, **request))
+    assert events[-1].type == "response.incomplete"
+    streamed = events[-1].response
+    for answer in (response, streamed):
+        assert answer.status == "incomplete"
+        assert answer.incomplete_details is not None
+        assert answer.incomplete_details.reason == "max_output_tokens"
+        assert [(item.type, getattr(item, "name", None)) for item in answer.output] == [
+            ("function_call", "ping")
+        ]
+    done = [event for event in events if event.type == "response.function_call_arguments.done"]
+    assert [event.arguments for event in done] == ["{}"]
+
+
 def test_the_documented_format_is_the_one_the_model_is_shown() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "tool-fallback.md").read_text()
     shown = INSTRUCTIONS.format(tools="{tools}").splitlines()

@@ -12,14 +12,17 @@ SDK grows one the table lacks). Each entry names the test that proves it:
 from __future__ import annotations
 
 import importlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from openai import BadRequestError, OpenAI
 from openai.types import completion_create_params as text_params
 from openai.types.chat import completion_create_params as chat_params
 from starlette.testclient import TestClient
 
+from ..conftest import LiveServer, close_after_test
 from .test_api import HELLO, error_of
 
 HONOURED = "honoured"
@@ -273,3 +276,22 @@ def test_completion_stream_usage(client: TestClient) -> None:
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     assert '"completion_tokens":2' in lines[-2]
+
+
+@pytest.mark.parametrize("path", ["chat", "text"])
+def test_stream_options_without_stream_is_refused(tiny_server: LiveServer, path: str) -> None:
+    """As on OpenAI: stream_options only with stream: true (null is the default, see above)."""
+    sdk = close_after_test(
+        OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="x", max_retries=0)
+    )
+    usage = {"include_usage": True}
+    create: Any = (
+        partial(sdk.chat.completions.create, messages=HELLO)
+        if path == "chat"
+        else partial(sdk.completions.create, prompt="Hello")
+    )
+    with pytest.raises(BadRequestError) as refused:
+        create(model="m", max_tokens=2, stream_options=usage)
+    assert refused.value.param == "stream_options"
+    assert "only allowed when 'stream' is enabled" in refused.value.message
+    assert refused.value.type == "invalid_request_error"

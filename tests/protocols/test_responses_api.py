@@ -127,6 +127,66 @@ def test_raw_stream_events_are_numbered_and_valid(tiny_server: LiveServer) -> No
     assert "".join(deltas) == last.response.output_text
 
 
+def logprob_rows(entries: Any) -> list[tuple[str, float, list[str]]]:
+    """(token, logprob, the top tokens) of each entry: what a stream and a whole answer share."""
+    return [
+        (entry.token, entry.logprob, [top.token for top in entry.top_logprobs or ()])
+        for entry in entries
+    ]
+
+
+def test_output_text_logprobs_whole_and_streamed(tiny_server: LiveServer) -> None:
+    request: dict[str, Any] = {
+        "model": "m",
+        "input": "Hello",
+        "max_output_tokens": 5,
+        "temperature": 0,
+        "top_logprobs": 3,
+        "include": ["message.output_text.logprobs"],
+    }
+    post(tiny_server, **request)  # the prompt is cached from here on, for every answer below
+    whole = post(tiny_server, **request)
+    assert whole.usage is not None
+    (message,) = whole.output
+    assert message.type == "message"
+    (part,) = message.content
+    assert part.type == "output_text"
+    assert part.logprobs is not None
+    assert len(part.logprobs) == whole.usage.output_tokens == 5
+    for entry in part.logprobs:
+        assert len(entry.top_logprobs) == 3
+        assert entry.token == bytes(entry.bytes).decode("utf-8", errors="replace")
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy: the top
+    chat = chat_on_live(
+        tiny_server,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    assert [entry.token for entry in part.logprobs] == [
+        entry["token"] for entry in chat["choices"][0]["logprobs"]["content"]
+    ]
+    events = list(sdk(tiny_server).responses.create(stream=True, **request))
+    for event in events:
+        STREAM_EVENTS.validate_python(event.model_dump())
+    streamed = [
+        entry
+        for event in events
+        if event.type == "response.output_text.delta"
+        for entry in event.logprobs
+    ]
+    (done,) = [event for event in events if event.type == "response.output_text.done"]
+    expected = logprob_rows(part.logprobs)
+    assert logprob_rows(streamed) == expected
+    assert logprob_rows(done.logprobs) == expected
+    (final_message,) = events[-1].response.output  # type: ignore[union-attr]
+    assert final_message.content[0].logprobs == part.logprobs  # type: ignore[union-attr]
+    plain = post(tiny_server, **{**request, "top_logprobs": None, "include": None})
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
 def test_a_function_call_and_its_output_follow_up(hermes_agent_server: LiveServer) -> None:
     client = sdk(hermes_agent_server)
     first = client.responses.create(
@@ -320,6 +380,7 @@ def test_text_format_json_schema_goes_through_structured_output(tiny_server: Liv
         ({"max_output_tokens": 10_000}, "max_output_tokens"),
         ({"temperature": 3}, "temperature"),
         ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
+        ({"top_logprobs": 21}, "top_logprobs"),
     ],
 )
 def test_bad_requests_are_openai_shaped_400s_naming_the_field(

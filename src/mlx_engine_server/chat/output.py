@@ -4,13 +4,15 @@ One state machine serves streaming and non-streaming answers alike (a whole answ
 so both always agree. Text that might be the start of a marker is held back until it is known
 not to be one: no `<tool_call>` or `<think>` half reaches a client's content, and a call that
 max_tokens cut off before it was complete is dropped, never shown as text (OpenAI reports such an
-answer with finish_reason "length" and no partial call).
+answer with finish_reason "length" and no partial call); the calls of that block written in full
+before the cut are kept.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -233,9 +235,12 @@ class OutputSplitter:
 
     def _close_block(self, body: str, closed_by: str = "", *, unfinished: bool = False) -> None:
         calls = self._accepted_calls(body)
+        if calls is None and unfinished and self._opens_call(body):
+            calls = self._calls_complete_before_cut(body)
+            if not calls:
+                return
         if calls is None:
-            if not (unfinished and self._opens_call(body)):
-                self._emit_content(self._block_start + body + closed_by)
+            self._emit_content(self._block_start + body + closed_by)
             return
         self._held_space = ""
         for call in calls:
@@ -254,8 +259,20 @@ class OutputSplitter:
         """The block's calls, or None when anything is off: then the block is plain content."""
         if self._rules.tools is None:
             return None
+        return self._offered_calls(self._rules.tools.parse, body)
+
+    def _calls_complete_before_cut(self, body: str) -> list[ParsedCall] | None:
+        """Of a block max_tokens cut off, the calls written in full (the cut one is dropped)."""
+        tools = self._rules.tools
+        if tools is None or tools.complete_calls is None:
+            return None
+        return self._offered_calls(tools.complete_calls, body)
+
+    def _offered_calls(
+        self, parse: Callable[[str], list[ParsedCall]], body: str
+    ) -> list[ParsedCall] | None:
         try:
-            calls = self._rules.tools.parse(body)
+            calls = parse(body)
         except Exception:  # parsers (ours and mlx-lm's) raise many kinds on malformed text
             return None
         offered = self._rules.offered

@@ -5,11 +5,11 @@ The payloads are sse-starlette's dicts; http/sse.py sends them."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from ..chat.output import OutputRules, OutputSplitter, Part
-from ..engine import Finished, Generation, TextDelta, Usage
+from ..engine import Finished, Generation, TextDelta, TokenLogprob, Usage
 from ..errors import APIError
 from .admission import UsageTotal, failure_error
 
@@ -60,7 +60,9 @@ class EventShape(Protocol):
     text arrives already split into reasoning, content and tool calls."""
 
     def opening(self) -> list[dict[str, Any]]: ...
-    def parts(self, parts: list[Part]) -> list[dict[str, Any]]: ...
+    def parts(
+        self, parts: list[Part], logprobs: Sequence[TokenLogprob] = ()
+    ) -> list[dict[str, Any]]: ...
     def closing(self, finished: Finished, made_tool_calls: bool) -> list[dict[str, Any]]: ...
     def failure(self, error: APIError) -> list[dict[str, Any]]: ...
 
@@ -74,7 +76,7 @@ async def named_events(
         yield _named(payload)
     async for _, event in generation.events():
         if isinstance(event, TextDelta):
-            payloads = shape.parts(splitter.feed(event.text))
+            payloads = shape.parts(splitter.feed(event.text), event.logprobs)
         elif isinstance(event, Finished):
             parts = shape.parts(splitter.finish(cut_off=event.finish_reason == "length"))
             payloads = [*parts, *shape.closing(event, splitter.made_tool_calls)]

@@ -21,7 +21,9 @@ class ToolCallFormat:
     `starts` open a block of calls; `end` closes it ("" = the block runs to the end of the
     output). `leading_json`: output that begins with a JSON object is a block too (Llama 3);
     `call_opener`: how such a call begins, to tell an unfinished call from other JSON.
-    `parse` turns a block's body into calls and raises on anything malformed.
+    `parse` turns a block's body into calls and raises on anything malformed;
+    `complete_calls`, for a format that writes several calls in one block, the calls written in
+    full in a block that max_tokens cut off (the cut-off call itself is dropped).
     """
 
     name: str
@@ -30,6 +32,7 @@ class ToolCallFormat:
     parse: Callable[[str], list[ParsedCall]]
     leading_json: bool = False
     call_opener: str = '{"name"'
+    complete_calls: Callable[[str], list[ParsedCall]] | None = None
 
     def opens_call(self, body: str) -> bool:
         """Could `body` (the text after a block's start, maybe cut short) be a call?"""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from ...chat.output import Content, Part, Reasoning, ToolCallOut
-from ...engine import Finished, Usage
+from ...engine import Finished, TokenLogprob, Usage
 from ...errors import APIError, ErrorDialect, OverloadedError
 
 # Our parameter names, as the Anthropic request spells them, for error messages: the first
@@ -215,8 +216,10 @@ class MessageStream:
         }
         return [{"type": "message_start", "message": message}, {"type": "ping"}]
 
-    def parts(self, parts: list[Part]) -> list[dict[str, Any]]:
-        return self.blocks.add(parts)
+    def parts(
+        self, parts: list[Part], logprobs: Sequence[TokenLogprob] = ()
+    ) -> list[dict[str, Any]]:
+        return self.blocks.add(parts)  # Anthropic's API has no logprobs
 
     def closing(self, finished: Finished, made_tool_calls: bool) -> list[dict[str, Any]]:
         delta = {

@@ -196,6 +196,17 @@ class SamplingFields(WireModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    @field_validator("stream_options", mode="after")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        refuse_unless(
+            value is None or info.data.get("stream") is True,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        )
+        return value
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage

@@ -8,19 +8,41 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ...chat.output import Content, Part, Reasoning, ToolCallOut
-from ...engine import Finished, Usage
+from ...engine import Finished, TokenLogprob, Usage
 from ...errors import APIError
+from ..openai.render import chat_logprobs
 
 Event = dict[str, Any]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def text_logprobs(logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """An output_text part's `logprobs`: chat completions' entries (token, logprob, bytes,
+    top_logprobs)."""
+    content: list[dict[str, Any]] = chat_logprobs(tuple(logprobs))["content"]
+    return content
+
+
+def delta_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same entries as `response.output_text.delta`/`.done` events carry them: no bytes."""
+    return [
+        {
+            "token": entry["token"],
+            "logprob": entry["logprob"],
+            "top_logprobs": [
+                {"token": top["token"], "logprob": top["logprob"]} for top in entry["top_logprobs"]
+            ],
+        }
+        for entry in entries
+    ]
 
 
 class OutputItems:
@@ -31,8 +53,12 @@ class OutputItems:
         self.items: list[dict[str, Any]] = []
         self._open: str | None = None  # type of the item still receiving text
         self.reasoning_text = ""
+        # Logprobs of tokens whose text is not out yet: they go with the next output_text delta
+        # (or the message's last, when it closes), as chat completions attach them.
+        self._pending_logprobs: list[dict[str, Any]] = []
 
-    def add(self, parts: list[Part]) -> list[Event]:
+    def add(self, parts: list[Part], logprobs: Sequence[TokenLogprob] = ()) -> list[Event]:
+        self._pending_logprobs.extend(text_logprobs(logprobs))
         events: list[Event] = []
         for part in parts:
             if isinstance(part, Reasoning):
@@ -57,7 +83,8 @@ class OutputItems:
         done: Event = {"type": f"response.{kind}.done", **ids, "content_index": 0}
         done["text"] = part["text"]
         if kind == "output_text":
-            done["logprobs"] = []
+            part["logprobs"].extend(self._take_logprobs())
+            done["logprobs"] = delta_logprobs(part["logprobs"])
         return [
             done,
             {"type": "response.content_part.done", **ids, "content_index": 0, "part": part},
@@ -76,9 +103,15 @@ class OutputItems:
         delta: Event = {"type": f"response.{delta_type}.delta", "item_id": item["id"]}
         delta.update(output_index=index, content_index=0, delta=text)
         if kind == "message":
-            delta["logprobs"] = []
+            taken = self._take_logprobs()
+            item["content"][0]["logprobs"].extend(taken)
+            delta["logprobs"] = delta_logprobs(taken)
         events.append(delta)
         return events
+
+    def _take_logprobs(self) -> list[dict[str, Any]]:
+        taken, self._pending_logprobs = self._pending_logprobs, []
+        return taken
 
     def _open_item(self, kind: str) -> list[Event]:
         if kind == "reasoning":
@@ -214,8 +247,8 @@ class ResponseStream:
             ]
         )
 
-    def parts(self, parts: list[Part]) -> list[Event]:
-        return self._numbered(self.items.add(parts))
+    def parts(self, parts: list[Part], logprobs: Sequence[TokenLogprob] = ()) -> list[Event]:
+        return self._numbered(self.items.add(parts, logprobs))
 
     def closing(self, finished: Finished, made_tool_calls: bool) -> list[Event]:
         status = final_status(finished.finish_reason)

@@ -157,7 +157,7 @@ async def _whole(
     (result,), usage = await collect(run.generation, request.receive, 1, 1)
     splitter = OutputSplitter(run.rules)
     items = OutputItems()
-    items.add(splitter.feed(result.text))
+    items.add(splitter.feed(result.text), result.logprobs)
     items.add(splitter.finish(cut_off=result.finish_reason == "length"))
     status = final_status(result.finish_reason)
     items.close(status)

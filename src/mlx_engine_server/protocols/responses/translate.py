@@ -57,6 +57,8 @@ def chat_fields(body: ResponsesRequest) -> dict[str, Any]:
         "response_format": _response_format(body),
     }
     fields.update({name: value for name, value in optional.items() if value is not None})
+    if body.top_logprobs_count is not None:
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs_count)
     effort = body.reasoning.effort if body.reasoning else None
     if effort is not None:  # asking for an effort asks for thinking (Qwen3's enable_thinking)
         fields["chat_template_kwargs"] = {"enable_thinking": effort != "none"}

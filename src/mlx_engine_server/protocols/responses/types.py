@@ -14,6 +14,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from ..openai.types import (
     FUNCTION_NAME_PATTERN,
     MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
     JSONSchemaSpec,
     ReasoningEffort,
     WireModel,
@@ -23,7 +24,8 @@ from ..openai.types import (
 
 # Output this server can add on request: reasoning is never encrypted (there is no key), so
 # asking for its encrypted form is honoured by the reasoning item's plain content.
-SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content"})
+OUTPUT_TEXT_LOGPROBS = "message.output_text.logprobs"
+SUPPORTED_INCLUDES = frozenset({"reasoning.encrypted_content", OUTPUT_TEXT_LOGPROBS})
 MAX_ID_CHARS = 256
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
@@ -216,7 +218,7 @@ class ResponsesRequest(Metadata):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     service_tier: Literal["auto", "default"] | None = None
     truncation: Literal["disabled"] | None = None  # "auto": see --context-overflow
-    top_logprobs: Literal[0] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Stored state: this response is kept unless store is false; earlier turns come from a
     # stored response or a conversation (not both).
     store: bool | None = None
@@ -240,6 +242,13 @@ class ResponsesRequest(Metadata):
             "previous_response_id and conversation cannot both be given",
         )
         return self
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """None: no logprobs; else how many alternatives each token lists. Asking for
+        alternatives asks for the logprobs too, rather than being silently ignored."""
+        wanted = OUTPUT_TEXT_LOGPROBS in (self.include or ()) or bool(self.top_logprobs)
+        return (self.top_logprobs or 0) if wanted else None
 
     @property
     def stored(self) -> bool:
