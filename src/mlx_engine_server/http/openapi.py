@@ -17,12 +17,8 @@ from starlette.responses import JSONResponse, Response
 from .. import __version__
 from ..protocols.anthropic.types import CountTokensRequest, MessagesRequest
 from ..protocols.conversations.types import ConversationCreate, ConversationUpdate, ItemsCreate
-from ..protocols.openai.types import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
+from ..protocols.openai.tokenize_types import DetokenizeRequest, TokenizeRequest
+from ..protocols.openai.types import ChatCompletionRequest, CompletionRequest
 from ..protocols.responses.types import ResponsesRequest
 from .openapi_responses import RESPONSE_MODELS
 

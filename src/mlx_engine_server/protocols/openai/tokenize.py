@@ -13,7 +13,8 @@ from ...errors import InvalidRequestError
 from ...http.body import read_model
 from ...http.context import chat_formats_of
 from ...pipeline.front_work import check_text_can_fit, off_loop, rendered_chars
-from .types import ChatMessage, DetokenizeRequest, TokenizeRequest
+from .tokenize_types import DetokenizeRequest, TokenizeRequest
+from .types import ChatMessage
 
 
 async def tokenize(request: Request) -> Response:
