@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from mlx_engine_server.cli.config import SettingsError, load_settings
 from mlx_engine_server.engine import EngineOptions, SamplingParams, rewind
-from mlx_engine_server.engine.ngram import DraftSettings, RowDrafter
+from mlx_engine_server.engine.ngram import MAX_MISS_REST_STEPS, DraftSettings, RowDrafter
 from mlx_engine_server.engine.sampling import SeededSampler
 from mlx_engine_server.engine.speculative import (
     PROBE_EVERY_STEPS,
@@ -154,6 +154,32 @@ def test_metrics_show_drafted_and_accepted(spec_server: LiveServer) -> None:
     assert rate is not None
     assert float(drafted.group(1)) >= float(accepted.group(1)) > 0
     assert 0 < float(rate.group(1)) <= 1
+
+
+def test_a_row_that_finds_no_match_for_long_drafts_soon_after_it_starts_copying() -> None:
+    """An edit's answer may open with many words of its own before it copies the passage. A
+    miss costs a dict probe, so it must not grow rests as rejected drafts do: with rests of up
+    to 64 steps the row slept through most of its copying."""
+    drafter = RowDrafter(DraftSettings(num_draft_tokens=4, ngram_size=3))
+    passage = list(range(1000, 1040))
+    context = [*passage, 1]
+    for token in range(2, 80):  # 78 steps of an answer sharing no n-gram with the passage
+        if not drafter.resting:
+            assert drafter.propose(context, limit=4) == []
+        else:
+            drafter.skip_step()
+        context.append(token)
+    copied = 3
+    context += passage[:copied]  # the answer starts copying
+    for _ in range(MAX_MISS_REST_STEPS + 1):
+        if drafter.resting:
+            drafter.skip_step()
+        elif drafter.propose(context, limit=4):
+            break
+        context.append(passage[copied])
+        copied += 1
+    else:
+        pytest.fail("the row did not draft while it copied")
 
 
 def test_a_row_whose_drafts_fail_rests_longer_each_time() -> None:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MAX_REST_STEPS = 64  # the longest a failing row goes without trying a draft
+MAX_REST_STEPS = 64  # the longest a row whose drafts are rejected goes without trying a draft
+# A row whose context has no match yet rests only briefly: a lookup costs a dict probe, and an
+# edit's answer often opens with words of its own before it starts copying.
+MAX_MISS_REST_STEPS = 4
 ACCEPT_EMA = 0.5  # weight of the newest verification in a row's acceptance rate
 
 
@@ -41,7 +44,8 @@ class RowDrafter:
     indexed: int = 0  # context positions already in `index`
     acceptance: float = 1.0  # recent share of drafted tokens that were accepted
     rest_steps: int = 0  # steps left without drafting
-    rest_length: int = 1  # how long the next rest lasts
+    rest_length: int = 1  # how long the next rest after a rejected draft lasts
+    miss_rest_length: int = 1  # how long the next rest after finding no match lasts
 
     @property
     def resting(self) -> bool:
@@ -59,8 +63,9 @@ class RowDrafter:
             return []
         start = self._match(context)
         if start is None:
-            self._rest()
+            self._rest_after_miss()
             return []
+        self.miss_rest_length = 1
         return context[start : start + wanted]
 
     def _match(self, context: list[int]) -> int | None:
@@ -88,6 +93,10 @@ class RowDrafter:
     def _rest(self) -> None:
         self.rest_steps = self.rest_length
         self.rest_length = min(MAX_REST_STEPS, self.rest_length * 2)
+
+    def _rest_after_miss(self) -> None:
+        self.rest_steps = self.miss_rest_length
+        self.miss_rest_length = min(MAX_MISS_REST_STEPS, self.miss_rest_length * 2)
 
     def _index_up_to(self, context: list[int]) -> None:
         """Map each n-gram of every size to the position after it; the context's own final
