@@ -4,6 +4,8 @@
         [--max-tokens 128] [--clients 32] [--client-tokens 48] [--draft-model DRAFT_PATH]
         [--ngram-min-size N]
 
+0. The cost of one forward pass over k + 1 positions against one, after a prompt as long as the
+   passages: speculation can pay only where it stays well under k + 1 (on this CPU it does not).
 1. One stream, the edit set (`edit_prompts.json`: ~1,000-token passages of this repository's own
    docs, built once offline, each returned "with one small change"): decode tokens/s with
    `--speculative ngram` against none, the acceptance rate, and whether the greedy texts match.
@@ -36,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_engine_server.models.gguf import convert_gguf, is_gguf_file
 from mlx_engine_server.models.loader import bundled_model_path
@@ -175,7 +180,31 @@ def main() -> None:
     if is_gguf_file(model):
         model = convert_gguf(model, Path(tempfile.gettempdir()) / "mlx-bench-cache")
     edits = json.loads(EDITS.read_text(encoding="utf-8"))[: args.edits]
+    report_verification_cost(model, args.passage_tokens)
     report_speculation(measure_speculation(model, edits, args))
+
+
+def report_verification_cost(model_path: Path, context_tokens: int) -> None:
+    """What a pass over k + 1 positions costs against a pass over one, after a prompt of
+    `context_tokens`: speculation pays only where the wider pass costs much less than k + 1
+    single steps (decoding bound by reading the weights, as on a GPU)."""
+    model, _ = load(str(model_path))
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(100, 100 + context_tokens))]), cache=cache))
+    costs: dict[int, float] = {}
+    for width in (1, 2, 4, 6):
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            mx.eval(model(mx.array([[5] * width]), cache=cache))
+            times.append(time.perf_counter() - started)
+            for layer in cache:
+                layer.trim(width)
+        costs[width] = sorted(times)[len(times) // 2]
+    cells = "  ".join(f"{w}: {1000 * c:.0f} ms ({c / costs[1]:.1f}x)" for w, c in costs.items())
+    print(f"one forward pass over k + 1 positions, against one position: {cells}")
+    del model, cache
+    mx.clear_cache()  # the servers measured next have the memory to themselves
 
 
 def measure_speculation(
