@@ -170,6 +170,8 @@ def test_the_dtype_flag_reaches_the_engine_process(
     finally:
         process.kill()
         process.wait(timeout=10)
+    assert reply["model"]["dtype"] == "bfloat16"
+    assert status(plain_server)["model"]["dtype"] == "float32"  # auto, on the CPU
     float32 = status(plain_server)["memory_budget"]["kv_bytes_per_token"]
     expected = (1 + 2 * BFLOAT16_BYTES / 32) / FLOAT32_BYTES
     assert reply["memory_budget"]["kv_bytes_per_token"] / float32 == pytest.approx(

@@ -51,6 +51,7 @@ MODEL = ModelInfo(
     quantization="q4",
     created=1,
     device="Device(cpu, 0)",
+    dtype="float32",
     mlx_version="0.32",
     engine_pid=42,
     group=GroupInfo("ring", 2, 0, "tensor"),

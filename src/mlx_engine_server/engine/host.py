@@ -19,7 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..errors import StartupError
-from ..models.loader import LoadedModel
+from ..models.loader import LoadedModel, compute_dtype
 from .device import apply_backend_defaults, device_name, memory_bytes, mlx_version
 from .distributed.group import Group, end_process
 from .distributed.workers import FollowerWorker, GroupWorker, LeaderWorker
@@ -155,6 +155,7 @@ class EngineHost:
             quantization=loaded.quantization,
             created=loaded.created,
             device=device_name(),
+            dtype=compute_dtype(loaded.model),
             mlx_version=mlx_version(),
             engine_pid=os.getpid(),
             group=self.group.info if self.group is not None else None,

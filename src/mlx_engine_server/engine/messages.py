@@ -200,6 +200,7 @@ class ModelInfo:
     quantization: str | None
     created: int
     device: str
+    dtype: str | None
     mlx_version: str
     engine_pid: int
     group: GroupInfo | None = None

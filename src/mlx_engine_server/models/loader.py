@@ -8,12 +8,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import mlx.core as mx
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from mlx.nn.layers.base import Module
+from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as mlx_lm_load
 from mlx_lm.utils import load_tokenizer, sharded_load
@@ -285,6 +286,16 @@ def set_compute_dtype(model: Module, setting: str) -> None:
         raise StartupError(f"--dtype {setting!r} is not one of {', '.join(DTYPE_CHOICES)}")
     model.set_dtype(getattr(mx, setting))
     mx.eval(model.parameters())  # type: ignore[no-untyped-call]
+
+
+def compute_dtype(model: Module) -> str | None:
+    """The dtype the model computes in: that of its floating-point parameters (of a quantized
+    model, its scales), as `--dtype` left them."""
+    tree = model.parameters()  # type: ignore[no-untyped-call]
+    for _, value in cast(list[tuple[str, Any]], tree_flatten(tree)):
+        if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating):
+            return str(value.dtype).removeprefix("mlx.core.")
+    return None
 
 
 def check_adapter_dir(adapter: Path) -> None:
